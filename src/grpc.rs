@@ -1,0 +1,87 @@
+//! What every gRPC server and client here shares: health and reflection (v1 and v1alpha, since
+//! the grpcurl on PyPI speaks only v1alpha), Unix-socket listeners and channels.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The reflection services (v1 and v1alpha) describing `uffdpager.v1` and `grpc.health.v1`.
+pub fn reflection_services() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::api::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    (
+        builder().build_v1().expect("embedded descriptor sets are valid"),
+        builder().build_v1alpha().expect("embedded descriptor sets are valid"),
+    )
+}
+
+/// Binds a Unix-socket listener for a gRPC server at `path`, mode 0600, replacing a stale socket
+/// file left by a process that died.
+pub fn bind_uds(path: &Path) -> io::Result<UnixListenerStream> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(UnixListenerStream::new(listener))
+}
+
+/// A lazily connecting channel to a gRPC server on a Unix socket.
+pub fn uds_channel(path: &Path) -> Channel {
+    let path: PathBuf = path.to_path_buf();
+    // The URI is required by the API but unused: the connector below dials the socket.
+    Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+}
+
+/// A channel to `endpoint`: `unix:/path` or `http://host:port`.
+pub fn channel_for(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    match endpoint.strip_prefix("unix:") {
+        Some(path) => Ok(uds_channel(Path::new(path))),
+        None => Ok(Endpoint::from_shared(endpoint.to_string())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy()),
+    }
+}
+
+/// Timestamp helpers shared by servers.
+pub fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// Milliseconds since the Unix epoch → protobuf timestamp.
+pub fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    let nanos = i32::try_from((ms % 1000) * 1_000_000).expect("below one second");
+    prost_types::Timestamp { seconds: secs, nanos }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

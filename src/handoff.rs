@@ -1,0 +1,229 @@
+//! Supervisor → pager session handoff: file descriptors cannot travel over gRPC, so a session
+//! reaches its pager over a Unix `SOCK_SEQPACKET` socket, one connection per handoff:
+//!
+//! 1. the supervisor sends ONE message: a JSON [`HandoffRequest`] with three descriptors attached
+//!    (`SCM_RIGHTS`), in this order: the userfaultfd, the memory file (read-only), the VMM stream;
+//! 2. the pager answers ONE message: a JSON [`HandoffReply`], sent only once the session is being
+//!    served (or refused, with the reason).
+//!
+//! The supervisor keeps its own copies of the descriptors, so that a session whose pager died can
+//! be handed to another pager (`adopt`).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use serde::{Deserialize, Serialize};
+
+use crate::firecracker::Region;
+use crate::scm;
+
+/// Largest handoff message (a request lists regions and removed ranges).
+pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+
+/// What the supervisor tells a pager about a session it hands over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffRequest {
+    pub session_id: String,
+    /// The memory file's path, for display; the pager reads the descriptor, not the path.
+    pub memory_file: String,
+    pub regions: Vec<Region>,
+    pub vmm_pid: u32,
+    /// Handshake time, milliseconds since the Unix epoch.
+    pub connected_at_ms: u64,
+    /// The session was being served by a pager that died: wake every registered range once, so
+    /// faults read but never served by the dead pager are raised again.
+    #[serde(default)]
+    pub adopt: bool,
+    /// Guest address ranges `[start, end)` the VMM discarded (balloon) that must read as zero.
+    #[serde(default)]
+    pub removed: Vec<(u64, u64)>,
+}
+
+/// The pager's answer to a handoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The descriptors of a handed-over session.
+#[derive(Debug)]
+pub struct SessionFds {
+    pub uffd: OwnedFd,
+    pub memory_file: OwnedFd,
+    pub vmm_stream: OwnedFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    #[error("connecting to the pager's handoff socket {path}: {source}")]
+    Connect { path: String, source: nix::errno::Errno },
+    #[error("sending the session to the pager: {0}")]
+    Send(nix::errno::Errno),
+    #[error("receiving a handoff message: {0}")]
+    Recv(nix::errno::Errno),
+    #[error("the peer closed the handoff connection without answering")]
+    Closed,
+    #[error("handoff message is not valid: {0}")]
+    Malformed(String),
+    #[error("handoff carried {0} descriptors; 3 are expected (uffd, memory file, VMM stream)")]
+    WrongFdCount(usize),
+    #[error("the pager refused the session: {0}")]
+    Refused(String),
+    #[error("socket setup: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Hands a session to the pager listening on `socket`, and waits (at most `timeout`) until the
+/// pager says it serves it. Blocking.
+pub fn send_session(
+    socket: &Path,
+    request: &HandoffRequest,
+    fds: &SessionFds,
+    timeout: Duration,
+) -> Result<(), HandoffError> {
+    let sock = socket_seqpacket()?;
+    let addr = UnixAddr::new(socket).map_err(|source| HandoffError::Connect {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).map_err(|source| {
+        HandoffError::Connect { path: socket.display().to_string(), source }
+    })?;
+    let stream = StdUnixStream::from(sock);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let bytes = serde_json::to_vec(request).expect("handoff request serialises");
+    scm::send_with_fds(
+        stream.as_fd(),
+        &bytes,
+        &[fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()],
+    )
+    .map_err(HandoffError::Send)?;
+    let reply = scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    if reply.bytes.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    let reply: HandoffReply = serde_json::from_slice(&reply.bytes)
+        .map_err(|e| HandoffError::Malformed(e.to_string()))?;
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(HandoffError::Refused(reply.error.unwrap_or_else(|| "no reason given".into())))
+    }
+}
+
+/// Receives one handoff request on an accepted connection. Blocking.
+pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds), HandoffError> {
+    let msg = scm::recv_with_fds(conn.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    if msg.bytes.is_empty() && msg.fds.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    if msg.truncated {
+        return Err(HandoffError::Malformed("message truncated".into()));
+    }
+    let request: HandoffRequest =
+        serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
+    let n = msg.fds.len();
+    let mut fds = msg.fds.into_iter();
+    match (fds.next(), fds.next(), fds.next(), fds.next()) {
+        (Some(uffd), Some(memory_file), Some(vmm_stream), None) if !msg.fds_truncated => {
+            Ok((request, SessionFds { uffd, memory_file, vmm_stream }))
+        }
+        _ => Err(HandoffError::WrongFdCount(n)),
+    }
+}
+
+/// Answers a handoff request. Blocking.
+pub fn reply(conn: &StdUnixStream, result: Result<(), String>) -> Result<(), HandoffError> {
+    let reply = match result {
+        Ok(()) => HandoffReply { ok: true, error: None },
+        Err(e) => HandoffReply { ok: false, error: Some(e) },
+    };
+    let bytes = serde_json::to_vec(&reply).expect("handoff reply serialises");
+    scm::send_with_fds(conn.as_fd(), &bytes, &[]).map_err(HandoffError::Send)?;
+    Ok(())
+}
+
+/// Binds a `SOCK_SEQPACKET` listener at `path` (replacing a stale socket file), mode 0600.
+pub fn bind_listener(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let sock = socket_seqpacket()?;
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
+        .map_err(io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(128).expect("valid backlog"))
+        .map_err(io::Error::from)?;
+    Ok(std::os::unix::net::UnixListener::from(sock))
+}
+
+fn socket_seqpacket() -> io::Result<OwnedFd> {
+    socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> HandoffRequest {
+        HandoffRequest {
+            session_id: "vm-1".into(),
+            memory_file: "/snap/mem".into(),
+            regions: vec![Region { base: 0x10000, size: 0x2000, offset: 0, page_size: 4096 }],
+            vmm_pid: 42,
+            connected_at_ms: 1,
+            adopt: false,
+            removed: vec![(0x10000, 0x11000)],
+        }
+    }
+
+    fn fds() -> SessionFds {
+        let f = || OwnedFd::from(tempfile::tempfile().unwrap());
+        SessionFds { uffd: f(), memory_file: f(), vmm_stream: f() }
+    }
+
+    #[test]
+    fn a_session_crosses_with_its_three_descriptors_and_gets_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = bind_listener(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let (req, _fds) = recv_session(&conn).unwrap();
+            reply(&conn, Ok(())).unwrap();
+            req
+        });
+        send_session(&path, &request(), &fds(), Duration::from_secs(5)).unwrap();
+        assert_eq!(server.join().unwrap(), request());
+    }
+
+    #[test]
+    fn a_refusal_carries_the_pagers_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = bind_listener(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let _ = recv_session(&conn).unwrap();
+            reply(&conn, Err("memory file unreadable".into())).unwrap();
+        });
+        let err = send_session(&path, &request(), &fds(), Duration::from_secs(5)).unwrap_err();
+        server.join().unwrap();
+        assert!(err.to_string().contains("memory file unreadable"), "{err}");
+    }
+
+    #[test]
+    fn no_listener_is_a_connect_error_naming_the_socket() {
+        let err = send_session(Path::new("/nonexistent/h.sock"), &request(), &fds(), Duration::from_secs(1))
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/h.sock"), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! uffd-pager's shared library: the generated gRPC API, Firecracker's handshake, the
+//! supervisor → pager handoff, userfaultfd operations, page-range bookkeeping, and the VM
+//! simulator used by tests, benchmarks and the demo.
+
+pub mod api;
+pub mod firecracker;
+pub mod scm;
+pub mod handoff;
+pub mod grpc;
