@@ -1,1 +1,159 @@
-fn main(){}
+//! uffd-pager: serves the page faults of many Firecracker sessions from their snapshot memory
+//! files, and graduates them (populate, then unregister) on request. One process per pager
+//! version; sessions arrive from the supervisor over an SCM_RIGHTS handoff socket.
+
+mod complete;
+mod handoff;
+mod memory_file;
+mod registry;
+mod service;
+mod session;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tracing::{info, warn};
+use uffdpager::api::pager_server::PagerServer;
+
+use crate::memory_file::MemoryFiles;
+use crate::registry::Registry;
+use crate::session::ZeroSource;
+use crate::worker::WorkerHandle;
+
+/// The version this build reports unless `--version-label` says otherwise.
+pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Parser)]
+#[command(name = "uffd-pager", version, about = "Userfaultfd pager for Firecracker snapshot memory")]
+struct Cli {
+    /// Print the version label this process would serve as, and exit.
+    #[arg(long)]
+    print_version: bool,
+    /// Unix socket of the `uffdpager.v1.Pager` gRPC service.
+    #[arg(long, required_unless_present = "print_version")]
+    grpc_socket: Option<PathBuf>,
+    /// Unix SOCK_SEQPACKET socket on which the supervisor hands sessions over.
+    #[arg(long, required_unless_present = "print_version")]
+    handoff_socket: Option<PathBuf>,
+    /// Version label to serve as (lets one build run as several versions).
+    #[arg(long, default_value = BUILD_VERSION)]
+    version_label: String,
+    /// Threads serving faults (fixed: it does not grow with sessions).
+    #[arg(long, default_value_t = 2)]
+    fault_threads: usize,
+    /// Bytes a completion populates between two checks for faults.
+    #[arg(long, default_value_t = 4 << 20)]
+    complete_step_bytes: u64,
+}
+
+/// Everything the gRPC service and the handoff listener share.
+#[derive(Debug)]
+pub struct Pager {
+    pub version: String,
+    pub started_at: SystemTime,
+    pub handoff_socket: PathBuf,
+    pub registry: Registry,
+    pub memory_files: MemoryFiles,
+    pub workers: Vec<WorkerHandle>,
+    pub zero: Arc<ZeroSource>,
+    /// Set to true to stop the process (Shutdown RPC).
+    pub shutdown: watch::Sender<bool>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.print_version {
+        println!("{}", cli.version_label);
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let grpc_socket = cli.grpc_socket.clone().context("--grpc-socket is required")?;
+    let handoff_socket = cli.handoff_socket.clone().context("--handoff-socket is required")?;
+    anyhow::ensure!(cli.fault_threads > 0, "--fault-threads must be at least 1");
+    anyhow::ensure!(cli.complete_step_bytes >= 4096, "--complete-step-bytes must be at least 4096");
+
+    let workers = (0..cli.fault_threads)
+        .map(|i| WorkerHandle::spawn(i, cli.version_label.clone(), cli.complete_step_bytes))
+        .collect::<Result<Vec<_>, _>>()
+        .context("starting fault workers")?;
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let pager = Arc::new(Pager {
+        version: cli.version_label.clone(),
+        started_at: SystemTime::now(),
+        handoff_socket: handoff_socket.clone(),
+        registry: Registry::default(),
+        memory_files: MemoryFiles::default(),
+        workers,
+        zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
+        shutdown,
+    });
+
+    let listener = uffdpager::handoff::bind_listener(&handoff_socket)
+        .with_context(|| format!("binding handoff socket {}", handoff_socket.display()))?;
+    {
+        let pager = Arc::clone(&pager);
+        std::thread::Builder::new()
+            .name("handoff".into())
+            .spawn(move || handoff::serve(listener, pager))
+            .context("starting the handoff thread")?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let version = cli.version_label.clone();
+    let result = runtime.block_on(async {
+        let incoming = uffdpager::grpc::bind_uds(&grpc_socket)
+            .with_context(|| format!("binding gRPC socket {}", grpc_socket.display()))?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<PagerServer<service::PagerService>>().await;
+        let (reflection_v1, reflection_v1alpha) = uffdpager::grpc::reflection_services();
+        let service = service::PagerService { pager: Arc::clone(&pager) };
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        info!(version = %version, pid = std::process::id(), grpc = %grpc_socket.display(),
+            handoff = %handoff_socket.display(), fault_threads = pager.workers.len(), "pager serving");
+        let stop = async move {
+            let why = tokio::select! {
+                _ = sigterm.recv() => "SIGTERM",
+                _ = sigint.recv() => "SIGINT",
+                _ = shutdown_rx.wait_for(|s| *s) => "Shutdown RPC",
+            };
+            info!(version = %version, why, "pager stopping");
+        };
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(PagerServer::new(service))
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+            .context("gRPC server")
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    let live = pager.registry.live_count();
+    if live > 0 {
+        warn!(version = %cli.version_label, live, "exiting with sessions still served: their VMs need another pager");
+    }
+    let _ = std::fs::remove_file(&grpc_socket);
+    let _ = std::fs::remove_file(&handoff_socket);
+    info!(version = %cli.version_label, "pager exited");
+    // Worker threads are stopped by dropping the handles (with `pager`), which releases sessions.
+    drop(pager);
+    result
+}

@@ -1,0 +1,121 @@
+//! Accepts sessions the supervisor hands over (see `uffdpager::handoff`): checks them, maps the
+//! memory file, gives the session to a fault worker, and answers once it is served. A bad
+//! handoff is refused alone; nothing else is disturbed.
+
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+use uffdpager::firecracker;
+use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use userfaultfd::Uffd;
+
+use crate::registry::{Entry, SessionShared};
+use crate::session::Session;
+use crate::worker::Command;
+use crate::Pager;
+
+/// How long one handoff may take (both the supervisor's message and the worker's answer).
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the handoff socket until the process exits.
+pub fn serve(listener: UnixListener, pager: Arc<Pager>) {
+    for conn in listener.incoming() {
+        match conn {
+            Ok(conn) => {
+                let _ = conn.set_read_timeout(Some(HANDOFF_TIMEOUT));
+                let _ = conn.set_write_timeout(Some(HANDOFF_TIMEOUT));
+                handle(&conn, &pager);
+            }
+            Err(e) => warn!(version = %pager.version, error = %e, "accepting a handoff connection"),
+        }
+    }
+}
+
+fn handle(conn: &UnixStream, pager: &Pager) {
+    let (request, fds) = match handoff::recv_session(conn) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!(version = %pager.version, error = %e, "unreadable handoff");
+            let _ = handoff::reply(conn, Err(e.to_string()));
+            return;
+        }
+    };
+    let id = request.session_id.clone();
+    let result = adopt(request, fds, pager);
+    match &result {
+        Ok(()) => {}
+        Err(e) => warn!(session = %id, version = %pager.version, error = %e, "handoff refused"),
+    }
+    if let Err(e) = handoff::reply(conn, result) {
+        warn!(session = %id, version = %pager.version, error = %e, "answering a handoff");
+    }
+}
+
+fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), String> {
+    if request.session_id.is_empty() || request.session_id.len() > 128 {
+        return Err("session id must be 1-128 bytes".into());
+    }
+    if pager.registry.lock().get(&request.session_id).is_some_and(|e| e.shared.is_live()) {
+        return Err(format!("session {} is already served here", request.session_id));
+    }
+    if !uffdpager::scm::is_userfaultfd(fds.uffd.as_fd()) {
+        return Err("the first descriptor is not a userfaultfd".into());
+    }
+    let file = pager
+        .memory_files
+        .open(fds.memory_file)
+        .map_err(|e| format!("mapping memory file {}: {e}", request.memory_file))?;
+    // Check again what the supervisor checked: the regions must fit the file we map.
+    let mappings: Vec<_> = request.regions.iter().map(|r| r.to_mapping()).collect();
+    let regions = firecracker::validate(&mappings, file.mapped_len()).map_err(|e| e.to_string())?;
+
+    // SAFETY: `fds.uffd` is an open userfaultfd (checked above) that we own; ownership moves into
+    // the Uffd, which closes it on drop.
+    let uffd = unsafe { Uffd::from_raw_fd(fds.uffd.into_raw_fd()) };
+    let shared = Arc::new(SessionShared::new(
+        request.session_id.clone(),
+        request.memory_file.clone(),
+        regions,
+        request.vmm_pid,
+        request.connected_at_ms,
+        pager.version.clone(),
+    ));
+    let session = Session::new(
+        Arc::clone(&shared),
+        uffd,
+        fds.vmm_stream,
+        file,
+        &request.removed,
+        Arc::clone(&pager.zero),
+    );
+    let token = pager.registry.next_token();
+    let worker = pager.registry.least_loaded_worker(pager.workers.len());
+    pager.registry.lock().insert(
+        request.session_id.clone(),
+        Entry { shared: Arc::clone(&shared), worker, token, completion: None },
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sent = pager.workers[worker].send(Command::Add {
+        token,
+        session: Box::new(session),
+        adopt: request.adopt,
+        reply: tx,
+    });
+    let result = sent.and_then(|()| {
+        rx.recv_timeout(HANDOFF_TIMEOUT).map_err(|_| "the fault worker did not answer".to_string())?
+    });
+    match result {
+        Ok(()) => {
+            info!(session = %request.session_id, version = %pager.version, worker, vmm_pid = request.vmm_pid,
+                adopt = request.adopt, "session handed over");
+            Ok(())
+        }
+        Err(e) => {
+            pager.registry.lock().remove(&request.session_id);
+            Err(e)
+        }
+    }
+}

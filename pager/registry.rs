@@ -1,0 +1,184 @@
+//! The pager's table of sessions, shared between the gRPC side (tokio) and the fault workers
+//! (OS threads). Figures are atomics the workers publish; a session's state changes under the
+//! table's lock, so that two CompleteSession calls cannot both start a completion.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+use uffdpager::api::{self, SessionState};
+use uffdpager::firecracker::Region;
+use uffdpager::grpc::timestamp_ms;
+
+use crate::complete::CompletionResult;
+
+/// What gRPC reads of a session while a worker serves it.
+#[derive(Debug)]
+pub struct SessionShared {
+    pub id: String,
+    pub memory_file: String,
+    pub regions: Vec<Region>,
+    pub vmm_pid: u32,
+    pub connected_at_ms: u64,
+    pub version: String,
+    state: AtomicI32,
+    resident: AtomicU64,
+    removed: AtomicU64,
+    zero: AtomicU64,
+    faults: AtomicU64,
+    graduated_at_ms: AtomicU64,
+    error: Mutex<String>,
+}
+
+impl SessionShared {
+    pub fn new(
+        id: String,
+        memory_file: String,
+        regions: Vec<Region>,
+        vmm_pid: u32,
+        connected_at_ms: u64,
+        version: String,
+    ) -> Self {
+        Self {
+            id,
+            memory_file,
+            regions,
+            vmm_pid,
+            connected_at_ms,
+            version,
+            state: AtomicI32::new(SessionState::Serving as i32),
+            resident: AtomicU64::new(0),
+            removed: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            graduated_at_ms: AtomicU64::new(0),
+            error: Mutex::new(String::new()),
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    pub fn state(&self) -> SessionState {
+        SessionState::try_from(self.state.load(Ordering::Acquire)).unwrap_or(SessionState::Unspecified)
+    }
+
+    pub fn set_state(&self, state: SessionState) {
+        self.state.store(state as i32, Ordering::Release);
+        if state == SessionState::Graduated {
+            let _ = self.graduated_at_ms.compare_exchange(
+                0,
+                uffdpager::grpc::now_ms(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.state(), SessionState::Serving | SessionState::Completing)
+    }
+
+    pub fn set_figures(&self, resident: u64, removed: u64, faults: u64) {
+        self.resident.store(resident, Ordering::Relaxed);
+        self.removed.store(removed, Ordering::Relaxed);
+        self.faults.store(faults, Ordering::Relaxed);
+    }
+
+    pub fn set_zero_bytes(&self, zero: u64) {
+        self.zero.store(zero, Ordering::Relaxed);
+    }
+
+    pub fn set_error(&self, error: impl Into<String>) {
+        *self.error.lock().expect("session error") = error.into();
+    }
+
+    pub fn to_proto(&self) -> api::Session {
+        let graduated = self.graduated_at_ms.load(Ordering::Acquire);
+        api::Session {
+            id: self.id.clone(),
+            pager_version: self.version.clone(),
+            state: self.state() as i32,
+            outdated: false,
+            memory_file: self.memory_file.clone(),
+            socket_path: String::new(),
+            created_at: None,
+            connected_at: Some(timestamp_ms(self.connected_at_ms)),
+            graduated_at: (graduated > 0).then(|| timestamp_ms(graduated)),
+            total_bytes: self.total_bytes(),
+            resident_bytes: self.resident.load(Ordering::Relaxed),
+            removed_bytes: self.removed.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+            regions: self
+                .regions
+                .iter()
+                .map(|r| api::Region {
+                    base_host_virt_addr: r.base,
+                    size: r.size,
+                    offset: r.offset,
+                    page_size: r.page_size,
+                })
+                .collect(),
+            labels: Default::default(),
+            error: self.error.lock().expect("session error").clone(),
+            vmm_pid: self.vmm_pid,
+            zero_bytes: self.zero.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A completion in flight: its result (once known) and who waits for it.
+#[derive(Debug, Clone)]
+pub struct CompletionWatch {
+    pub result: watch::Receiver<Option<CompletionResult>>,
+    /// Callers waiting; the last one to give up cancels the completion.
+    pub waiters: Arc<AtomicUsize>,
+    pub cancel: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub struct Entry {
+    pub shared: Arc<SessionShared>,
+    pub worker: usize,
+    pub token: u64,
+    pub completion: Option<CompletionWatch>,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, Entry>>,
+    next_token: AtomicU64,
+}
+
+impl Registry {
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().expect("session table")
+    }
+
+    pub fn next_token(&self) -> u64 {
+        self.next_token.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sessions still being served.
+    pub fn live_count(&self) -> usize {
+        self.lock().values().filter(|e| e.shared.is_live()).count()
+    }
+
+    /// Live sessions per worker, to place a new one on the least loaded.
+    pub fn least_loaded_worker(&self, workers: usize) -> usize {
+        let mut load = vec![0usize; workers];
+        for e in self.lock().values().filter(|e| e.shared.is_live()) {
+            load[e.worker] += 1;
+        }
+        (0..workers).min_by_key(|&w| load[w]).unwrap_or(0)
+    }
+
+    pub fn snapshot(&self) -> Vec<api::Session> {
+        let mut v: Vec<_> = self.lock().values().map(|e| e.shared.to_proto()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}

@@ -1,0 +1,461 @@
+//! One session's fault serving: its uffd, the page state of each region, and the steps the
+//! worker's event loop calls (drain events, serve faults, fill pages).
+//!
+//! The kernel's rules applied here (see `uffdpager::uffd_ops` and `userfaultfd(2)`):
+//! * `UFFD_EVENT_REMOVE` (balloon `MADV_DONTNEED`) is applied before any fault queued with it is
+//!   served: a removed page that faults again is zero-filled, never given snapshot data.
+//! * While a REMOVE is unread, fills fail with `EAGAIN`: read the events, then retry from the
+//!   bytes done, re-planning from the page state (the retried range may have been removed).
+//! * `EEXIST`: the page is present already; wake its waiters, since our call woke nobody.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use tracing::{debug, warn};
+use uffdpager::firecracker::Region;
+use uffdpager::pages::{PageBitmap, RangeSet};
+use uffdpager::uffd_ops::{self, FillOutcome};
+use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
+
+use crate::memory_file::MappedFile;
+use crate::registry::SessionShared;
+
+/// How long fills may keep answering `EAGAIN` with no event to read before the session is failed.
+/// (A REMOVE's `mmap_changing` window lasts until the VMM's madvise thread runs again: normally
+/// microseconds.)
+const EAGAIN_GIVE_UP: Duration = Duration::from_secs(10);
+
+/// Why a session cannot go on being served.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("the VMM's memory is gone ({0}): the VMM exited or unmapped its guest memory")]
+    Gone(Errno),
+    #[error("UFFDIO_COPY of {len} bytes at {addr:#x} failed: {errno}")]
+    Fill { addr: u64, len: u64, errno: Errno },
+    #[error("reading userfaultfd events failed: {0}")]
+    ReadEvents(String),
+    #[error("the kernel answered EAGAIN for {0:?} with no event to read")]
+    Stuck(Duration),
+    #[error("UFFDIO_UNREGISTER of {len} bytes at {addr:#x} failed: {errno}")]
+    Unregister { addr: u64, len: u64, errno: Errno },
+}
+
+/// How a fill treats pages the VMM discarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillMode {
+    /// A fault: removed pages are zero-filled (the guest must read zeros there).
+    OnFault,
+    /// A populate: removed pages are left alone (after unregister the kernel zero-fills them).
+    Populate,
+}
+
+/// Page state of one region.
+#[derive(Debug)]
+pub struct RegionPages {
+    pub region: Region,
+    pub present: PageBitmap,
+    pub removed: RangeSet,
+    /// Pages in `removed` that are not present.
+    removed_missing: u64,
+}
+
+impl RegionPages {
+    fn new(region: Region) -> Self {
+        Self {
+            region,
+            present: PageBitmap::new(region.pages()),
+            removed: RangeSet::new(),
+            removed_missing: 0,
+        }
+    }
+
+    /// Pages the VMM discarded that have not been faulted in again.
+    pub fn removed_missing(&self) -> u64 {
+        self.removed_missing
+    }
+
+    /// Marks `[first, end)` present; returns how many pages became present.
+    fn mark_present(&mut self, first: u64, end: u64) -> u64 {
+        let mut n = 0;
+        for p in first..end {
+            if self.present.set(p) {
+                n += 1;
+                if self.removed.contains(p) {
+                    self.removed_missing -= 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Applies a REMOVE of pages `[first, end)`.
+    fn remove(&mut self, first: u64, end: u64) {
+        for p in first..end {
+            let was_present = self.present.clear(p);
+            if was_present || !self.removed.contains(p) {
+                self.removed_missing += 1;
+            }
+        }
+        self.removed.insert(first..end);
+    }
+}
+
+/// One served session, owned by one worker thread.
+pub struct Session {
+    pub shared: Arc<SessionShared>,
+    pub uffd: Uffd,
+    pub vmm_stream: OwnedFd,
+    pub file: Arc<MappedFile>,
+    pub regions: Vec<RegionPages>,
+    pending: VecDeque<u64>,
+    events: EventBuffer,
+    faults: u64,
+    unexpected_events: u64,
+    zero: Arc<ZeroSource>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.shared.id)
+            .field("regions", &self.regions.len())
+            .field("pending", &self.pending.len())
+            .field("faults", &self.faults)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<SessionShared>,
+        uffd: Uffd,
+        vmm_stream: OwnedFd,
+        file: Arc<MappedFile>,
+        removed: &[(u64, u64)],
+        zero: Arc<ZeroSource>,
+    ) -> Self {
+        let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
+        let mut s = Self {
+            shared,
+            uffd,
+            vmm_stream,
+            file,
+            regions,
+            pending: VecDeque::new(),
+            events: EventBuffer::new(64),
+            faults: 0,
+            unexpected_events: 0,
+            zero,
+        };
+        for &(start, end) in removed {
+            s.apply_remove(start, end);
+        }
+        s.publish();
+        s
+    }
+
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// Bytes present in guest memory.
+    pub fn resident_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.present.count_ones() * r.region.page_size).sum()
+    }
+
+    /// Publishes the figures that gRPC reads.
+    pub fn publish(&self) {
+        let removed = self.regions.iter().map(|r| r.removed_missing * r.region.page_size).sum();
+        self.shared.set_figures(self.resident_bytes(), removed, self.faults);
+    }
+
+    /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
+    pub fn drain_events(&mut self) -> Result<usize, SessionError> {
+        let mut total = 0;
+        loop {
+            let batch: Vec<userfaultfd::Result<Event>> = self
+                .uffd
+                .read_events(&mut self.events)
+                .map_err(|e| SessionError::ReadEvents(e.to_string()))?
+                .collect();
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            total += batch.len();
+            for event in batch {
+                self.apply_event(event);
+            }
+        }
+    }
+
+    fn apply_event(&mut self, event: userfaultfd::Result<Event>) {
+        match event {
+            Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
+                self.pending.push_back(addr as u64);
+            }
+            Ok(Event::Remove { start, end }) => self.apply_remove(start as u64, end as u64),
+            // The VMM unmapped guest memory: nothing there can fault again; treat it as discarded.
+            Ok(Event::Unmap { start, end }) => self.apply_remove(start as u64, end as u64),
+            Ok(other) => {
+                // Fork/remap and write-protect or minor faults are features Firecracker never
+                // enables; count them and say so, never drop them silently.
+                self.unexpected_events += 1;
+                warn!(session = %self.shared.id, event = ?other, "unexpected userfaultfd event");
+            }
+            Err(e) => {
+                self.unexpected_events += 1;
+                warn!(session = %self.shared.id, error = %e, "unreadable userfaultfd event");
+            }
+        }
+    }
+
+    fn apply_remove(&mut self, start: u64, end: u64) {
+        for r in &mut self.regions {
+            let (base, rend, ps) = (r.region.base, r.region.end(), r.region.page_size);
+            let (s, e) = (start.max(base), end.min(rend));
+            if s >= e {
+                continue;
+            }
+            let first = (s - base) / ps;
+            let last = (e - base).div_ceil(ps);
+            r.remove(first, last);
+            debug!(session = %self.shared.id, start = s, end = e, "range removed");
+        }
+    }
+
+    /// Region index and page index of a guest address.
+    pub fn locate(&self, addr: u64) -> Option<(usize, u64)> {
+        let i = self.regions.partition_point(|r| r.region.base <= addr).checked_sub(1)?;
+        let r = &self.regions[i].region;
+        (addr < r.end()).then(|| (i, (addr - r.base) / r.page_size))
+    }
+
+    /// Serves every queued fault.
+    pub fn serve_pending(&mut self) -> Result<(), SessionError> {
+        while let Some(addr) = self.pending.pop_front() {
+            self.faults += 1;
+            let Some((ri, page)) = self.locate(addr) else {
+                self.unexpected_events += 1;
+                warn!(session = %self.shared.id, addr, "fault outside every region");
+                continue;
+            };
+            let r = &self.regions[ri];
+            if r.present.get(page) {
+                // Already served (two vCPUs faulted on one page, or a block covered it).
+                let ps = r.region.page_size;
+                self.wake(r.region.base + page * ps, ps)?;
+                continue;
+            }
+            self.fill(ri, page, page + 1, FillMode::OnFault)?;
+        }
+        Ok(())
+    }
+
+    /// Handles a readable uffd: drain, then serve, then publish.
+    pub fn on_readable(&mut self) -> Result<(), SessionError> {
+        self.drain_events()?;
+        self.serve_pending()?;
+        self.publish();
+        Ok(())
+    }
+
+    /// True if faults are queued.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    fn wake(&self, addr: u64, len: u64) -> Result<(), SessionError> {
+        match uffd_ops::wake(&self.uffd, addr, len) {
+            Ok(()) => Ok(()),
+            Err(e @ (Errno::ESRCH | Errno::ENOENT)) => Err(SessionError::Gone(e)),
+            // A wake that finds nothing to wake is not an error worth failing a VM for.
+            Err(e) => {
+                debug!(session = %self.shared.id, addr, error = %e, "wake failed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills pages `[first, end)` of region `ri`: present pages are skipped; removed pages are
+    /// zero-filled (`OnFault`) or skipped (`Populate`); the rest get the memory file's bytes.
+    /// Returns the number of pages this call made present.
+    pub fn fill(
+        &mut self,
+        ri: usize,
+        first: u64,
+        end: u64,
+        mode: FillMode,
+    ) -> Result<u64, SessionError> {
+        let mut p = first;
+        let mut filled = 0;
+        let mut eagain_since: Option<Instant> = None;
+        while p < end {
+            let r = &self.regions[ri];
+            if r.present.get(p) {
+                p = r.present.next_clear(p).unwrap_or(end).min(end);
+                continue;
+            }
+            let removed_end = r.removed.span_end(p);
+            let zero = match (removed_end, mode) {
+                (Some(e), FillMode::Populate) => {
+                    p = e.min(end);
+                    continue;
+                }
+                (Some(_), FillMode::OnFault) => true,
+                (None, _) => false,
+            };
+            let ps = r.region.page_size;
+            // One run of missing pages of the same kind.
+            let mut run_end = r.present.next_set(p).min(end);
+            run_end = match removed_end {
+                Some(e) => run_end.min(e),
+                None => run_end.min(r.removed.next_start_after(p).unwrap_or(u64::MAX)),
+            };
+            if zero && ps != uffdpager::firecracker::PAGE_4K {
+                run_end = p + 1; // zeros for hugepages are copied one page at a time
+            }
+            let addr = r.region.base + p * ps;
+            let len = (run_end - p) * ps;
+            let result = if !zero {
+                let off = usize::try_from(r.region.offset + p * ps).expect("offset fits");
+                let src = &self.file.bytes()[off..off + usize::try_from(len).expect("len fits")];
+                uffd_ops::copy(&self.uffd, src, addr, true)
+            } else if ps == uffdpager::firecracker::PAGE_4K {
+                uffd_ops::zeropage(&self.uffd, addr, len, true)
+            } else {
+                uffd_ops::copy(&self.uffd, self.zero.bytes(ps), addr, true)
+            };
+            let outcome = result.map_err(|errno| SessionError::Fill { addr, len, errno })?;
+            match outcome {
+                FillOutcome::Done => {
+                    filled += self.regions[ri].mark_present(p, run_end);
+                    p = run_end;
+                    eagain_since = None;
+                }
+                FillOutcome::Partial(bytes) => {
+                    let done = bytes / ps;
+                    filled += self.regions[ri].mark_present(p, p + done);
+                    p += done;
+                    self.await_events(&mut eagain_since)?;
+                }
+                FillOutcome::Exists => {
+                    self.regions[ri].mark_present(p, p + 1);
+                    self.wake(addr, ps)?;
+                    p += 1;
+                }
+                FillOutcome::Gone(e) => return Err(SessionError::Gone(e)),
+            }
+        }
+        Ok(filled)
+    }
+
+    /// After an `EAGAIN`: read and apply pending events. If there were none (the VMM's madvise
+    /// thread has not yet left its `mmap_changing` window), yield, then wait on the uffd for up
+    /// to a millisecond: woken at once by a new event, never a blind sleep loop.
+    fn await_events(&mut self, since: &mut Option<Instant>) -> Result<(), SessionError> {
+        if self.drain_events()? > 0 {
+            *since = None;
+            return Ok(());
+        }
+        let started = *since.get_or_insert_with(Instant::now);
+        let waited = started.elapsed();
+        if waited > EAGAIN_GIVE_UP {
+            return Err(SessionError::Stuck(waited));
+        }
+        if waited < Duration::from_micros(200) {
+            std::thread::yield_now();
+        } else {
+            let mut fds = [PollFd::new(self.uffd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(1u16));
+        }
+        Ok(())
+    }
+
+    /// Unregisters every region. Only after a full populate (else missing pages would be
+    /// zero-filled by the kernel: silent guest memory corruption).
+    pub fn unregister_all(&mut self) -> Result<(), SessionError> {
+        for r in &self.regions {
+            let (addr, len) = (r.region.base, r.region.size);
+            match uffd_ops::unregister(&self.uffd, addr, len) {
+                Ok(()) => {}
+                Err(errno @ (Errno::ESRCH | Errno::ENOENT)) => return Err(SessionError::Gone(errno)),
+                Err(errno) => return Err(SessionError::Unregister { addr, len, errno }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes every registered range once: after re-adoption, faults the previous pager read but
+    /// never served are raised again (a woken thread re-faults if its page is still missing).
+    pub fn wake_all(&mut self) -> Result<(), SessionError> {
+        for i in 0..self.regions.len() {
+            let r = self.regions[i].region;
+            self.wake(r.base, r.size)?;
+        }
+        Ok(())
+    }
+
+    /// Userfaultfd events that are not part of Firecracker's contract.
+    pub fn unexpected_events(&self) -> u64 {
+        self.unexpected_events
+    }
+
+    /// Faults served so far.
+    pub fn faults(&self) -> u64 {
+        self.faults
+    }
+
+    /// Approximate heap bytes this session's bookkeeping holds.
+    pub fn heap_bytes(&self) -> usize {
+        self.regions.iter().map(|r| r.present.heap_bytes()).sum::<usize>()
+            + self.pending.capacity() * 8
+            + 64 * 32
+    }
+
+    /// The VMM stream, for EOF detection.
+    pub fn vmm_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.vmm_stream.as_fd()
+    }
+}
+
+/// A source of zero bytes for hugepage zero-fills (`UFFDIO_ZEROPAGE` does not work on hugetlbfs):
+/// an anonymous mapping never written, so reading it allocates nothing.
+#[derive(Debug)]
+pub struct ZeroSource {
+    map: memmap2::Mmap,
+}
+
+impl ZeroSource {
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len(len).map_anon()?.make_read_only()?;
+        Ok(Self { map })
+    }
+
+    pub fn bytes(&self, len: u64) -> &[u8] {
+        &self.map[..usize::try_from(len).expect("len fits")]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_present_page_counts_as_removed_once() {
+        let mut r = RegionPages::new(Region { base: 0, size: 16 * 4096, offset: 0, page_size: 4096 });
+        r.mark_present(0, 4);
+        r.remove(2, 6);
+        assert_eq!(r.present.count_ones(), 2);
+        assert_eq!(r.removed_missing, 4);
+        r.remove(3, 8);
+        assert_eq!(r.removed_missing, 6);
+        r.mark_present(5, 6);
+        assert_eq!(r.removed_missing, 5);
+        r.remove(5, 6);
+        assert_eq!(r.removed_missing, 6);
+    }
+}

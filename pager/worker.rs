@@ -1,0 +1,259 @@
+//! Fault workers: a small, fixed number of OS threads, each serving the faults of many sessions
+//! from one epoll set, so the pager's thread count does not grow with sessions. Each session is
+//! owned by one worker (no locks on the fault path). The gRPC side talks to a worker over a
+//! channel plus an eventfd that wakes its epoll.
+//!
+//! A completion runs on the worker that owns the session, one budget of pages at a time; between
+//! budgets the worker polls every session's uffd without blocking, so faults (of that VM and of
+//! every other) are served while a sweep runs.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use tracing::{error, info, warn};
+use uffdpager::api::SessionState;
+
+use crate::complete::{CompleteError, Completion};
+use crate::session::Session;
+
+const WAKE: u64 = u64::MAX;
+
+/// Work for a worker thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Start serving a session; answer once its fds are in the epoll set.
+    Add { token: u64, session: Box<Session>, adopt: bool, reply: Sender<Result<(), String>> },
+    /// Start graduating a session.
+    Complete { token: u64, completion: Completion },
+    /// Stop serving a session and release it (operator's forced end).
+    Drop { token: u64, reason: String },
+    /// Release every session and exit the thread.
+    Shutdown,
+}
+
+/// The gRPC side's handle on one worker thread.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    tx: Sender<Command>,
+    wake: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Starts a worker thread. `budget` is the completion step in bytes.
+    pub fn spawn(index: usize, version: String, budget: u64) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
+        let (tx, rx) = mpsc::channel();
+        let worker_wake = Arc::clone(&wake);
+        let thread = std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
+            Worker { epoll, wake: worker_wake, rx, sessions: HashMap::new(), completions: Vec::new(), version, budget }
+                .run()
+        })?;
+        Ok(Self { tx, wake, thread: Some(thread) })
+    }
+
+    pub fn send(&self, command: Command) -> Result<(), String> {
+        self.tx.send(command).map_err(|_| "fault worker has stopped".to_string())?;
+        self.wake.write(1).map_err(|e| format!("waking fault worker: {e}"))?;
+        Ok(())
+    }
+
+    /// Stops the thread and waits for it.
+    pub fn shutdown(&mut self) {
+        let _ = self.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Worker {
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    rx: Receiver<Command>,
+    sessions: HashMap<u64, Session>,
+    /// Completions in progress, served round-robin one budget at a time.
+    completions: Vec<(u64, Completion)>,
+    version: String,
+    budget: u64,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); 256];
+        loop {
+            let timeout = if self.completions.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!(version = %self.version, error = %e, "epoll_wait failed; fault worker stops");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                let data = ev.data();
+                if data == WAKE {
+                    let _ = self.wake.read();
+                    if !self.take_commands() {
+                        self.release_all();
+                        return;
+                    }
+                    continue;
+                }
+                let token = data >> 1;
+                if data & 1 == 0 {
+                    self.on_uffd(token);
+                } else {
+                    self.end(token, SessionState::Ended, "the VMM closed its socket (VMM exited)".into());
+                }
+            }
+            self.step_completions();
+        }
+    }
+
+    /// Applies queued commands; false on Shutdown.
+    fn take_commands(&mut self) -> bool {
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Add { token, session, adopt, reply } => {
+                    let _ = reply.send(self.add(token, *session, adopt));
+                }
+                Command::Complete { token, completion } => {
+                    if self.sessions.contains_key(&token) {
+                        self.completions.push((token, completion));
+                    } else {
+                        completion.fail(CompleteError::SessionEnded("the session is no longer served".into()));
+                    }
+                }
+                Command::Drop { token, reason } => self.end(token, SessionState::Ended, reason),
+                Command::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    fn add(&mut self, token: u64, mut session: Session, adopt: bool) -> Result<(), String> {
+        self.epoll
+            .add(&session.uffd, EpollEvent::new(EpollFlags::EPOLLIN, token << 1))
+            .map_err(|e| format!("adding the uffd to epoll: {e}"))?;
+        if let Err(e) = self.epoll.add(session.vmm_fd(), EpollEvent::new(EpollFlags::EPOLLRDHUP, (token << 1) | 1)) {
+            let _ = self.epoll.delete(&session.uffd);
+            return Err(format!("adding the VMM stream to epoll: {e}"));
+        }
+        if adopt {
+            if let Err(e) = session.wake_all() {
+                warn!(session = %session.id(), version = %self.version, error = %e, "waking adopted session");
+            }
+        }
+        info!(session = %session.id(), version = %self.version, adopt, regions = session.regions.len(), "serving session");
+        self.sessions.insert(token, session);
+        // Faults may have queued before the uffd joined the epoll set.
+        self.on_uffd(token);
+        Ok(())
+    }
+
+    fn on_uffd(&mut self, token: u64) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        if let Err(e) = s.on_readable() {
+            let state = match e {
+                crate::session::SessionError::Gone(_) => SessionState::Ended,
+                _ => SessionState::Failed,
+            };
+            self.end(token, state, e.to_string());
+        }
+    }
+
+    /// One budget for each completion in progress, then finish or fail those that are done.
+    fn step_completions(&mut self) {
+        let mut i = 0;
+        while i < self.completions.len() {
+            let token = self.completions[i].0;
+            let Some(s) = self.sessions.get_mut(&token) else {
+                let (_, c) = self.completions.swap_remove(i);
+                c.fail(CompleteError::SessionEnded("the session is no longer served".into()));
+                continue;
+            };
+            let step = self.completions[i].1.step(s, self.budget);
+            match step {
+                Ok(false) => i += 1,
+                Ok(true) => {
+                    let (_, c) = self.completions.swap_remove(i);
+                    let report = c.report().clone();
+                    let elapsed = c.elapsed();
+                    match c.finish(s) {
+                        Ok(()) => {
+                            info!(session = %s.id(), version = %self.version, populated_bytes = report.populated_bytes,
+                                skipped_zero_bytes = report.skipped_zero_bytes, ms = elapsed.as_millis() as u64, "session graduated");
+                            self.end(token, SessionState::Graduated, String::new());
+                        }
+                        Err((c, e)) => self.fail_completion(token, c, e),
+                    }
+                }
+                Err(e) => {
+                    let (_, c) = self.completions.swap_remove(i);
+                    self.fail_completion(token, c, e);
+                }
+            }
+        }
+    }
+
+    fn fail_completion(&mut self, token: u64, c: Completion, e: CompleteError) {
+        if let Some(s) = self.sessions.get(&token) {
+            warn!(session = %s.id(), version = %self.version, error = %e, "completion failed; session keeps serving");
+            s.shared.set_error(e.to_string());
+            s.publish();
+            if let CompleteError::SessionEnded(reason) = &e {
+                let reason = reason.clone();
+                c.fail(e);
+                self.end(token, SessionState::Ended, reason);
+                return;
+            }
+            s.shared.set_state(SessionState::Serving);
+        }
+        c.fail(e);
+    }
+
+    /// Stops serving a session: out of epoll, fds closed, final state published.
+    fn end(&mut self, token: u64, state: SessionState, reason: String) {
+        let Some(s) = self.sessions.remove(&token) else { return };
+        let _ = self.epoll.delete(&s.uffd);
+        let _ = self.epoll.delete(s.vmm_fd());
+        if let Some(pos) = self.completions.iter().position(|(t, _)| *t == token) {
+            let (_, c) = self.completions.swap_remove(pos);
+            c.fail(CompleteError::SessionEnded(reason.clone()));
+        }
+        s.publish();
+        if state != SessionState::Graduated {
+            s.shared.set_error(reason.clone());
+        } else {
+            s.shared.set_error(String::new());
+        }
+        s.shared.set_state(state);
+        if s.unexpected_events() > 0 {
+            warn!(session = %s.id(), version = %self.version, count = s.unexpected_events(), "session saw unexpected userfaultfd events");
+        }
+        info!(session = %s.id(), version = %self.version, state = ?state, reason = %reason, faults = s.faults(), "session released");
+        drop(s);
+    }
+
+    fn release_all(&mut self) {
+        let tokens: Vec<u64> = self.sessions.keys().copied().collect();
+        for t in tokens {
+            self.end(t, SessionState::Ended, "the pager shut down".into());
+        }
+    }
+}

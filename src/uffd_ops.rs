@@ -1,0 +1,144 @@
+//! Thin, typed wrappers over the userfaultfd ioctls a pager uses.
+//!
+//! The kernel's contract, as written in `ioctl_userfaultfd(2)`
+//! (<https://man7.org/linux/man-pages/man2/ioctl_userfaultfd.2.html>) and the kernel's
+//! `Documentation/admin-guide/mm/userfaultfd.rst`, and what each outcome means here:
+//!
+//! * `UFFDIO_COPY` returning `EEXIST`: the first page of the range is already present (another
+//!   fault or an earlier copy filled it). That page is done; nobody was woken by this call.
+//! * `EAGAIN` with a count: the copy stopped part-way because the VMM's address space is changing
+//!   (a non-cooperative event such as `UFFD_EVENT_REMOVE` is queued and unread). Read the events,
+//!   apply them, then resume after the bytes done. The `userfaultfd` crate (0.9) reports a
+//!   zero-progress `EAGAIN` as `PartiallyCopied` with `-EAGAIN` cast to usize: mapped to
+//!   `Partial(0)` here.
+//! * `ESRCH` / `ENOENT`: the VMM's memory is gone (process exited, range unregistered or unmapped).
+//! * `UFFDIO_ZEROPAGE` does not work on hugetlbfs regions: callers copy zeros there instead.
+//!
+//! Every call names a destination in the VMM's address space, not in this process; the source is
+//! read by the kernel with `copy_from_user`, so an unreadable source is `EFAULT`, never a signal.
+
+use std::ffi::c_void;
+
+use nix::errno::Errno;
+use userfaultfd::Uffd;
+
+/// What one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// The whole range was filled (and woken, if asked).
+    Done,
+    /// The first `n` bytes were filled, then the kernel said `EAGAIN`: read pending events, then
+    /// resume at `dst + n`. `n` may be 0.
+    Partial(u64),
+    /// The first page of the range was already present (`EEXIST`).
+    Exists,
+    /// The VMM's memory is gone (`ESRCH`, `ENOENT`): the session is over.
+    Gone(Errno),
+}
+
+fn errno_of(e: &userfaultfd::Error) -> Errno {
+    match e {
+        userfaultfd::Error::CopyFailed(errno) | userfaultfd::Error::ZeropageFailed(errno) => {
+            Errno::from_raw(*errno as i32)
+        }
+        userfaultfd::Error::SystemError(errno) => Errno::from_raw(*errno as i32),
+        _ => Errno::EIO,
+    }
+}
+
+fn outcome_of_errno(errno: Errno) -> Result<FillOutcome, Errno> {
+    match errno {
+        Errno::EEXIST => Ok(FillOutcome::Exists),
+        Errno::EAGAIN => Ok(FillOutcome::Partial(0)),
+        Errno::ESRCH | Errno::ENOENT => Ok(FillOutcome::Gone(errno)),
+        other => Err(other),
+    }
+}
+
+/// Interprets the crate's result of a copy of `len` bytes.
+fn outcome_of_copy(result: userfaultfd::Result<usize>, len: u64) -> Result<FillOutcome, Errno> {
+    match result {
+        Ok(n) if n as u64 >= len => Ok(FillOutcome::Done),
+        Ok(n) => Ok(FillOutcome::Partial(n as u64)),
+        // A count larger than the request is the kernel's negative errno cast to usize: no
+        // progress at all.
+        Err(userfaultfd::Error::PartiallyCopied(n)) if (n as u64) < len => {
+            Ok(FillOutcome::Partial(n as u64))
+        }
+        Err(userfaultfd::Error::PartiallyCopied(_)) => Ok(FillOutcome::Partial(0)),
+        Err(e) => outcome_of_errno(errno_of(&e)),
+    }
+}
+
+/// `UFFDIO_COPY`: copies `src` into the registered range at `dst` (in the uffd's address space).
+/// `dst` must be page aligned and `src.len()` a multiple of the region's page size.
+pub fn copy(uffd: &Uffd, src: &[u8], dst: u64, wake: bool) -> Result<FillOutcome, Errno> {
+    let len = src.len() as u64;
+    // SAFETY: the kernel reads `src` with copy_from_user (an unmapped source is EFAULT, not UB)
+    // and writes only to missing pages of a range registered on `uffd`, which belongs to the
+    // VMM's address space: no memory of this process that Rust code references is written.
+    let result = unsafe { uffd.copy(src.as_ptr().cast(), dst as *mut c_void, src.len(), wake) };
+    outcome_of_copy(result, len)
+}
+
+/// `UFFDIO_ZEROPAGE`: maps zero pages at `dst..dst+len` (not for hugetlbfs ranges).
+pub fn zeropage(uffd: &Uffd, dst: u64, len: u64, wake: bool) -> Result<FillOutcome, Errno> {
+    let len_usize = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: as for `copy`: the kernel fills only missing pages of a registered range of the
+    // uffd's (the VMM's) address space.
+    match unsafe { uffd.zeropage(dst as *mut c_void, len_usize, wake) } {
+        Ok(n) if n as u64 >= len => Ok(FillOutcome::Done),
+        Ok(n) => Ok(FillOutcome::Partial(n as u64)),
+        Err(e) => outcome_of_errno(errno_of(&e)),
+    }
+}
+
+/// `UFFDIO_WAKE`: wakes threads blocked on faults in `start..start+len`.
+pub fn wake(uffd: &Uffd, start: u64, len: u64) -> Result<(), Errno> {
+    let len = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
+    uffd.wake(start as *mut c_void, len).map_err(|e| errno_of(&e))
+}
+
+/// `UFFDIO_UNREGISTER`: stops userfaultfd handling of `start..start+len`. From then on the kernel
+/// serves faults there itself, zero-filling missing pages: call it only after a full populate.
+pub fn unregister(uffd: &Uffd, start: u64, len: u64) -> Result<(), Errno> {
+    let len = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
+    uffd.unregister(start as *mut c_void, len).map_err(|e| errno_of(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_copy_is_done_and_a_short_one_partial() {
+        assert_eq!(outcome_of_copy(Ok(8192), 8192), Ok(FillOutcome::Done));
+        assert_eq!(outcome_of_copy(Ok(4096), 8192), Ok(FillOutcome::Partial(4096)));
+    }
+
+    #[test]
+    fn a_zero_progress_eagain_is_partial_zero_not_a_huge_count() {
+        let minus_eagain = (-(libc::EAGAIN as i64)) as usize;
+        assert_eq!(
+            outcome_of_copy(Err(userfaultfd::Error::PartiallyCopied(minus_eagain)), 8192),
+            Ok(FillOutcome::Partial(0))
+        );
+        assert_eq!(
+            outcome_of_copy(Err(userfaultfd::Error::PartiallyCopied(4096)), 8192),
+            Ok(FillOutcome::Partial(4096))
+        );
+    }
+
+    #[test]
+    fn eexist_means_present_and_esrch_means_gone() {
+        // The `userfaultfd` crate reports errors with the nix version it was built with.
+        let e = |x: i32| userfaultfd::Error::CopyFailed(nix027::errno::Errno::from_i32(x));
+        assert_eq!(outcome_of_copy(Err(e(libc::EEXIST)), 4096), Ok(FillOutcome::Exists));
+        assert_eq!(outcome_of_copy(Err(e(libc::ESRCH)), 4096), Ok(FillOutcome::Gone(Errno::ESRCH)));
+        assert_eq!(
+            outcome_of_copy(Err(e(libc::ENOENT)), 4096),
+            Ok(FillOutcome::Gone(Errno::ENOENT))
+        );
+        assert_eq!(outcome_of_copy(Err(e(libc::EFAULT)), 4096), Err(Errno::EFAULT));
+    }
+}

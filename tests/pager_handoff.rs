@@ -1,0 +1,163 @@
+//! The pager binary alone: a session handed over the SCM_RIGHTS socket (as the supervisor does)
+//! is served byte for byte, discards read as zero, and CompleteSession graduates it.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use uffdpager::api::pager_client::PagerClient;
+use uffdpager::api::{CompleteSessionRequest, GetSessionRequest, SessionState};
+use uffdpager::firecracker::Region;
+use uffdpager::handoff::{send_session, HandoffRequest, SessionFds};
+use userfaultfd::{FeatureFlags, UffdBuilder};
+
+struct PagerProcess {
+    child: Child,
+    grpc: PathBuf,
+    handoff: PathBuf,
+}
+
+impl Drop for PagerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_pager(dir: &Path) -> PagerProcess {
+    let grpc = dir.join("pager.sock");
+    let handoff = dir.join("handoff.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_uffd-pager"))
+        .arg("--grpc-socket")
+        .arg(&grpc)
+        .arg("--handoff-socket")
+        .arg(&handoff)
+        .arg("--version-label")
+        .arg("test")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(grpc.exists() && handoff.exists()) {
+        assert!(Instant::now() < deadline, "pager did not create its sockets");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    PagerProcess { child, grpc, handoff }
+}
+
+/// Guest memory registered on a uffd in this process: the test plays the VMM.
+struct Guest {
+    base: *mut u8,
+    len: usize,
+    uffd: userfaultfd::Uffd,
+}
+
+impl Guest {
+    fn new(len: usize) -> Self {
+        // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::EVENT_REMOVE)
+            .create()
+            .unwrap();
+        uffd.register(base, len).unwrap();
+        Self { base: base.cast(), len, uffd }
+    }
+
+    fn page(&self, i: usize) -> Vec<u8> {
+        // SAFETY: within the mapping; a missing page blocks until the pager fills it.
+        unsafe { std::slice::from_raw_parts(self.base.add(i * 4096), 4096).to_vec() }
+    }
+}
+
+fn memory_file(dir: &Path, pages: usize) -> (PathBuf, Vec<u8>) {
+    let path = dir.join("mem");
+    let mut data = vec![0u8; pages * 4096];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 7) as u8 | 1;
+    }
+    // Every fourth page zero, to exercise elision.
+    for p in (0..pages).step_by(4) {
+        data[p * 4096..(p + 1) * 4096].fill(0);
+    }
+    File::create(&path).unwrap().write_all(&data).unwrap();
+    (path, data)
+}
+
+#[test]
+fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pager = start_pager(dir.path());
+    let pages = 256;
+    let (mem_path, data) = memory_file(dir.path(), pages);
+    let guest = Guest::new(pages * 4096);
+    let (vmm_end, pager_end) = UnixStream::pair().unwrap();
+    let request = HandoffRequest {
+        session_id: "direct-1".into(),
+        memory_file: mem_path.display().to_string(),
+        regions: vec![Region { base: guest.base as u64, size: guest.len as u64, offset: 0, page_size: 4096 }],
+        vmm_pid: std::process::id(),
+        connected_at_ms: 1,
+        adopt: false,
+        removed: vec![],
+    };
+    let fds = SessionFds {
+        uffd: guest.uffd.as_fd().try_clone_to_owned().unwrap(),
+        memory_file: OwnedFd::from(File::open(&mem_path).unwrap()),
+        vmm_stream: OwnedFd::from(pager_end),
+    };
+    send_session(&pager.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
+    drop(fds);
+
+    for i in [0usize, 1, 5, 77, 255, 5] {
+        assert_eq!(guest.page(i), data[i * 4096..(i + 1) * 4096], "page {i}");
+    }
+    // Balloon: discard pages 8..16 (page 9 was never touched); they must read zero.
+    // SAFETY: within the mapping.
+    let rc = unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    assert!(guest.page(9).iter().all(|&b| b == 0));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(&pager.grpc));
+        let done = client
+            .complete_session(CompleteSessionRequest { session_id: "direct-1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let s = done.session.clone().unwrap();
+        assert_eq!(s.state(), SessionState::Graduated, "{s:?}");
+        assert!(done.skipped_zero_bytes >= 60 * 4096, "{done:?}");
+        let again = client
+            .complete_session(CompleteSessionRequest { session_id: "direct-1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(again.already_graduated);
+        let got = client.get_session(GetSessionRequest { session_id: "direct-1".into() }).await.unwrap().into_inner();
+        assert_eq!(got.state(), SessionState::Graduated);
+    });
+    for i in 0..pages {
+        let want: &[u8] = if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
+        assert_eq!(guest.page(i), want, "page {i} after graduation");
+    }
+    drop(vmm_end);
+}
