@@ -7,3 +7,5 @@ pub mod firecracker;
 pub mod scm;
 pub mod handoff;
 pub mod grpc;
+pub mod pages;
+pub mod uffd_ops;
