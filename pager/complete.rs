@@ -93,7 +93,10 @@ impl Completion {
         self.check_time()?;
         // Reading the mapping past the file's end raises SIGBUS: check the length first.
         let need = s.regions.iter().map(|r| r.region.offset + r.region.size).max().unwrap_or(0);
-        let len = s.file.current_len().map_err(|e| CompleteError::Failed(format!("stat memory file: {e}")))?;
+        let len = s
+            .file
+            .current_len()
+            .map_err(|e| CompleteError::Failed(format!("stat memory file: {e}")))?;
         if len < need || s.file.mapped_len() < need {
             return Err(CompleteError::Failed(format!(
                 "memory file {} is {len} bytes now, shorter than the {need} bytes the regions need (truncated?)",
@@ -172,7 +175,7 @@ impl Completion {
 
     /// After a full sweep: serve what is queued, unregister every region, and release any event
     /// that came in meanwhile (a VMM madvise blocks until its REMOVE is read).
-    pub fn finish(mut self, s: &mut Session) -> Result<(), (Self, CompleteError)> {
+    pub fn finish(&mut self, s: &mut Session) -> Result<(), CompleteError> {
         let result = (|| {
             s.drain_events()?;
             s.serve_pending()?;
@@ -194,10 +197,7 @@ impl Completion {
                 let _ = self.done.send(Some(Ok(self.report.clone())));
                 Ok(())
             }
-            Err(e) => {
-                let err = to_complete_error(e);
-                Err((self, err))
-            }
+            Err(e) => Err(to_complete_error(e)),
         }
     }
 

@@ -105,7 +105,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         reply: tx,
     });
     let result = sent.and_then(|()| {
-        rx.recv_timeout(HANDOFF_TIMEOUT).map_err(|_| "the fault worker did not answer".to_string())?
+        rx.recv_timeout(HANDOFF_TIMEOUT)
+            .map_err(|_| "the fault worker did not answer".to_string())?
     });
     match result {
         Ok(()) => {

@@ -30,7 +30,11 @@ use crate::worker::WorkerHandle;
 pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, Parser)]
-#[command(name = "uffd-pager", version, about = "Userfaultfd pager for Firecracker snapshot memory")]
+#[command(
+    name = "uffd-pager",
+    version,
+    about = "Userfaultfd pager for Firecracker snapshot memory"
+)]
 struct Cli {
     /// Print the version label this process would serve as, and exit.
     #[arg(long)]

@@ -90,7 +90,12 @@ impl MemoryFiles {
 
     /// Number of files currently mapped.
     pub fn count(&self) -> usize {
-        self.open.lock().expect("memory file table").values().filter(|w| w.strong_count() > 0).count()
+        self.open
+            .lock()
+            .expect("memory file table")
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 }
 

@@ -62,7 +62,8 @@ impl SessionShared {
     }
 
     pub fn state(&self) -> SessionState {
-        SessionState::try_from(self.state.load(Ordering::Acquire)).unwrap_or(SessionState::Unspecified)
+        SessionState::try_from(self.state.load(Ordering::Acquire))
+            .unwrap_or(SessionState::Unspecified)
     }
 
     pub fn set_state(&self, state: SessionState) {

@@ -69,7 +69,10 @@ fn response(session: api::Session, report: &CompletionReport) -> api::CompleteSe
 
 #[tonic::async_trait]
 impl pager_server::Pager for PagerService {
-    async fn get_info(&self, _: Request<api::GetInfoRequest>) -> Result<Response<api::PagerInfo>, Status> {
+    async fn get_info(
+        &self,
+        _: Request<api::GetInfoRequest>,
+    ) -> Result<Response<api::PagerInfo>, Status> {
         let p = &self.pager;
         Ok(Response::new(api::PagerInfo {
             version: p.version.clone(),
@@ -91,7 +94,10 @@ impl pager_server::Pager for PagerService {
         }))
     }
 
-    async fn get_session(&self, request: Request<api::GetSessionRequest>) -> Result<Response<api::Session>, Status> {
+    async fn get_session(
+        &self,
+        request: Request<api::GetSessionRequest>,
+    ) -> Result<Response<api::Session>, Status> {
         let id = request.into_inner().session_id;
         let reg = self.pager.registry.lock();
         let entry = reg.get(&id).ok_or_else(|| not_found(&id))?;
@@ -118,17 +124,26 @@ impl pager_server::Pager for PagerService {
                     }));
                 }
                 SessionState::Completing => {
-                    let w = entry.completion.clone().ok_or_else(|| Status::internal("completion without a watch"))?;
+                    let w = entry
+                        .completion
+                        .clone()
+                        .ok_or_else(|| Status::internal("completion without a watch"))?;
                     w.waiters.fetch_add(1, Ordering::AcqRel);
                     (w, shared)
                 }
                 SessionState::Serving => {
                     let (tx, rx) = watch::channel(None);
                     let cancel = Arc::new(AtomicBool::new(false));
-                    let w = CompletionWatch { result: rx, waiters: Arc::new(AtomicUsize::new(1)), cancel: Arc::clone(&cancel) };
+                    let w = CompletionWatch {
+                        result: rx,
+                        waiters: Arc::new(AtomicUsize::new(1)),
+                        cancel: Arc::clone(&cancel),
+                    };
                     shared.set_state(SessionState::Completing);
                     let completion = Completion::new(deadline, cancel, tx);
-                    if let Err(e) = self.pager.workers[entry.worker].send(Command::Complete { token: entry.token, completion }) {
+                    if let Err(e) = self.pager.workers[entry.worker]
+                        .send(Command::Complete { token: entry.token, completion })
+                    {
                         shared.set_state(SessionState::Serving);
                         return Err(Status::unavailable(e));
                     }
@@ -144,7 +159,8 @@ impl pager_server::Pager for PagerService {
                 }
             }
         };
-        let _guard = WaiterGuard { waiters: Arc::clone(&watch.waiters), cancel: Arc::clone(&watch.cancel) };
+        let _guard =
+            WaiterGuard { waiters: Arc::clone(&watch.waiters), cancel: Arc::clone(&watch.cancel) };
         let mut rx = watch.result.clone();
         let result: CompletionResult = rx
             .wait_for(Option::is_some)
@@ -174,7 +190,10 @@ impl pager_server::Pager for PagerService {
                 )));
             }
             self.pager.workers[entry.worker]
-                .send(Command::Drop { token: entry.token, reason: "ended by EndSession(force)".into() })
+                .send(Command::Drop {
+                    token: entry.token,
+                    reason: "ended by EndSession(force)".into(),
+                })
                 .map_err(Status::unavailable)?;
         }
         let entry = reg.remove(&req.session_id).expect("present");
@@ -182,7 +201,10 @@ impl pager_server::Pager for PagerService {
         Ok(Response::new(api::EndSessionResponse { session: Some(entry.shared.to_proto()) }))
     }
 
-    async fn shutdown(&self, request: Request<api::ShutdownRequest>) -> Result<Response<api::ShutdownResponse>, Status> {
+    async fn shutdown(
+        &self,
+        request: Request<api::ShutdownRequest>,
+    ) -> Result<Response<api::ShutdownResponse>, Status> {
         let force = request.into_inner().force;
         let live = self.pager.registry.live_count();
         if live > 0 && !force {
@@ -192,6 +214,8 @@ impl pager_server::Pager for PagerService {
         }
         info!(version = %self.pager.version, live, force, "shutdown requested");
         self.pager.shutdown.send_replace(true);
-        Ok(Response::new(api::ShutdownResponse { sessions_left: u32::try_from(live).unwrap_or(u32::MAX) }))
+        Ok(Response::new(api::ShutdownResponse {
+            sessions_left: u32::try_from(live).unwrap_or(u32::MAX),
+        }))
     }
 }

@@ -382,7 +382,9 @@ impl Session {
             let (addr, len) = (r.region.base, r.region.size);
             match uffd_ops::unregister(&self.uffd, addr, len) {
                 Ok(()) => {}
-                Err(errno @ (Errno::ESRCH | Errno::ENOENT)) => return Err(SessionError::Gone(errno)),
+                Err(errno @ (Errno::ESRCH | Errno::ENOENT)) => {
+                    return Err(SessionError::Gone(errno))
+                }
                 Err(errno) => return Err(SessionError::Unregister { addr, len, errno }),
             }
         }
@@ -446,7 +448,8 @@ mod tests {
 
     #[test]
     fn a_removed_present_page_counts_as_removed_once() {
-        let mut r = RegionPages::new(Region { base: 0, size: 16 * 4096, offset: 0, page_size: 4096 });
+        let mut r =
+            RegionPages::new(Region { base: 0, size: 16 * 4096, offset: 0, page_size: 4096 });
         r.mark_present(0, 4);
         r.remove(2, 6);
         assert_eq!(r.present.count_ones(), 2);

@@ -52,10 +52,19 @@ impl WorkerHandle {
         epoll.add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
         let (tx, rx) = mpsc::channel();
         let worker_wake = Arc::clone(&wake);
-        let thread = std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
-            Worker { epoll, wake: worker_wake, rx, sessions: HashMap::new(), completions: Vec::new(), version, budget }
+        let thread =
+            std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
+                Worker {
+                    epoll,
+                    wake: worker_wake,
+                    rx,
+                    sessions: HashMap::new(),
+                    completions: Vec::new(),
+                    version,
+                    budget,
+                }
                 .run()
-        })?;
+            })?;
         Ok(Self { tx, wake, thread: Some(thread) })
     }
 
@@ -95,7 +104,8 @@ impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); 256];
         loop {
-            let timeout = if self.completions.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
+            let timeout =
+                if self.completions.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -118,7 +128,11 @@ impl Worker {
                 if data & 1 == 0 {
                     self.on_uffd(token);
                 } else {
-                    self.end(token, SessionState::Ended, "the VMM closed its socket (VMM exited)".into());
+                    self.end(
+                        token,
+                        SessionState::Ended,
+                        "the VMM closed its socket (VMM exited)".into(),
+                    );
                 }
             }
             self.step_completions();
@@ -136,7 +150,9 @@ impl Worker {
                     if self.sessions.contains_key(&token) {
                         self.completions.push((token, completion));
                     } else {
-                        completion.fail(CompleteError::SessionEnded("the session is no longer served".into()));
+                        completion.fail(CompleteError::SessionEnded(
+                            "the session is no longer served".into(),
+                        ));
                     }
                 }
                 Command::Drop { token, reason } => self.end(token, SessionState::Ended, reason),
@@ -150,7 +166,10 @@ impl Worker {
         self.epoll
             .add(&session.uffd, EpollEvent::new(EpollFlags::EPOLLIN, token << 1))
             .map_err(|e| format!("adding the uffd to epoll: {e}"))?;
-        if let Err(e) = self.epoll.add(session.vmm_fd(), EpollEvent::new(EpollFlags::EPOLLRDHUP, (token << 1) | 1)) {
+        if let Err(e) = self
+            .epoll
+            .add(session.vmm_fd(), EpollEvent::new(EpollFlags::EPOLLRDHUP, (token << 1) | 1))
+        {
             let _ = self.epoll.delete(&session.uffd);
             return Err(format!("adding the VMM stream to epoll: {e}"));
         }
@@ -191,7 +210,7 @@ impl Worker {
             match step {
                 Ok(false) => i += 1,
                 Ok(true) => {
-                    let (_, c) = self.completions.swap_remove(i);
+                    let (_, mut c) = self.completions.swap_remove(i);
                     let report = c.report().clone();
                     let elapsed = c.elapsed();
                     match c.finish(s) {
@@ -200,7 +219,7 @@ impl Worker {
                                 skipped_zero_bytes = report.skipped_zero_bytes, ms = elapsed.as_millis() as u64, "session graduated");
                             self.end(token, SessionState::Graduated, String::new());
                         }
-                        Err((c, e)) => self.fail_completion(token, c, e),
+                        Err(e) => self.fail_completion(token, c, e),
                     }
                 }
                 Err(e) => {

@@ -124,7 +124,10 @@ pub fn parse_mappings(bytes: &[u8]) -> Result<Vec<GuestRegionUffdMapping>, Hands
 
 /// Validates mappings against the memory file's length: page sizes 4 KiB or 2 MiB, aligned,
 /// non-empty, non-overlapping regions, each inside the file. Returns regions sorted by address.
-pub fn validate(mappings: &[GuestRegionUffdMapping], file_len: u64) -> Result<Vec<Region>, HandshakeError> {
+pub fn validate(
+    mappings: &[GuestRegionUffdMapping],
+    file_len: u64,
+) -> Result<Vec<Region>, HandshakeError> {
     if mappings.is_empty() {
         return Err(HandshakeError::NoRegions);
     }
@@ -135,7 +138,11 @@ pub fn validate(mappings: &[GuestRegionUffdMapping], file_len: u64) -> Result<Ve
     for (index, m) in mappings.iter().enumerate() {
         let page_size = match (m.page_size, m.page_size_kib) {
             (Some(a), Some(b)) if a != b => {
-                return Err(HandshakeError::PageSizeMismatch { index, page_size: a, page_size_kib: b })
+                return Err(HandshakeError::PageSizeMismatch {
+                    index,
+                    page_size: a,
+                    page_size_kib: b,
+                })
             }
             (Some(a), _) | (None, Some(a)) => a,
             (None, None) => return Err(HandshakeError::NoPageSize { index }),
@@ -146,25 +153,30 @@ pub fn validate(mappings: &[GuestRegionUffdMapping], file_len: u64) -> Result<Ve
         if m.size == 0 {
             return Err(HandshakeError::ZeroSize { index });
         }
-        for (field, value) in [
-            ("base_host_virt_addr", m.base_host_virt_addr),
-            ("size", m.size),
-            ("offset", m.offset),
-        ] {
+        for (field, value) in
+            [("base_host_virt_addr", m.base_host_virt_addr), ("size", m.size), ("offset", m.offset)]
+        {
             if value % page_size != 0 {
                 return Err(HandshakeError::Unaligned { index, field, value, page_size });
             }
         }
-        let (Some(_), Some(file_end)) = (
-            m.base_host_virt_addr.checked_add(m.size),
-            m.offset.checked_add(m.size),
-        ) else {
+        let (Some(_), Some(file_end)) =
+            (m.base_host_virt_addr.checked_add(m.size), m.offset.checked_add(m.size))
+        else {
             return Err(HandshakeError::Overflow { index });
         };
         if file_end > file_len {
-            return Err(HandshakeError::PastEndOfFile { index, offset: m.offset, end: file_end, file_len });
+            return Err(HandshakeError::PastEndOfFile {
+                index,
+                offset: m.offset,
+                end: file_end,
+                file_len,
+            });
         }
-        regions.push((index, Region { base: m.base_host_virt_addr, size: m.size, offset: m.offset, page_size }));
+        regions.push((
+            index,
+            Region { base: m.base_host_virt_addr, size: m.size, offset: m.offset, page_size },
+        ));
     }
     regions.sort_by_key(|(_, r)| r.base);
     for pair in regions.windows(2) {
@@ -229,7 +241,13 @@ mod tests {
     const FIRECRACKER_1_16_1: &str = r#"[{"base_host_virt_addr":140337590829056,"size":536870912,"offset":0,"page_size":4096,"page_size_kib":4096}]"#;
 
     fn m(base: u64, size: u64, offset: u64, ps: u64) -> GuestRegionUffdMapping {
-        GuestRegionUffdMapping { base_host_virt_addr: base, size, offset, page_size: Some(ps), page_size_kib: None }
+        GuestRegionUffdMapping {
+            base_host_virt_addr: base,
+            size,
+            offset,
+            page_size: Some(ps),
+            page_size_kib: None,
+        }
     }
 
     #[test]
@@ -277,12 +295,27 @@ mod tests {
 
     #[test]
     fn refuses_unaligned_empty_and_overflowing_regions() {
-        assert!(matches!(validate(&[m(100, 4096, 0, 4096)], 8192), Err(HandshakeError::Unaligned { field: "base_host_virt_addr", .. })));
-        assert!(matches!(validate(&[m(0, 4097, 0, 4096)], 8192), Err(HandshakeError::Unaligned { field: "size", .. })));
-        assert!(matches!(validate(&[m(0, 4096, 1, 4096)], 8192), Err(HandshakeError::Unaligned { field: "offset", .. })));
-        assert!(matches!(validate(&[m(0, PAGE_2M, 4096, PAGE_2M)], 1 << 30), Err(HandshakeError::Unaligned { field: "offset", .. })));
+        assert!(matches!(
+            validate(&[m(100, 4096, 0, 4096)], 8192),
+            Err(HandshakeError::Unaligned { field: "base_host_virt_addr", .. })
+        ));
+        assert!(matches!(
+            validate(&[m(0, 4097, 0, 4096)], 8192),
+            Err(HandshakeError::Unaligned { field: "size", .. })
+        ));
+        assert!(matches!(
+            validate(&[m(0, 4096, 1, 4096)], 8192),
+            Err(HandshakeError::Unaligned { field: "offset", .. })
+        ));
+        assert!(matches!(
+            validate(&[m(0, PAGE_2M, 4096, PAGE_2M)], 1 << 30),
+            Err(HandshakeError::Unaligned { field: "offset", .. })
+        ));
         assert_eq!(validate(&[m(0, 0, 0, 4096)], 8192), Err(HandshakeError::ZeroSize { index: 0 }));
-        assert_eq!(validate(&[m(u64::MAX - 4095, 8192, 0, 4096)], u64::MAX), Err(HandshakeError::Overflow { index: 0 }));
+        assert_eq!(
+            validate(&[m(u64::MAX - 4095, 8192, 0, 4096)], u64::MAX),
+            Err(HandshakeError::Overflow { index: 0 })
+        );
     }
 
     #[test]
@@ -297,7 +330,12 @@ mod tests {
     fn refuses_a_region_past_the_end_of_the_memory_file() {
         assert_eq!(
             validate(&[m(0, 8192, 4096, 4096)], 8192),
-            Err(HandshakeError::PastEndOfFile { index: 0, offset: 4096, end: 12288, file_len: 8192 })
+            Err(HandshakeError::PastEndOfFile {
+                index: 0,
+                offset: 4096,
+                end: 12288,
+                file_len: 8192
+            })
         );
     }
 

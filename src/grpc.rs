@@ -80,9 +80,7 @@ pub fn timestamp_ms(ms: u64) -> prost_types::Timestamp {
 
 /// Now, in milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 

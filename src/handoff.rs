@@ -88,13 +88,10 @@ pub fn send_session(
     timeout: Duration,
 ) -> Result<(), HandoffError> {
     let sock = socket_seqpacket()?;
-    let addr = UnixAddr::new(socket).map_err(|source| HandoffError::Connect {
-        path: socket.display().to_string(),
-        source,
-    })?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr).map_err(|source| {
-        HandoffError::Connect { path: socket.display().to_string(), source }
-    })?;
+    let addr = UnixAddr::new(socket)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
     let stream = StdUnixStream::from(sock);
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -105,12 +102,13 @@ pub fn send_session(
         &[fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()],
     )
     .map_err(HandoffError::Send)?;
-    let reply = scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    let reply =
+        scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
     if reply.bytes.is_empty() {
         return Err(HandoffError::Closed);
     }
-    let reply: HandoffReply = serde_json::from_slice(&reply.bytes)
-        .map_err(|e| HandoffError::Malformed(e.to_string()))?;
+    let reply: HandoffReply =
+        serde_json::from_slice(&reply.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
     if reply.ok {
         Ok(())
     } else {
@@ -222,8 +220,13 @@ mod tests {
 
     #[test]
     fn no_listener_is_a_connect_error_naming_the_socket() {
-        let err = send_session(Path::new("/nonexistent/h.sock"), &request(), &fds(), Duration::from_secs(1))
-            .unwrap_err();
+        let err = send_session(
+            Path::new("/nonexistent/h.sock"),
+            &request(),
+            &fds(),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/h.sock"), "{err}");
     }
 }

@@ -4,8 +4,10 @@
 
 pub mod api;
 pub mod firecracker;
-pub mod scm;
-pub mod handoff;
 pub mod grpc;
+pub mod handoff;
+pub mod harness;
 pub mod pages;
+pub mod scm;
 pub mod uffd_ops;
+pub mod vmsim;

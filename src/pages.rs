@@ -170,7 +170,9 @@ impl RangeSet {
 pub fn chunks(range: Range<u64>, max_len: u64) -> impl Iterator<Item = Range<u64>> {
     assert!(max_len > 0);
     let Range { start, end } = range;
-    (start..end).step_by(usize::try_from(max_len).unwrap_or(usize::MAX)).map(move |s| s..(s + max_len).min(end))
+    (start..end)
+        .step_by(usize::try_from(max_len).unwrap_or(usize::MAX))
+        .map(move |s| s..(s + max_len).min(end))
 }
 
 #[cfg(test)]

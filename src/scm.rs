@@ -31,12 +31,8 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, max_len: usize) -> Result<Received, E
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, fds, truncated, fds_truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        {
             Ok(msg) => {
                 let mut fds = Vec::new();
                 for c in msg.cmsgs()? {
@@ -61,23 +57,19 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, max_len: usize) -> Result<Received, E
         }
     };
     buf.truncate(len);
-    Ok(Received {
-        bytes: buf,
-        fds,
-        truncated,
-        fds_truncated,
-    })
+    Ok(Received { bytes: buf, fds, truncated, fds_truncated })
 }
 
 /// Sends `bytes` and `fds` as one message (the fds are duplicated into the receiver).
-pub fn send_with_fds(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, Errno> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<usize, Errno> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let iov = [IoSlice::new(bytes)];
-    let cmsgs: Vec<ControlMessage<'_>> = if raw.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
+    let cmsgs: Vec<ControlMessage<'_>> =
+        if raw.is_empty() { Vec::new() } else { vec![ControlMessage::ScmRights(&raw)] };
     loop {
         match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Err(Errno::EINTR) => continue,

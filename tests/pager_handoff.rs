@@ -112,7 +112,12 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
     let request = HandoffRequest {
         session_id: "direct-1".into(),
         memory_file: mem_path.display().to_string(),
-        regions: vec![Region { base: guest.base as u64, size: guest.len as u64, offset: 0, page_size: 4096 }],
+        regions: vec![Region {
+            base: guest.base as u64,
+            size: guest.len as u64,
+            offset: 0,
+            page_size: 4096,
+        }],
         vmm_pid: std::process::id(),
         connected_at_ms: 1,
         adopt: false,
@@ -131,7 +136,8 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
     }
     // Balloon: discard pages 8..16 (page 9 was never touched); they must read zero.
     // SAFETY: within the mapping.
-    let rc = unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
+    let rc =
+        unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
     assert!(guest.page(9).iter().all(|&b| b == 0));
 
@@ -152,11 +158,16 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
             .unwrap()
             .into_inner();
         assert!(again.already_graduated);
-        let got = client.get_session(GetSessionRequest { session_id: "direct-1".into() }).await.unwrap().into_inner();
+        let got = client
+            .get_session(GetSessionRequest { session_id: "direct-1".into() })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.state(), SessionState::Graduated);
     });
     for i in 0..pages {
-        let want: &[u8] = if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
+        let want: &[u8] =
+            if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
         assert_eq!(guest.page(i), want, "page {i} after graduation");
     }
     drop(vmm_end);

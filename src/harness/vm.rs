@@ -1,0 +1,129 @@
+//! A simulated VM (`uffd-vmsim run`) in a child process, steered line by line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmProcessError {
+    #[error("starting uffd-vmsim: {0}")]
+    Spawn(std::io::Error),
+    #[error("uffd-vmsim did not answer {cmd:?} within {timeout:?} (a page left unserved?)")]
+    Timeout { cmd: String, timeout: Duration },
+    #[error("uffd-vmsim exited before answering {0:?}")]
+    Exited(String),
+    #[error("uffd-vmsim answered {cmd:?} with something that is not JSON: {line}")]
+    NotJson { cmd: String, line: String },
+    #[error("uffd-vmsim refused {cmd:?}: {error}")]
+    Refused { cmd: String, error: String },
+    #[error("writing to uffd-vmsim: {0}")]
+    Write(std::io::Error),
+}
+
+/// A VM restored through `socket`, steered over stdin/stdout. Killed on drop.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    pub pid: u32,
+    /// The first line: `{"ok":true,"cmd":"restored",...}`.
+    pub restored: Value,
+}
+
+impl VmProcess {
+    /// Starts `uffd-vmsim run --socket S --memory-file M <region args>` and waits (at most
+    /// `timeout`) until it has restored.
+    pub fn restore(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+        timeout: Duration,
+    ) -> Result<Self, VmProcessError> {
+        let mut cmd = Command::new(vmsim);
+        cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
+        for r in regions {
+            cmd.arg("--region").arg(r);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(VmProcessError::Spawn)?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let mut vm = Self { child, stdin, lines, pid, restored: Value::Null };
+        vm.restored = vm.answer("restore", timeout)?;
+        Ok(vm)
+    }
+
+    fn answer(&mut self, cmd: &str, timeout: Duration) -> Result<Value, VmProcessError> {
+        let line = match self.lines.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(VmProcessError::Timeout { cmd: cmd.into(), timeout })
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(VmProcessError::Exited(cmd.into()))
+            }
+        };
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|_| VmProcessError::NotJson { cmd: cmd.into(), line: line.clone() })?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(VmProcessError::Refused {
+                cmd: cmd.into(),
+                error: v["error"].as_str().unwrap_or("no error text").to_string(),
+            });
+        }
+        Ok(v)
+    }
+
+    /// Sends one command and waits (at most `timeout`) for its JSON answer.
+    pub fn command(&mut self, cmd: &str, timeout: Duration) -> Result<Value, VmProcessError> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| VmProcessError::Exited(cmd.into()))?;
+        writeln!(stdin, "{cmd}").and_then(|()| stdin.flush()).map_err(VmProcessError::Write)?;
+        self.answer(cmd, timeout)
+    }
+
+    /// Sends a command and returns its `report`, failing if it counted any mismatch.
+    pub fn verified(&mut self, cmd: &str, timeout: Duration) -> Result<Value, VmProcessError> {
+        let v = self.command(cmd, timeout)?;
+        let report = v["report"].clone();
+        if report["mismatches"].as_u64().unwrap_or(0) != 0 {
+            return Err(VmProcessError::Refused {
+                cmd: cmd.into(),
+                error: format!("memory mismatches: {report}"),
+            });
+        }
+        Ok(report)
+    }
+
+    /// Ends the VM: closes stdin (the simulator exits, closing its socket) and reaps it.
+    pub fn exit(mut self) -> std::io::Result<std::process::ExitStatus> {
+        drop(self.stdin.take());
+        self.child.wait()
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,213 @@
+//! The supervisor's shared state: configuration, the session inventory, the version table, and
+//! the operating-system resources each session holds (its VMM socket, its memory file, and the
+//! supervisor's duplicates of the uffd and VMM stream).
+//!
+//! The resources live beside the inventory rather than in it, so the inventory stays pure. Lock
+//! order: `held` before the inventory's lock (never take `held` inside an inventory closure).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tracing::debug;
+use uffdpager::api::{EndSessionRequest, SessionState};
+use uffdpager::handoff::SessionFds;
+
+use crate::inventory::{is_terminal, Inventory};
+use crate::versions::Versions;
+
+/// Settings and timeouts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub runtime_dir: PathBuf,
+    /// `DIR/sessions`: one VMM socket per session.
+    pub sessions_dir: PathBuf,
+    /// `DIR/pagers`: one directory per pager version.
+    pub pagers_dir: PathBuf,
+    /// How long a finished session stays listed.
+    pub finished_retention: Duration,
+    /// How long a connected VMM may take to send its handshake.
+    pub handshake_timeout: Duration,
+    /// How long a pager may take to answer a handoff.
+    pub handoff_timeout: Duration,
+    /// How long a handoff waits for the active version while it (re)starts.
+    pub handoff_wait: Duration,
+    /// How long a new pager may take to report SERVING on its health check.
+    pub ready_timeout: Duration,
+    /// Wait after Pager/Shutdown before SIGTERM, and after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+    /// Period of the monitor that polls every pager's sessions.
+    pub poll_interval: Duration,
+    /// Deadline of the supervisor's own short calls to a pager (list, get, end session).
+    pub pager_call_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(runtime_dir: PathBuf, finished_retention: Duration) -> Self {
+        Self {
+            sessions_dir: runtime_dir.join("sessions"),
+            pagers_dir: runtime_dir.join("pagers"),
+            runtime_dir,
+            finished_retention,
+            handshake_timeout: Duration::from_secs(30),
+            handoff_timeout: Duration::from_secs(10),
+            handoff_wait: Duration::from_secs(10),
+            ready_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(250),
+            pager_call_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What the supervisor holds for one session. Until the VMM connects, the memory file is owned
+/// by the accept task (dropped with it); from the handoff on, by `fds`.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub socket_path: PathBuf,
+    /// The socket file exists and its listener runs.
+    pub socket_open: bool,
+    /// The supervisor's copies of what it handed to the pager. It never reads from the uffd:
+    /// that would steal the pager's faults. They exist so that another pager can adopt the
+    /// session if this one dies.
+    pub fds: Option<SessionFds>,
+    /// The task accepting on the session socket (aborting it closes the socket).
+    pub accept: Option<AbortHandle>,
+    /// The task handling the first connection (handshake and handoff).
+    pub setup: Option<AbortHandle>,
+}
+
+/// The shared state, owned by an `Arc` that every task holds.
+#[derive(Debug)]
+pub struct Core {
+    pub config: Config,
+    pub inventory: Inventory,
+    pub versions: Versions,
+    held: Mutex<HashMap<String, Held>>,
+    closing: watch::Sender<bool>,
+    /// Serialises DeployVersion / ActivateVersion.
+    pub deploy_lock: tokio::sync::Mutex<()>,
+}
+
+impl Core {
+    pub fn new(config: Config) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            inventory: Inventory::default(),
+            versions: Versions::default(),
+            held: Mutex::new(HashMap::new()),
+            closing: watch::channel(false).0,
+            deploy_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Becomes true once shutdown has begun.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// Completes once shutdown has begun.
+    pub async fn wait_closing(&self) {
+        until_true(&mut self.closing()).await;
+    }
+
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    pub fn begin_closing(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub fn held(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Releases everything the supervisor holds for a session (socket, duplicate fds), or
+    /// everything but the duplicate fds when `keep_fds` (a session whose pager died keeps them
+    /// for a later adoption).
+    pub fn release(&self, id: &str, keep_fds: bool) {
+        let mut held = self.held();
+        let Some(h) = held.get_mut(id) else { return };
+        close_socket(h);
+        if !keep_fds {
+            held.remove(id);
+            debug!(session = %id, "released the session's descriptors");
+        }
+    }
+
+    /// Forgets a session's resources entirely, listener and setup included.
+    pub fn forget_held(&self, id: &str) {
+        let mut held = self.held();
+        if let Some(mut h) = held.remove(id) {
+            close_socket(&mut h);
+            if let Some(setup) = h.setup.take() {
+                setup.abort();
+            }
+        }
+    }
+
+    /// Closes every session socket (at shutdown: no new VMM can connect).
+    pub fn close_all_sockets(&self) {
+        for h in self.held().values_mut() {
+            close_socket(h);
+        }
+    }
+
+    /// Marks a session FAILED with `error` unless it already finished, and releases its
+    /// resources (see [`Core::release`] for `keep_fds`).
+    pub fn fail_session(&self, id: &str, error: String, keep_fds: bool) {
+        self.inventory.modify(id, |r| {
+            if !is_terminal(r.state()) {
+                r.session.state = SessionState::Failed as i32;
+                r.session.error = error;
+                r.handing_off = false;
+            }
+        });
+        self.release(id, keep_fds);
+    }
+
+    /// Asks `version` to release a finished session it still lists (its tombstone). Best
+    /// effort: a pager that does not answer is asked again on the monitor's next pass.
+    pub async fn end_session(&self, version: &str, id: &str) {
+        let Ok(process) = self.versions.owner(version) else { return };
+        let mut req =
+            tonic::Request::new(EndSessionRequest { session_id: id.into(), force: false });
+        req.set_timeout(self.config.pager_call_timeout);
+        match process.client().end_session(req).await {
+            Ok(_) => {
+                debug!(session = %id, version = %version, "the pager released the finished session")
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => {
+                debug!(session = %id, version = %version, error = %s.message(), "EndSession failed")
+            }
+        }
+    }
+}
+
+/// Completes once `rx` holds true (or its sender is gone).
+pub async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn close_socket(h: &mut Held) {
+    if let Some(accept) = h.accept.take() {
+        accept.abort();
+    }
+    if h.socket_open {
+        h.socket_open = false;
+        if let Err(e) = std::fs::remove_file(&h.socket_path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                debug!(
+                    path = %h.socket_path.display(),
+                    error = %e,
+                    "cannot remove the session socket",
+                );
+            }
+        }
+    }
+}

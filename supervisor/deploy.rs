@@ -1,0 +1,416 @@
+//! Pager versions over time: deploy (start, wait for health, make active, demote the previous
+//! one to DRAINING), activate (switch back or forth between running versions), respawn an
+//! active version that died (a few times in a row, with backoff), and stop a DRAINING version
+//! once it serves nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+use uffdpager::api::{PagerVersion, VersionState};
+
+use crate::core::Core;
+use crate::inventory::is_live;
+use crate::pagers::{check_binary, probe_version, Exit, PagerError, PagerPaths, PagerProcess};
+use crate::session_id;
+use crate::status::ServiceError;
+use crate::versions::{state_name, Table, VersionEntry};
+
+/// Restarts in a row of an active version before it is declared FAILED.
+const MAX_RESTARTS: u32 = 3;
+/// A pager that ran this long before dying starts a fresh series of restarts.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// Wait before retrying to stop a DRAINING pager that refused.
+const STOP_RETRY: Duration = Duration::from_secs(30);
+
+/// Wait before the `n`th restart in a row (1, 2, 4 s...).
+fn backoff(n: u32) -> Duration {
+    Duration::from_secs(1u64 << n.saturating_sub(1).min(6))
+}
+
+/// The previous active version steps down: DRAINING if it runs, or its pending respawn is
+/// cancelled.
+fn demote(t: &mut Table, version: &str) {
+    if let Some(e) = t.entries.get_mut(version) {
+        match e.state {
+            VersionState::Active => e.state = VersionState::Draining,
+            VersionState::Starting if e.process.is_none() => {
+                e.stopping = true;
+                e.state = VersionState::Exited;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Core {
+    /// ListVersions.
+    pub fn list_versions(&self) -> (Vec<PagerVersion>, String) {
+        self.versions.list(|v| self.inventory.live_count(v))
+    }
+
+    fn version_info(&self, version: &str) -> Result<PagerVersion, ServiceError> {
+        let count = self.inventory.live_count(version);
+        self.versions
+            .get(version, count)
+            .ok_or_else(|| ServiceError::VersionNotFound(version.into()))
+    }
+
+    /// DeployVersion: starts `binary_path` as a new version, waits for its health check, and
+    /// makes it active; the previous active version drains. A version that does not become
+    /// healthy is FAILED and the active one is unchanged.
+    pub async fn deploy_version(
+        self: &Arc<Self>,
+        binary_path: &str,
+        label: &str,
+    ) -> Result<PagerVersion, ServiceError> {
+        if self.is_closing() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        let _serial = self.deploy_lock.lock().await;
+        let binary = PathBuf::from(binary_path);
+        if !binary.is_absolute() {
+            return Err(PagerError::Binary {
+                path: binary_path.into(),
+                reason: "binary_path must be an absolute path".into(),
+            }
+            .into());
+        }
+        check_binary(&binary)?;
+        let label = if label.is_empty() {
+            probe_version(&binary).await?
+        } else {
+            session_id::validate(label).map_err(|source| ServiceError::InvalidVersionLabel {
+                label: label.into(),
+                source,
+            })?;
+            label.to_string()
+        };
+        self.versions.update(|t| {
+            if let Some(e) = t.entries.get(&label) {
+                if matches!(
+                    e.state,
+                    VersionState::Starting | VersionState::Active | VersionState::Draining
+                ) {
+                    return Err(ServiceError::VersionRunning {
+                        version: label.clone(),
+                        state: state_name(e.state),
+                    });
+                }
+            }
+            t.entries.insert(label.clone(), VersionEntry::new(&label, binary.clone()));
+            Ok(())
+        })?;
+        info!(version = %label, binary = %binary.display(), "deploying pager version");
+        let process = match self.spawn_version(&label, &binary).await {
+            Ok(p) => p,
+            Err(e) => {
+                error!(
+                    version = %label,
+                    error = %e,
+                    "pager version FAILED to start; the active version is unchanged",
+                );
+                self.versions.update(|t| {
+                    if let Some(entry) = t.entries.get_mut(&label) {
+                        entry.state = VersionState::Failed;
+                        entry.error = e.to_string();
+                    }
+                });
+                return Err(e.into());
+            }
+        };
+        let previous = self.versions.update(|t| {
+            let alive = t
+                .entries
+                .get(&label)
+                .and_then(|e| e.process.as_ref())
+                .is_some_and(|p| Arc::ptr_eq(p, &process) && p.exit().is_none());
+            if !alive {
+                return Err(ServiceError::VersionNotRunning {
+                    version: label.clone(),
+                    why: format!(
+                        "it exited right after becoming healthy: {}",
+                        t.entries.get(&label).map(|e| e.error.clone()).unwrap_or_default()
+                    ),
+                });
+            }
+            let previous = t.active.replace(label.clone());
+            if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
+                demote(t, prev);
+            }
+            if let Some(e) = t.entries.get_mut(&label) {
+                e.state = VersionState::Active;
+            }
+            Ok(previous)
+        })?;
+        self.inventory.set_active_version(&label);
+        info!(
+            version = %label,
+            pid = process.pid,
+            previous = previous.as_deref().unwrap_or(""),
+            "pager version ACTIVE",
+        );
+        self.version_info(&label)
+    }
+
+    /// ActivateVersion: makes a running version the active one; the previous one drains.
+    pub async fn activate_version(&self, label: &str) -> Result<PagerVersion, ServiceError> {
+        let _serial = self.deploy_lock.lock().await;
+        let previous = self.versions.update(|t| {
+            let Some(e) = t.entries.get_mut(label) else {
+                return Err(ServiceError::VersionNotFound(label.into()));
+            };
+            let running = e.usable().is_some()
+                && matches!(e.state, VersionState::Active | VersionState::Draining);
+            if !running {
+                let why = match e.error.as_str() {
+                    "" => state_name(e.state).to_string(),
+                    err => format!("{}: {err}", state_name(e.state)),
+                };
+                return Err(ServiceError::VersionNotRunning { version: label.into(), why });
+            }
+            e.state = VersionState::Active;
+            e.next_stop_attempt = None;
+            let previous = t.active.replace(label.to_string());
+            if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
+                demote(t, prev);
+            }
+            Ok(previous)
+        })?;
+        self.inventory.set_active_version(label);
+        info!(
+            version = %label,
+            previous = previous.as_deref().unwrap_or(""),
+            "pager version ACTIVE",
+        );
+        self.version_info(label)
+    }
+
+    /// Starts one pager process of `version`, records it in the table, and watches its exit.
+    async fn spawn_version(
+        self: &Arc<Self>,
+        version: &str,
+        binary: &Path,
+    ) -> Result<Arc<PagerProcess>, PagerError> {
+        let paths = PagerPaths::new(&self.config.pagers_dir, version);
+        let process =
+            PagerProcess::start(version, binary, paths, self.config.ready_timeout).await?;
+        self.versions.update(|t| {
+            if let Some(e) = t.entries.get_mut(version) {
+                e.process = Some(process.clone());
+                e.started_at = Some(process.started_at);
+            }
+        });
+        let (core, watched, version) = (self.clone(), process.clone(), version.to_string());
+        tokio::spawn(async move {
+            let exit = watched.wait_exit().await;
+            core.pager_exited(version, watched, exit);
+        });
+        Ok(process)
+    }
+
+    /// A pager process exited: expected (a stop was asked for) → EXITED; otherwise its live
+    /// sessions are FAILED (their duplicate fds kept for re-adoption), and an active version is
+    /// respawned unless it died too often in a row.
+    fn pager_exited(self: Arc<Self>, version: String, process: Arc<PagerProcess>, exit: Exit) {
+        let closing = self.is_closing();
+        let outcome = self.versions.update(|t| {
+            let is_active = t.active.as_deref() == Some(version.as_str());
+            let Some(e) = t.entries.get_mut(&version) else { return ExitOutcome::Stale };
+            if !e.process.as_ref().is_some_and(|p| Arc::ptr_eq(p, &process)) {
+                return ExitOutcome::Stale; // an older process of this version
+            }
+            e.process = None;
+            // Under the table's lock: no new process of this version binds these paths meanwhile.
+            process.paths.remove_files();
+            if e.stopping {
+                e.stopping = false;
+                e.state = VersionState::Exited;
+                return ExitOutcome::Stopped;
+            }
+            if process.started.elapsed() >= HEALTHY_RUN {
+                e.restarts_in_a_row = 0;
+            }
+            e.error = format!("pid {} exited unexpectedly: {exit}", process.pid);
+            if is_active && !closing && e.restarts_in_a_row < MAX_RESTARTS {
+                e.restarts_in_a_row += 1;
+                e.state = VersionState::Starting;
+                ExitOutcome::Lost { respawn_after: Some(backoff(e.restarts_in_a_row)) }
+            } else {
+                if is_active && !closing {
+                    e.error =
+                        format!("{}; gave up after {MAX_RESTARTS} restarts in a row", e.error);
+                }
+                e.state = VersionState::Failed;
+                ExitOutcome::Lost { respawn_after: None }
+            }
+        });
+        let pid = process.pid;
+        let respawn_after = match outcome {
+            ExitOutcome::Stale => return,
+            ExitOutcome::Stopped => {
+                info!(version = %version, pid, status = %exit.status, "pager exited");
+                return;
+            }
+            ExitOutcome::Lost { respawn_after } => respawn_after,
+        };
+        error!(version = %version, pid, exit = %exit, "pager exited unexpectedly");
+        for rec in self.inventory.records_of_version(&version) {
+            if is_live(rec.state()) {
+                let id = rec.session.id.clone();
+                warn!(session = %id, version = %version, "session FAILED: its pager died");
+                self.fail_session(
+                    &id,
+                    format!(
+                        "pager version {version} (pid {pid}) exited unexpectedly ({}); the VM \
+                         cannot be served until the session is re-adopted",
+                        exit.status
+                    ),
+                    true,
+                );
+            }
+        }
+        if let Some(delay) = respawn_after {
+            info!(version = %version, delay = ?delay, "respawning the pager version");
+            tokio::spawn(self.respawn(version, delay));
+        }
+    }
+
+    /// Restarts an active version that died, after `delay`; retries with backoff until the
+    /// version has failed [`MAX_RESTARTS`] times in a row.
+    async fn respawn(self: Arc<Self>, version: String, mut delay: Duration) {
+        loop {
+            tokio::time::sleep(delay).await;
+            let binary = self.versions.read(|t| {
+                t.entries
+                    .get(&version)
+                    .filter(|e| {
+                        e.state == VersionState::Starting && e.process.is_none() && !e.stopping
+                    })
+                    .map(|e| e.binary_path.clone())
+            });
+            let Some(binary) = binary.filter(|_| !self.is_closing()) else { return };
+            let err = match self.spawn_version(&version, &binary).await {
+                Ok(process) => {
+                    let state = self.versions.update(|t| {
+                        let is_active = t.active.as_deref() == Some(version.as_str());
+                        let e = t.entries.get_mut(&version)?;
+                        e.state =
+                            if is_active { VersionState::Active } else { VersionState::Draining };
+                        // `error` says why a version FAILED or EXITED unexpectedly; it runs again.
+                        e.error.clear();
+                        Some(e.state)
+                    });
+                    let state = state.map_or("?", state_name);
+                    info!(version = %version, pid = process.pid, state, "pager version respawned");
+                    return;
+                }
+                Err(err) => err,
+            };
+            error!(version = %version, error = %err, "respawning the pager version failed");
+            let again = self.versions.update(|t| {
+                let e = t.entries.get_mut(&version)?;
+                if e.restarts_in_a_row < MAX_RESTARTS && !e.stopping {
+                    e.restarts_in_a_row += 1;
+                    e.error = err.to_string();
+                    Some(backoff(e.restarts_in_a_row))
+                } else {
+                    e.state = VersionState::Failed;
+                    e.error = format!("{err}; gave up after {MAX_RESTARTS} restarts in a row");
+                    None
+                }
+            });
+            match again {
+                Some(next) if !self.is_closing() => delay = next,
+                _ => return,
+            }
+        }
+    }
+
+    /// Stops every DRAINING version that serves nothing and has no handoff under way.
+    pub fn stop_drained_versions(self: &Arc<Self>) {
+        let now = Instant::now();
+        let to_stop = self.versions.update(|t| {
+            let mut out = Vec::new();
+            for e in t.entries.values_mut() {
+                let due = e.next_stop_attempt.is_none_or(|at| at <= now);
+                if e.state != VersionState::Draining || e.inflight_handoffs > 0 || !due {
+                    continue;
+                }
+                // Lock order: versions, then the inventory.
+                if self.inventory.live_count(&e.version) > 0 {
+                    continue;
+                }
+                if let Some(p) = e.usable().cloned() {
+                    e.stopping = true;
+                    out.push((e.version.clone(), p));
+                }
+            }
+            out
+        });
+        for (version, process) in to_stop {
+            let core = self.clone();
+            tokio::spawn(async move {
+                info!(
+                    version = %version,
+                    pid = process.pid,
+                    "DRAINING version serves no session: stopping it",
+                );
+                if let Err(reason) = process.stop(core.config.stop_grace).await {
+                    warn!(
+                        version = %version,
+                        pid = process.pid,
+                        reason,
+                        "the pager refused to stop; retrying later",
+                    );
+                    core.versions.update(|t| {
+                        if let Some(e) = t.entries.get_mut(&version) {
+                            e.stopping = false;
+                            e.next_stop_attempt = Some(Instant::now() + STOP_RETRY);
+                        }
+                    });
+                }
+            });
+        }
+    }
+}
+
+/// What a pager's exit means for its version.
+#[derive(Debug)]
+enum ExitOutcome {
+    /// Not the version's current process: nothing to do.
+    Stale,
+    /// A stop was asked for: EXITED.
+    Stopped,
+    /// It died: its sessions are lost; maybe respawn.
+    Lost { respawn_after: Option<Duration> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_exponentially_and_stay_bounded() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(100), Duration::from_secs(64));
+    }
+
+    #[test]
+    fn the_previous_active_version_drains_or_its_respawn_is_cancelled() {
+        let mut t = Table::default();
+        let mut a = VersionEntry::new("a", "/p".into());
+        a.state = VersionState::Active;
+        t.entries.insert("a".into(), a);
+        t.entries.insert("b".into(), VersionEntry::new("b", "/p".into()));
+        demote(&mut t, "a");
+        assert_eq!(t.entries["a"].state, VersionState::Draining);
+        demote(&mut t, "b");
+        assert_eq!(t.entries["b"].state, VersionState::Exited);
+        assert!(t.entries["b"].stopping);
+    }
+}

@@ -1,0 +1,442 @@
+//! One pager child process: started, watched until healthy, its stderr forwarded line by line
+//! (the last lines kept for error messages), reaped when it exits, stopped gracefully on request.
+//!
+//! Children are started in their own process group with `kill_on_drop(false)`: a Ctrl-C to the
+//! supervisor's terminal or the supervisor's own exit must not take the pagers down with it, since
+//! every VM they serve would freeze on its next page fault.
+
+use std::fmt;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tracing::{debug, info, warn};
+use uffdpager::api::pager_client::PagerClient;
+use uffdpager::api::ShutdownRequest;
+
+use crate::pager_stderr::{forward_stderr, LastWords};
+
+/// Pause between two health checks while a pager starts.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// Deadline of one call made while starting or stopping a pager.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a pager version lives under `DIR/pagers/<version>/`.
+#[derive(Debug, Clone)]
+pub struct PagerPaths {
+    pub dir: PathBuf,
+    pub grpc_socket: PathBuf,
+    pub handoff_socket: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+impl PagerPaths {
+    pub fn new(pagers_dir: &Path, version: &str) -> Self {
+        let dir = pagers_dir.join(version);
+        Self {
+            grpc_socket: dir.join("grpc.sock"),
+            handoff_socket: dir.join("handoff.sock"),
+            pid_file: dir.join("pid"),
+            dir,
+        }
+    }
+
+    /// Removes the sockets and the pid file (and the directory once empty).
+    pub fn remove_files(&self) {
+        for p in [&self.grpc_socket, &self.handoff_socket, &self.pid_file] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// How a pager ended, and its last lines on stderr.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub status: String,
+    pub last_words: Vec<String>,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.status)?;
+        if !self.last_words.is_empty() {
+            write!(f, "; its last words: {}", self.last_words.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a pager could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error("pager binary {path}: {reason}")]
+    Binary { path: String, reason: String },
+    #[error("`{binary} --print-version` failed: {reason}")]
+    Probe { binary: String, reason: String },
+    #[error("preparing {path}: {source}")]
+    Prepare { path: String, source: io::Error },
+    #[error("starting {binary}: {source}")]
+    Spawn { binary: String, source: io::Error },
+    #[error("pager version {version} exited before it was ready: {exit}")]
+    Exited { version: String, exit: Exit },
+    #[error(
+        "pager version {version} was not healthy within {timeout:?} (last check: {last}){words}"
+    )]
+    NotReady { version: String, timeout: Duration, last: String, words: String },
+}
+
+/// Checks that `path` names an executable regular file.
+pub fn check_binary(path: &Path) -> Result<(), PagerError> {
+    let bad = |reason: String| PagerError::Binary { path: path.display().to_string(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(bad("not executable".into()));
+    }
+    Ok(())
+}
+
+/// The version label a pager binary reports (`<binary> --print-version`, first line).
+pub async fn probe_version(binary: &Path) -> Result<String, PagerError> {
+    let probe_err =
+        |reason: String| PagerError::Probe { binary: binary.display().to_string(), reason };
+    let output = Command::new(binary)
+        .arg("--print-version")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(10), output)
+        .await
+        .map_err(|_| probe_err("no answer within 10s".into()))?
+        .map_err(|e| probe_err(e.to_string()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(probe_err(format!("{}: {}", output.status, tail.join(" | "))));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let label = stdout.lines().next().unwrap_or("").trim().to_string();
+    crate::session_id::validate(&label)
+        .map_err(|e| probe_err(format!("printed {label:?}, not a usable version label: {e}")))?;
+    Ok(label)
+}
+
+/// A running (or exited) pager child.
+#[derive(Debug)]
+pub struct PagerProcess {
+    pub version: String,
+    pub pid: u32,
+    pub paths: PagerPaths,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    channel: Channel,
+    last_words: LastWords,
+    exit: watch::Receiver<Option<Exit>>,
+    reaped: Arc<AtomicBool>,
+}
+
+impl PagerProcess {
+    /// Starts `binary` as pager `version` and waits until its health check says SERVING.
+    /// On failure the child is killed and reaped, and the error carries its last words.
+    pub async fn start(
+        version: &str,
+        binary: &Path,
+        paths: PagerPaths,
+        ready_timeout: Duration,
+    ) -> Result<Arc<Self>, PagerError> {
+        let prepare = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| PagerError::Prepare { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&paths.dir)
+            .map_err(prepare(&paths.dir))?;
+        // A stale socket would answer the health check for a process that is not this one.
+        for p in [&paths.grpc_socket, &paths.handoff_socket] {
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(prepare(p)(e)),
+                _ => {}
+            }
+        }
+        let mut child = Command::new(binary)
+            .arg("--grpc-socket")
+            .arg(&paths.grpc_socket)
+            .arg("--handoff-socket")
+            .arg(&paths.handoff_socket)
+            .arg("--version-label")
+            .arg(version)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| PagerError::Spawn { binary: binary.display().to_string(), source })?;
+        let pid = child.id().unwrap_or(0);
+        info!(version = %version, pid, binary = %binary.display(), "pager started");
+
+        let last_words = LastWords::default();
+        let stderr_task = child.stderr.take().map(|stderr| {
+            tokio::spawn(forward_stderr(stderr, version.to_string(), pid, last_words.clone()))
+        });
+        let (exit_tx, exit) = watch::channel(None);
+        let reaped = Arc::new(AtomicBool::new(false));
+        {
+            let (last_words, reaped) = (last_words.clone(), reaped.clone());
+            tokio::spawn(async move {
+                let status = child.wait().await;
+                reaped.store(true, Ordering::SeqCst);
+                if let Some(task) = stderr_task {
+                    // Its last lines, unless a grandchild keeps the pipe open.
+                    let _ = tokio::time::timeout(CALL_TIMEOUT, task).await;
+                }
+                let status = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("waiting for it failed: {e}"),
+                };
+                let last_words = last_words.get();
+                let _ = exit_tx.send(Some(Exit { status, last_words }));
+            });
+        }
+
+        let process = Arc::new(Self {
+            version: version.to_string(),
+            pid,
+            channel: uffdpager::grpc::uds_channel(&paths.grpc_socket),
+            paths,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            last_words,
+            exit,
+            reaped,
+        });
+        if let Err(e) = std::fs::write(&process.paths.pid_file, format!("{pid}\n")) {
+            warn!(
+                version = %version,
+                pid,
+                path = %process.paths.pid_file.display(),
+                error = %e,
+                "cannot write the pid file",
+            );
+        }
+        if let Err(e) = process.wait_ready(ready_timeout).await {
+            process.kill().await;
+            process.paths.remove_files();
+            return Err(e);
+        }
+        info!(version = %version, pid, "pager is ready");
+        Ok(process)
+    }
+
+    /// A client of the pager's gRPC API.
+    pub fn client(&self) -> PagerClient<Channel> {
+        PagerClient::new(self.channel.clone())
+    }
+
+    /// How it exited, if it did.
+    pub fn exit(&self) -> Option<Exit> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits until it has exited (and been reaped).
+    pub async fn wait_exit(&self) -> Exit {
+        let mut rx = self.exit.clone();
+        let exit = rx.wait_for(Option::is_some).await.ok().and_then(|e| e.clone());
+        exit.unwrap_or_else(|| self.unknown_exit())
+    }
+
+    fn unknown_exit(&self) -> Exit {
+        Exit { status: "unknown exit (its waiter stopped)".into(), last_words: self.last_words() }
+    }
+
+    /// Its last lines on stderr.
+    pub fn last_words(&self) -> Vec<String> {
+        self.last_words.get()
+    }
+
+    async fn wait_ready(&self, timeout: Duration) -> Result<(), PagerError> {
+        let deadline = Instant::now() + timeout;
+        let mut exit = self.exit.clone();
+        loop {
+            if let Some(exit) = self.exit() {
+                return Err(PagerError::Exited { version: self.version.clone(), exit });
+            }
+            // A fresh channel per attempt: the socket appears only once the pager has bound it.
+            let mut health =
+                HealthClient::new(uffdpager::grpc::uds_channel(&self.paths.grpc_socket));
+            let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
+            req.set_timeout(CALL_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())));
+            let last = match health.check(req).await {
+                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                Ok(r) => format!("health status {:?}", r.get_ref().status()),
+                Err(s) => s.message().to_string(),
+            };
+            if Instant::now() >= deadline {
+                let words = self.last_words();
+                let words = if words.is_empty() {
+                    String::new()
+                } else {
+                    format!("; its last words: {}", words.join(" | "))
+                };
+                return Err(PagerError::NotReady {
+                    version: self.version.clone(),
+                    timeout,
+                    last,
+                    words,
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(READY_POLL) => {}
+                _ = exit.changed() => {}
+            }
+        }
+    }
+
+    /// Asks the pager to exit (Pager/Shutdown), then SIGTERM after `grace`, then SIGKILL after
+    /// `grace` again; waits until it is reaped. A pager that refuses because it still serves
+    /// sessions is left running: the refusal comes back as `Err` with its reason.
+    pub async fn stop(&self, grace: Duration) -> Result<Exit, String> {
+        if let Some(exit) = self.exit() {
+            return Ok(exit);
+        }
+        let mut req = tonic::Request::new(ShutdownRequest { force: false });
+        req.set_timeout(CALL_TIMEOUT);
+        match self.client().shutdown(req).await {
+            Ok(r) if r.get_ref().sessions_left > 0 => {
+                return Err(format!("it still serves {} sessions", r.get_ref().sessions_left));
+            }
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Err(s.message().to_string());
+            }
+            Err(s) => {
+                warn!(
+                    version = %self.version,
+                    pid = self.pid,
+                    error = %s.message(),
+                    "Shutdown call failed; signalling the pager instead",
+                );
+            }
+        }
+        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+            if let Ok(exit) = tokio::time::timeout(grace, self.wait_exit()).await {
+                return Ok(exit);
+            }
+            warn!(
+                version = %self.version,
+                pid = self.pid,
+                %signal,
+                "pager still running; signalling it",
+            );
+            self.signal(signal);
+        }
+        Ok(self.wait_exit().await)
+    }
+
+    /// SIGKILL, then wait until reaped.
+    pub async fn kill(&self) -> Exit {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit().await
+    }
+
+    fn signal(&self, signal: Signal) {
+        // Once reaped, the pid may belong to another process: never signal it then.
+        if self.reaped.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(pid) = i32::try_from(self.pid) else { return };
+        if pid <= 0 {
+            return;
+        }
+        if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+            debug!(version = %self.version, pid, %signal, error = %e, "signal not delivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_reads_with_its_last_words() {
+        let e = Exit { status: "exit status: 3".into(), last_words: vec!["a".into(), "b".into()] };
+        assert_eq!(e.to_string(), "exit status: 3; its last words: a | b");
+        let quiet = Exit { status: "signal: 9 (SIGKILL)".into(), last_words: vec![] };
+        assert_eq!(quiet.to_string(), "signal: 9 (SIGKILL)");
+    }
+
+    #[test]
+    fn a_binary_must_exist_and_be_executable() {
+        let err = check_binary(Path::new("/nonexistent/uffd-pager")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/uffd-pager"), "{err}");
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pager");
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        assert!(check_binary(&p).unwrap_err().to_string().contains("not executable"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_binary(&p).is_ok());
+        assert!(check_binary(d.path()).unwrap_err().to_string().contains("not a regular file"));
+    }
+
+    #[tokio::test]
+    async fn a_version_label_is_what_the_binary_prints() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pager");
+        std::fs::write(&p, "#!/bin/sh\necho 1.2.3-test\necho ignored\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(probe_version(&p).await.unwrap(), "1.2.3-test");
+        std::fs::write(&p, "#!/bin/sh\necho 'no such flag' >&2\nexit 2\n").unwrap();
+        let err = probe_version(&p).await.unwrap_err().to_string();
+        assert!(err.contains("no such flag") && err.contains("exit status: 2"), "{err}");
+        std::fs::write(&p, "#!/bin/sh\necho '../evil'\n").unwrap();
+        assert!(probe_version(&p).await.unwrap_err().to_string().contains("not a usable"));
+    }
+
+    #[tokio::test]
+    async fn a_child_that_dies_at_once_is_reported_with_its_last_words() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pager");
+        std::fs::write(&p, "#!/bin/sh\necho 'cannot bind socket' >&2\nexit 7\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let paths = PagerPaths::new(d.path(), "v1");
+        let err = PagerProcess::start("v1", &p, paths, Duration::from_secs(5)).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exited before it was ready"), "{text}");
+        assert!(text.contains("exit status: 7") && text.contains("cannot bind socket"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_never_gets_healthy_is_killed_after_the_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pager");
+        std::fs::write(&p, "#!/bin/sh\necho 'starting slowly' >&2\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let paths = PagerPaths::new(d.path(), "v1");
+        let err = PagerProcess::start("v1", &p, paths.clone(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("was not healthy within"), "{text}");
+        assert!(text.contains("starting slowly"), "{text}");
+        assert!(!paths.pid_file.exists());
+    }
+}

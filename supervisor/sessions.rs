@@ -1,0 +1,315 @@
+//! A session's life on the supervisor's side: created PENDING with its VMM socket, connected by
+//! the VMM's handshake, handed to the active pager (SERVING), looked up, and deleted.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::UnixStream;
+use tracing::{info, instrument, warn};
+use uffdpager::api::{
+    CreateSessionRequest, GetSessionRequest, ListSessionsResponse, Region, Session, SessionState,
+};
+use uffdpager::firecracker::Handshake;
+use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+
+use crate::core::{Core, Held};
+use crate::inventory::{is_live, is_terminal, state_of, InsertError};
+use crate::status::ServiceError;
+use crate::{memory_file, session_id, session_socket};
+
+/// The API's spelling of a session state, for messages.
+pub fn state_name(state: SessionState) -> &'static str {
+    match state {
+        SessionState::Unspecified => "UNSPECIFIED",
+        SessionState::Pending => "PENDING",
+        SessionState::Serving => "SERVING",
+        SessionState::Completing => "COMPLETING",
+        SessionState::Graduated => "GRADUATED",
+        SessionState::Ended => "ENDED",
+        SessionState::Failed => "FAILED",
+    }
+}
+
+impl Core {
+    /// CreateSession: validates the id and the memory file, binds the VMM socket, and starts
+    /// waiting for the VMM.
+    pub async fn create_session(
+        self: &Arc<Self>,
+        req: CreateSessionRequest,
+    ) -> Result<Session, ServiceError> {
+        if self.is_closing() {
+            return Err(ServiceError::ShuttingDown);
+        }
+        self.versions.check_can_serve()?;
+        let generated = req.session_id.is_empty();
+        let mut id = if generated { session_id::generate_session_id() } else { req.session_id };
+        session_id::validate(&id)
+            .map_err(|source| ServiceError::InvalidSessionId { id: id.clone(), source })?;
+        if self.inventory.get(&id).is_some() {
+            return Err(ServiceError::SessionExists(id)); // checked again under the lock below
+        }
+        let path = req.memory_file.clone();
+        let memory = tokio::task::spawn_blocking(move || memory_file::open(&path))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("opening the memory file: {e}")))??;
+
+        let mut held = self.held();
+        let mut attempts = 0;
+        let (session, listener, socket_path) = loop {
+            let socket_path = session_socket::socket_path(&self.config.sessions_dir, &id)?;
+            let mut listener = None;
+            let inserted = self.inventory.insert_with(&id, || {
+                let l = session_socket::bind(&socket_path).map_err(|source| ServiceError::Io {
+                    what: format!("binding the session socket {}", socket_path.display()),
+                    source,
+                })?;
+                listener = Some(l);
+                Ok(Session {
+                    state: SessionState::Pending as i32,
+                    memory_file: memory.path.clone(),
+                    socket_path: socket_path.display().to_string(),
+                    created_at: Some(uffdpager::grpc::timestamp(SystemTime::now())),
+                    labels: req.labels.clone(),
+                    ..Default::default()
+                })
+            });
+            match (inserted, listener) {
+                (Ok(session), Some(l)) => break (session, l, socket_path),
+                (Err(InsertError::Exists), _) if generated && attempts < 8 => {
+                    attempts += 1;
+                    id = session_id::generate_session_id();
+                }
+                (Err(InsertError::Exists), _) => return Err(ServiceError::SessionExists(id)),
+                (Err(InsertError::Make(e)), _) => return Err(e),
+                (Ok(_), None) => return Err(ServiceError::Internal("socket not bound".into())),
+            }
+        };
+
+        let core = self.clone();
+        let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
+        let accept =
+            tokio::spawn(session_socket::accept_one(listener, id.clone(), move |stream| {
+                let setup = tokio::spawn(core.clone().connect_session(
+                    sid.clone(),
+                    stream,
+                    setup_file,
+                    file_len,
+                ));
+                if let Some(h) = core.held().get_mut(&sid) {
+                    h.setup = Some(setup.abort_handle());
+                }
+            }));
+        held.insert(
+            id.clone(),
+            Held {
+                socket_path,
+                socket_open: true,
+                fds: None,
+                accept: Some(accept.abort_handle()),
+                setup: None,
+            },
+        );
+        drop(held);
+        info!(
+            session = %id,
+            memory_file = %session.memory_file,
+            socket = %session.socket_path,
+            "session created; waiting for the VMM",
+        );
+        Ok(session)
+    }
+
+    /// The first VMM connection: handshake, then handoff to the active pager.
+    #[instrument(skip_all, fields(session = %id))]
+    async fn connect_session(
+        self: Arc<Self>,
+        id: String,
+        stream: UnixStream,
+        memory_file: std::fs::File,
+        file_len: u64,
+    ) {
+        let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+        info!(vmm_pid = peer_pid.unwrap_or(0), "VMM connected; reading its handshake");
+        let (hs, vmm) = match session_socket::handshake(
+            stream,
+            file_len,
+            self.config.handshake_timeout,
+        )
+        .await
+        {
+            Ok(ok) => ok,
+            Err(e) => {
+                warn!(error = %e, "handshake refused; the session FAILED");
+                self.fail_session(&id, e.to_string(), false);
+                return;
+            }
+        };
+        let connected_at_ms = uffdpager::grpc::now_ms();
+        // From here the session cannot be deleted until the pager has answered.
+        let claimed = self.inventory.modify(&id, |r| {
+            let pending = r.state() == SessionState::Pending;
+            r.handing_off = pending;
+            pending
+        });
+        if !matches!(claimed, Some((true, _))) {
+            return; // deleted meanwhile: dropping the fds closes the VMM's connection
+        }
+        // Held until the outcome is recorded, so that the version is not stopped meanwhile.
+        let reservation = match self.versions.begin_handoff(self.config.handoff_wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "no pager to hand the session to; the session FAILED");
+                self.fail_session(&id, format!("handing the session to a pager: {e}"), false);
+                return;
+            }
+        };
+        let regions = hs.regions.clone();
+        let request = HandoffRequest {
+            session_id: id.clone(),
+            memory_file: self.inventory.get(&id).map(|s| s.memory_file).unwrap_or_default(),
+            regions: regions.clone(),
+            vmm_pid: hs.vmm_pid,
+            connected_at_ms,
+            adopt: false,
+            removed: vec![],
+        };
+        let vmm_pid = hs.vmm_pid;
+        let fds = session_fds(hs, memory_file, vmm);
+        let version = reservation.version.clone();
+        let socket = reservation.process.paths.handoff_socket.clone();
+        let timeout = self.config.handoff_timeout;
+        let sent = tokio::task::spawn_blocking(move || {
+            let r = handoff::send_session(&socket, &request, &fds, timeout);
+            (fds, r)
+        })
+        .await;
+        let (fds, result) = match sent {
+            Ok(v) => v,
+            Err(e) => {
+                self.fail_session(&id, format!("the handoff task failed: {e}"), false);
+                return;
+            }
+        };
+        if let Err(e) = result {
+            warn!(version = %version, error = %e, "handoff failed; the session FAILED");
+            self.fail_session(
+                &id,
+                format!("handing the session to pager version {version}: {e}"),
+                false,
+            );
+            return;
+        }
+        let total_bytes = regions.iter().map(|r| r.size).sum();
+        self.inventory.modify(&id, |r| {
+            r.handing_off = false;
+            r.serving_since = Some(tokio::time::Instant::now());
+            let s = &mut r.session;
+            s.state = SessionState::Serving as i32;
+            s.pager_version = version.clone();
+            s.connected_at = Some(uffdpager::grpc::timestamp_ms(connected_at_ms));
+            s.vmm_pid = vmm_pid;
+            s.total_bytes = total_bytes;
+            // In memory-file order, the order Firecracker lists guest memory in (the handshake's
+            // validation sorted them by host address).
+            let mut shown: Vec<Region> = regions.iter().map(to_proto_region).collect();
+            shown.sort_by_key(|r| r.offset);
+            s.regions = shown;
+        });
+        if let Some(h) = self.held().get_mut(&id) {
+            h.fds = Some(fds);
+            h.setup = None;
+        }
+        drop(reservation);
+        info!(version = %version, vmm_pid, total_bytes, regions = regions.len(), "session SERVING");
+    }
+
+    /// GetSession: the record, with live figures from the owning pager when it serves it.
+    pub async fn get_session(&self, req: GetSessionRequest) -> Result<Session, ServiceError> {
+        let id = req.session_id;
+        let record =
+            self.inventory.record(&id).ok_or_else(|| ServiceError::SessionNotFound(id.clone()))?;
+        if !is_live(record.state()) {
+            return Ok(record.session);
+        }
+        let version = record.session.pager_version.clone();
+        let Ok(process) = self.versions.owner(&version) else { return Ok(record.session) };
+        let mut call = tonic::Request::new(GetSessionRequest { session_id: id.clone() });
+        call.set_timeout(self.config.pager_call_timeout);
+        match process.client().get_session(call).await {
+            Ok(live) => Ok(self.apply_live(&version, &live.into_inner()).unwrap_or(record.session)),
+            Err(s) => {
+                warn!(
+                    session = %id,
+                    version = %version,
+                    error = %s.message(),
+                    "the pager did not answer GetSession; showing the last known figures",
+                );
+                Ok(record.session)
+            }
+        }
+    }
+
+    /// ListSessions.
+    pub fn list_sessions(&self) -> ListSessionsResponse {
+        let (sessions, active_version) = self.inventory.list();
+        ListSessionsResponse { sessions, active_version }
+    }
+
+    /// DeleteSession: cancels a PENDING session, forgets a finished one; refuses a live one.
+    pub async fn delete_session(&self, id: String) -> Result<Session, ServiceError> {
+        let removed = {
+            let mut held = self.held();
+            let removed = self.inventory.remove_if(&id, |r| match r.state() {
+                s @ (SessionState::Serving | SessionState::Completing) => {
+                    Err(ServiceError::WrongState {
+                        id: id.clone(),
+                        state: state_name(s),
+                        hint:
+                            "graduate it first (CompleteSession); deleting it would freeze its VM",
+                    })
+                }
+                SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.clone())),
+                _ => Ok(()),
+            });
+            let session = removed.ok_or_else(|| ServiceError::SessionNotFound(id.clone()))??;
+            (session, held.remove(&id))
+        };
+        let (session, held) = removed;
+        if let Some(mut h) = held {
+            if let Some(setup) = h.setup.take() {
+                setup.abort();
+            }
+            if let Some(accept) = h.accept.take() {
+                accept.abort();
+            }
+            if h.socket_open {
+                let _ = std::fs::remove_file(&h.socket_path);
+            }
+        }
+        let state = state_of(&session);
+        if is_terminal(state) && !session.pager_version.is_empty() {
+            self.end_session(&session.pager_version, &id).await;
+        }
+        info!(session = %id, state = state_name(state), "session deleted");
+        Ok(session)
+    }
+}
+
+/// The descriptors handed to the pager; the supervisor keeps them as its own copies afterwards.
+fn session_fds(hs: Handshake, memory_file: std::fs::File, vmm: StdUnixStream) -> SessionFds {
+    SessionFds {
+        uffd: hs.uffd,
+        memory_file: OwnedFd::from(memory_file),
+        vmm_stream: OwnedFd::from(vmm),
+    }
+}
+
+pub fn to_proto_region(r: &uffdpager::firecracker::Region) -> Region {
+    Region { base_host_virt_addr: r.base, size: r.size, offset: r.offset, page_size: r.page_size }
+}
+
+#[cfg(test)]
+#[path = "sessions_tests.rs"]
+mod tests;

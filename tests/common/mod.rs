@@ -1,0 +1,152 @@
+//! What the end-to-end tests share: a supervisor in a temporary runtime directory, memory files,
+//! simulated VMs in child processes, and waiting on session states (never on fixed sleeps).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use uffdpager::api::supervisor_client::SupervisorClient;
+use uffdpager::api::{CreateSessionRequest, GetSessionRequest, Session, SessionState};
+use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
+use uffdpager::vmsim::memfile::{write_memory_file, MemoryFileSpec};
+
+pub const STEP: Duration = Duration::from_secs(60);
+pub const MIB: u64 = 1 << 20;
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub sup: Option<SupervisorProcess>,
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        Self::start_with(SupervisorOptions::default()).await
+    }
+
+    pub async fn start_with(mut opts: SupervisorOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
+        opts.show_logs = true;
+        let sup = SupervisorProcess::start(
+            Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+            &dir.path().join("run"),
+            &opts,
+        )
+        .await
+        .expect("supervisor starts");
+        Self { dir, sup: Some(sup) }
+    }
+
+    pub fn sup(&self) -> &SupervisorProcess {
+        self.sup.as_ref().expect("supervisor running")
+    }
+
+    pub fn client(&self) -> SupervisorClient<Channel> {
+        self.sup().client()
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// A memory file in the test's directory.
+    pub fn memfile(&self, name: &str, size: u64, zero: f64, holes: f64) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let spec =
+            MemoryFileSpec { size, seed: size ^ 0x5eed, zero_fraction: zero, hole_fraction: holes };
+        write_memory_file(&path, &spec).expect("memory file written");
+        path
+    }
+
+    pub async fn create(&self, id: &str, memfile: &Path) -> Session {
+        self.client()
+            .create_session(CreateSessionRequest {
+                session_id: id.into(),
+                memory_file: memfile.display().to_string(),
+                labels: Default::default(),
+            })
+            .await
+            .expect("CreateSession")
+            .into_inner()
+    }
+
+    /// Creates a session and restores a simulated VM through it (regions as `uffd-vmsim
+    /// --region` arguments; none: one region covering the file).
+    pub async fn restore(&self, id: &str, memfile: &Path, regions: &[&str]) -> VmProcess {
+        let s = self.create(id, memfile).await;
+        let socket = PathBuf::from(s.socket_path);
+        let memfile = memfile.to_path_buf();
+        let regions: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
+        let vm = tokio::task::spawn_blocking(move || {
+            let r: Vec<&str> = regions.iter().map(String::as_str).collect();
+            VmProcess::restore(
+                Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
+                &socket,
+                &memfile,
+                &r,
+                STEP,
+            )
+        })
+        .await
+        .unwrap()
+        .expect("VM restores");
+        self.wait_state(id, SessionState::Serving).await;
+        vm
+    }
+
+    pub async fn get(&self, id: &str) -> Session {
+        self.client()
+            .get_session(GetSessionRequest { session_id: id.into() })
+            .await
+            .expect("GetSession")
+            .into_inner()
+    }
+
+    /// Waits (at most a minute) until the session is in `state`.
+    pub async fn wait_state(&self, id: &str, state: SessionState) -> Session {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let s = self.get(id).await;
+            if s.state() == state {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "session {id} never reached {state:?}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pid of the one pager child.
+    pub fn pager_pid(&self) -> i32 {
+        let pids = uffdpager::harness::pager_pids(&self.run_dir());
+        assert_eq!(pids.len(), 1, "one pager expected: {pids:?}");
+        pids[0]
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(sup) = self.sup.take() {
+            // Kill the supervisor and its pagers: a test leaves no process behind.
+            let dir = sup.runtime_dir.clone();
+            drop(sup);
+            for pid in uffdpager::harness::pager_pids(&dir) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Number of open fds of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Runs a blocking VM command off the async runtime.
+pub async fn vm_cmd(vm: &mut VmProcess, cmd: &str) -> serde_json::Value {
+    tokio::task::block_in_place(|| vm.verified(cmd, STEP)).unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
