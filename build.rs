@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
     protos.sort();
+    println!("cargo:rerun-if-changed={}", dir.display());
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

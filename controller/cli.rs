@@ -1,0 +1,171 @@
+//! Command line of `uffd-controller`: a config file and one flag per setting, each overriding the
+//! file. The values are checked in one place, [`crate::config::Settings::resolve`], whether they
+//! come from the file or from here.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::Settings;
+
+/// Graduates Firecracker VMs off their uffd pagers: watches supervisors' session inventories and
+/// calls CompleteSession on soaked sessions, outdated pager versions first, oldest first.
+#[derive(Debug, Parser)]
+#[command(name = "uffd-controller", version)]
+pub struct Cli {
+    /// TOML configuration file (see controller/controller.example.toml); flags override it.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Graduate sessions: `--enabled`, `--enabled=false` [default: false: a strict no-op].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub enabled: Option<bool>,
+
+    /// Run the loop but record what would graduate instead of calling CompleteSession.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub dry_run: Option<bool>,
+
+    /// Soak before graduation, from the session's connected_at [default: 10m].
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub min_session_age: Option<String>,
+
+    /// CompleteSession calls in flight at once, across all supervisors [default: 1].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub max_concurrent: Option<i64>,
+
+    /// 0: every soaked session graduates; N: bring each supervisor's serving count down to N
+    /// [default: 0].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub max_active_sessions: Option<i64>,
+
+    /// How often the plan is recomputed [default: 1m].
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub scan_interval: Option<String>,
+
+    /// Deadline of one CompleteSession [default: 10m].
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub completion_timeout: Option<String>,
+
+    /// Least wait before retrying a session whose graduation failed [default: 5m].
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    pub failure_backoff: Option<String>,
+
+    /// Supervisor endpoints, `unix:/path` or `http://host:port`; repeat the flag or separate
+    /// with commas. Replaces the file's list.
+    #[arg(long, alias = "supervisor", value_name = "ENDPOINT", value_delimiter = ',')]
+    pub supervisors: Vec<String>,
+
+    /// The Controller API's Unix socket, `unix:/path` [default: unix:/run/uffd-pager/controller.sock].
+    #[arg(long, value_name = "unix:PATH")]
+    pub listen: Option<String>,
+
+    /// Also serve the Controller API on this TCP address (IP:PORT).
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen_tcp: Option<String>,
+
+    /// Graduation outcomes kept for GetStatus [default: 100].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub outcome_history: Option<i64>,
+
+    /// Log line format on stderr (filter with RUST_LOG; default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Cli {
+    /// The settings given as flags (to lay over the file's).
+    pub fn settings(&self) -> Settings {
+        Settings {
+            enabled: self.enabled,
+            dry_run: self.dry_run,
+            min_session_age: self.min_session_age.clone(),
+            max_concurrent: self.max_concurrent,
+            max_active_sessions: self.max_active_sessions,
+            scan_interval: self.scan_interval.clone(),
+            completion_timeout: self.completion_timeout.clone(),
+            failure_backoff: self.failure_backoff.clone(),
+            supervisors: (!self.supervisors.is_empty()).then(|| self.supervisors.clone()),
+            listen: self.listen.clone(),
+            listen_tcp: self.listen_tcp.clone(),
+            outcome_history: self.outcome_history,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("uffd-controller").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn no_flags_set_nothing() {
+        let c = cli(&[]);
+        assert_eq!(c.settings(), Settings::default());
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(c.config.is_none());
+    }
+
+    #[test]
+    fn every_setting_has_a_flag() {
+        let c = cli(&[
+            "--enabled",
+            "--dry-run",
+            "--min-session-age",
+            "1s",
+            "--max-concurrent",
+            "2",
+            "--max-active-sessions",
+            "3",
+            "--scan-interval",
+            "200ms",
+            "--completion-timeout",
+            "30s",
+            "--failure-backoff",
+            "2s",
+            "--supervisors",
+            "unix:/a,unix:/b",
+            "--supervisor",
+            "http://127.0.0.1:1",
+            "--listen",
+            "unix:/tmp/c.sock",
+            "--listen-tcp",
+            "127.0.0.1:7101",
+            "--outcome-history",
+            "5",
+        ]);
+        let s = c.settings();
+        assert_eq!((s.enabled, s.dry_run), (Some(true), Some(true)));
+        assert_eq!(s.min_session_age.as_deref(), Some("1s"));
+        assert_eq!((s.max_concurrent, s.max_active_sessions), (Some(2), Some(3)));
+        assert_eq!(s.supervisors.unwrap(), ["unix:/a", "unix:/b", "http://127.0.0.1:1"]);
+        let config = cli(&["--enabled", "--supervisors", "unix:/a"]).settings().resolve().unwrap();
+        assert!(config.enabled);
+    }
+
+    #[test]
+    fn booleans_can_be_turned_off_explicitly() {
+        assert_eq!(cli(&["--enabled=false"]).enabled, Some(false));
+        assert_eq!(cli(&["--dry-run=false"]).dry_run, Some(false));
+        assert!(Cli::try_parse_from(["uffd-controller", "--enabled=maybe"]).is_err());
+    }
+
+    #[test]
+    fn negative_values_reach_validation_and_are_refused_there() {
+        let e = cli(&["--max-concurrent", "-1"]).settings().resolve().unwrap_err().to_string();
+        assert!(e.contains("`max_concurrent`"), "{e}");
+        let e = cli(&["--failure-backoff", "-5m"]).settings().resolve().unwrap_err().to_string();
+        assert!(e.contains("`failure_backoff`") && e.contains("negative"), "{e}");
+    }
+}

@@ -1,0 +1,287 @@
+//! The controller's configuration: settings as an operator writes them (a TOML file, then flags
+//! over it), the design's defaults, and the one place where they are checked.
+//!
+//! Every setting is optional where it is written ([`Settings`]); [`Settings::resolve`] fills in
+//! the defaults of DESIGN.md's "Controller policy" and refuses what makes no sense with an error
+//! that names the setting. Integers are read signed and durations as text so that `-1` or `-5m`
+//! is reported as negative instead of failing somewhere less clear.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the Controller API listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "unix:/run/uffd-pager/controller.sock";
+/// Outcomes kept for GetStatus unless told otherwise.
+pub const DEFAULT_OUTCOME_HISTORY: usize = 100;
+/// Longest duration any setting accepts (keeps every time sum far from overflow).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Most outcomes GetStatus can keep.
+const MAX_OUTCOME_HISTORY: i64 = 100_000;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing the config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting, reason: reason.into() }
+}
+
+/// The graduation policy (DESIGN.md, "Controller policy").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Soak: least age (from the session's `connected_at`) before a session may graduate.
+    pub min_session_age: Duration,
+    /// CompleteSession calls in flight at once, across every supervisor (at least 1).
+    pub max_concurrent: u32,
+    /// 0: every soaked session graduates; N: only enough to bring the serving count down to N.
+    pub max_active_sessions: u32,
+    /// How often the plan is recomputed (stream events also trigger a scan).
+    pub scan_interval: Duration,
+    /// Deadline of one CompleteSession call.
+    pub completion_timeout: Duration,
+    /// Least time between a failed graduation of a session and the next attempt.
+    pub failure_backoff: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            min_session_age: Duration::from_secs(600),
+            max_concurrent: 1,
+            max_active_sessions: 0,
+            scan_interval: Duration::from_secs(60),
+            completion_timeout: Duration::from_secs(600),
+            failure_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Disabled (the default): watches nothing, graduates nothing.
+    pub enabled: bool,
+    /// Runs the loop but records instead of calling CompleteSession.
+    pub dry_run: bool,
+    pub policy: Policy,
+    /// Supervisor endpoints: `unix:/path` or `http://host:port`.
+    pub supervisors: Vec<String>,
+    /// The Controller API's Unix socket.
+    pub listen: PathBuf,
+    /// Also serve the Controller API on this TCP address.
+    pub listen_tcp: Option<SocketAddr>,
+    /// Outcomes kept for GetStatus.
+    pub outcome_history: usize,
+}
+
+/// Settings as written (file or flags): all optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub enabled: Option<bool>,
+    pub dry_run: Option<bool>,
+    pub min_session_age: Option<String>,
+    pub max_concurrent: Option<i64>,
+    pub max_active_sessions: Option<i64>,
+    pub scan_interval: Option<String>,
+    pub completion_timeout: Option<String>,
+    pub failure_backoff: Option<String>,
+    pub supervisors: Option<Vec<String>>,
+    pub listen: Option<String>,
+    pub listen_tcp: Option<String>,
+    pub outcome_history: Option<i64>,
+}
+
+impl Settings {
+    /// Parses a TOML document (`path` only names it in errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// These settings, with every one that `over` sets replaced by its value (a list replaces
+    /// the whole list).
+    pub fn overlay(self, over: Settings) -> Settings {
+        Settings {
+            enabled: over.enabled.or(self.enabled),
+            dry_run: over.dry_run.or(self.dry_run),
+            min_session_age: over.min_session_age.or(self.min_session_age),
+            max_concurrent: over.max_concurrent.or(self.max_concurrent),
+            max_active_sessions: over.max_active_sessions.or(self.max_active_sessions),
+            scan_interval: over.scan_interval.or(self.scan_interval),
+            completion_timeout: over.completion_timeout.or(self.completion_timeout),
+            failure_backoff: over.failure_backoff.or(self.failure_backoff),
+            supervisors: over.supervisors.or(self.supervisors),
+            listen: over.listen.or(self.listen),
+            listen_tcp: over.listen_tcp.or(self.listen_tcp),
+            outcome_history: over.outcome_history.or(self.outcome_history),
+        }
+    }
+
+    /// Fills in the defaults and checks every setting.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let d = Policy::default();
+        let policy = Policy {
+            min_session_age: duration(
+                "min_session_age",
+                self.min_session_age,
+                d.min_session_age,
+                true,
+            )?,
+            max_concurrent: count("max_concurrent", self.max_concurrent, d.max_concurrent, 1)?,
+            max_active_sessions: count(
+                "max_active_sessions",
+                self.max_active_sessions,
+                d.max_active_sessions,
+                0,
+            )?,
+            scan_interval: duration("scan_interval", self.scan_interval, d.scan_interval, false)?,
+            completion_timeout: duration(
+                "completion_timeout",
+                self.completion_timeout,
+                d.completion_timeout,
+                false,
+            )?,
+            failure_backoff: duration(
+                "failure_backoff",
+                self.failure_backoff,
+                d.failure_backoff,
+                false,
+            )?,
+        };
+        let enabled = self.enabled.unwrap_or(false);
+        let supervisors = self.supervisors.unwrap_or_default();
+        let mut seen = BTreeSet::new();
+        for s in &supervisors {
+            check_endpoint(s).map_err(|reason| invalid("supervisors", reason))?;
+            if !seen.insert(s.as_str()) {
+                return Err(invalid("supervisors", format!("{s:?} is listed twice")));
+            }
+        }
+        if enabled && supervisors.is_empty() {
+            return Err(invalid(
+                "supervisors",
+                "the controller is enabled but watches no supervisor: give at least one endpoint \
+                 (`unix:/path` or `http://host:port`)",
+            ));
+        }
+        let listen = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen = match listen.strip_prefix("unix:") {
+            Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
+            _ => {
+                return Err(invalid(
+                    "listen",
+                    format!("{listen:?} is not `unix:` and an absolute path"),
+                ))
+            }
+        };
+        let listen_tcp = self
+            .listen_tcp
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid("listen_tcp", format!("{a:?} is not IP:PORT: {e}")))
+            })
+            .transpose()?;
+        let history = self.outcome_history.unwrap_or(DEFAULT_OUTCOME_HISTORY as i64);
+        if !(1..=MAX_OUTCOME_HISTORY).contains(&history) {
+            return Err(invalid(
+                "outcome_history",
+                format!("must be between 1 and {MAX_OUTCOME_HISTORY} (got {history})"),
+            ));
+        }
+        Ok(Config {
+            enabled,
+            dry_run: self.dry_run.unwrap_or(false),
+            policy,
+            supervisors,
+            listen,
+            listen_tcp,
+            outcome_history: usize::try_from(history).unwrap_or(DEFAULT_OUTCOME_HISTORY),
+        })
+    }
+}
+
+/// Parses a duration as operators write them (`10m`, `90s`, `1h 30m`, `250ms`, `0`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t.starts_with('-') {
+        return Err(format!("{text:?} is negative"));
+    }
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let d = humantime::parse_duration(t)
+        .map_err(|e| format!("{text:?} is not a duration like \"10m\" or \"90s\": {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{text:?} is longer than 365 days"));
+    }
+    Ok(d)
+}
+
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: Duration,
+    zero_ok: bool,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = value else { return Ok(default) };
+    let d = parse_duration(&text).map_err(|reason| invalid(setting, reason))?;
+    if d.is_zero() && !zero_ok {
+        return Err(invalid(setting, format!("must be longer than zero (got {text:?})")));
+    }
+    Ok(d)
+}
+
+fn count(
+    setting: &'static str,
+    value: Option<i64>,
+    default: u32,
+    min: i64,
+) -> Result<u32, ConfigError> {
+    let Some(n) = value else { return Ok(default) };
+    if n < min {
+        return Err(invalid(setting, format!("must be at least {min} (got {n})")));
+    }
+    u32::try_from(n).map_err(|_| invalid(setting, format!("{n} is too large")))
+}
+
+/// Checks a supervisor endpoint: `unix:` and an absolute path, or `http://host[:port]`.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    if let Some(path) = endpoint.strip_prefix("unix:") {
+        if Path::new(path).is_absolute() {
+            return Ok(());
+        }
+        return Err(format!("{endpoint:?}: `unix:` must be followed by an absolute path"));
+    }
+    if endpoint.starts_with("https://") {
+        return Err(format!("{endpoint:?}: TLS is not supported; use http:// or unix:"));
+    }
+    let uri: tonic::transport::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("{endpoint:?} is not `unix:/path` or `http://host:port`: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http"), Some(a)) if !a.host().is_empty() => Ok(()),
+        _ => Err(format!("{endpoint:?} is not `unix:/path` or `http://host:port`")),
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;
