@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 use uffdpager::firecracker;
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::removed_log::RemovedLog;
 use userfaultfd::Uffd;
 
 use crate::registry::{Entry, SessionShared};
@@ -72,6 +73,10 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     let mappings: Vec<_> = request.regions.iter().map(|r| r.to_mapping()).collect();
     let regions = firecracker::validate(&mappings, file.mapped_len()).map_err(|e| e.to_string())?;
 
+    let removed_log = match &fds.removed_log {
+        Some(fd) => Some(RemovedLog::open(fd).map_err(|e| e.to_string())?),
+        None => None,
+    };
     // SAFETY: `fds.uffd` is an open userfaultfd (checked above) that we own; ownership moves into
     // the Uffd, which closes it on drop.
     let uffd = unsafe { Uffd::from_raw_fd(fds.uffd.into_raw_fd()) };
@@ -89,6 +94,7 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         fds.vmm_stream,
         file,
         &request.removed,
+        removed_log,
         Arc::clone(&pager.zero),
     );
     let token = pager.registry.next_token();

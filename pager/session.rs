@@ -18,6 +18,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
 use uffdpager::firecracker::Region;
 use uffdpager::pages::{PageBitmap, RangeSet};
+use uffdpager::removed_log::RemovedLog;
 use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
@@ -116,6 +117,8 @@ pub struct Session {
     faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
+    /// Where discarded ranges are recorded outside this process (see `uffdpager::removed_log`).
+    removed_log: Option<RemovedLog>,
 }
 
 impl std::fmt::Debug for Session {
@@ -136,6 +139,7 @@ impl Session {
         vmm_stream: OwnedFd,
         file: Arc<MappedFile>,
         removed: &[(u64, u64)],
+        removed_log: Option<RemovedLog>,
         zero: Arc<ZeroSource>,
     ) -> Self {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
@@ -150,10 +154,14 @@ impl Session {
             faults: 0,
             unexpected_events: 0,
             zero,
+            removed_log: None,
         };
-        for &(start, end) in removed {
+        // Ranges discarded while an earlier pager served the session stay discarded.
+        let logged = removed_log.as_ref().map(RemovedLog::ranges).unwrap_or_default();
+        for &(start, end) in removed.iter().chain(&logged) {
             s.apply_remove(start, end);
         }
+        s.removed_log = removed_log;
         s.publish();
         s
     }
@@ -197,9 +205,12 @@ impl Session {
             Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
                 self.pending.push_back(addr as u64);
             }
-            Ok(Event::Remove { start, end }) => self.apply_remove(start as u64, end as u64),
-            // The VMM unmapped guest memory: nothing there can fault again; treat it as discarded.
-            Ok(Event::Unmap { start, end }) => self.apply_remove(start as u64, end as u64),
+            // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
+            // first, then apply it, before any fault queued with it is served.
+            Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
+                self.log_remove(start as u64, end as u64);
+                self.apply_remove(start as u64, end as u64);
+            }
             Ok(other) => {
                 // Fork/remap and write-protect or minor faults are features Firecracker never
                 // enables; count them and say so, never drop them silently.
@@ -209,6 +220,15 @@ impl Session {
             Err(e) => {
                 self.unexpected_events += 1;
                 warn!(session = %self.shared.id, error = %e, "unreadable userfaultfd event");
+            }
+        }
+    }
+
+    fn log_remove(&mut self, start: u64, end: u64) {
+        if let Some(log) = &mut self.removed_log {
+            if let Err(e) = log.append(start, end) {
+                self.unexpected_events += 1;
+                warn!(session = %self.shared.id, error = %e, "recording a removed range failed");
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Supervisor → pager session handoff: file descriptors cannot travel over gRPC, so a session
 //! reaches its pager over a Unix `SOCK_SEQPACKET` socket, one connection per handoff:
 //!
-//! 1. the supervisor sends ONE message: a JSON [`HandoffRequest`] with three descriptors attached
-//!    (`SCM_RIGHTS`), in this order: the userfaultfd, the memory file (read-only), the VMM stream;
+//! 1. the supervisor sends ONE message: a JSON [`HandoffRequest`] with three or four descriptors
+//!    attached (`SCM_RIGHTS`), in this order: the userfaultfd, the memory file (read-only), the VMM
+//!    stream, and the session's removed-ranges log (`crate::removed_log`, a memfd), if any;
 //! 2. the pager answers ONE message: a JSON [`HandoffReply`], sent only once the session is being
 //!    served (or refused, with the reason).
 //!
@@ -57,6 +58,8 @@ pub struct SessionFds {
     pub uffd: OwnedFd,
     pub memory_file: OwnedFd,
     pub vmm_stream: OwnedFd,
+    /// The session's removed-ranges log (a memfd the supervisor keeps), if any.
+    pub removed_log: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +74,7 @@ pub enum HandoffError {
     Closed,
     #[error("handoff message is not valid: {0}")]
     Malformed(String),
-    #[error("handoff carried {0} descriptors; 3 are expected (uffd, memory file, VMM stream)")]
+    #[error("handoff carried {0} descriptors; 3 or 4 are expected (uffd, memory file, VMM stream, removed log)")]
     WrongFdCount(usize),
     #[error("the pager refused the session: {0}")]
     Refused(String),
@@ -96,12 +99,9 @@ pub fn send_session(
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let bytes = serde_json::to_vec(request).expect("handoff request serialises");
-    scm::send_with_fds(
-        stream.as_fd(),
-        &bytes,
-        &[fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()],
-    )
-    .map_err(HandoffError::Send)?;
+    let mut attached = vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
+    attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
+    scm::send_with_fds(stream.as_fd(), &bytes, &attached).map_err(HandoffError::Send)?;
     let reply =
         scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
     if reply.bytes.is_empty() {
@@ -129,9 +129,11 @@ pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds)
         serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
     let n = msg.fds.len();
     let mut fds = msg.fds.into_iter();
-    match (fds.next(), fds.next(), fds.next(), fds.next()) {
-        (Some(uffd), Some(memory_file), Some(vmm_stream), None) if !msg.fds_truncated => {
-            Ok((request, SessionFds { uffd, memory_file, vmm_stream }))
+    match (fds.next(), fds.next(), fds.next(), fds.next(), fds.next()) {
+        (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None)
+            if !msg.fds_truncated =>
+        {
+            Ok((request, SessionFds { uffd, memory_file, vmm_stream, removed_log }))
         }
         _ => Err(HandoffError::WrongFdCount(n)),
     }
@@ -185,7 +187,7 @@ mod tests {
 
     fn fds() -> SessionFds {
         let f = || OwnedFd::from(tempfile::tempfile().unwrap());
-        SessionFds { uffd: f(), memory_file: f(), vmm_stream: f() }
+        SessionFds { uffd: f(), memory_file: f(), vmm_stream: f(), removed_log: Some(f()) }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod handoff;
 pub mod harness;
 pub mod pages;
+pub mod removed_log;
 pub mod scm;
 pub mod uffd_ops;
 pub mod vmsim;

@@ -298,11 +298,21 @@ impl Core {
 }
 
 /// The descriptors handed to the pager; the supervisor keeps them as its own copies afterwards.
+/// A new removed-ranges log (memfd) goes with them, so that a pager that adopts the session after
+/// a crash knows which ranges the VMM discarded.
 fn session_fds(hs: Handshake, memory_file: std::fs::File, vmm: StdUnixStream) -> SessionFds {
+    let removed_log = match uffdpager::removed_log::RemovedLog::create() {
+        Ok((_mapping, fd)) => Some(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "no removed-ranges log: a re-adopted session could not tell discarded pages");
+            None
+        }
+    };
     SessionFds {
         uffd: hs.uffd,
         memory_file: OwnedFd::from(memory_file),
         vmm_stream: OwnedFd::from(vmm),
+        removed_log,
     }
 }
 

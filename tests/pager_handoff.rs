@@ -15,6 +15,15 @@ use uffdpager::firecracker::Region;
 use uffdpager::handoff::{send_session, HandoffRequest, SessionFds};
 use userfaultfd::{FeatureFlags, UffdBuilder};
 
+fn session_fds(guest: &Guest, mem: &Path, vmm: &UnixStream, log: Option<&OwnedFd>) -> SessionFds {
+    SessionFds {
+        uffd: guest.uffd.as_fd().try_clone_to_owned().unwrap(),
+        memory_file: OwnedFd::from(File::open(mem).unwrap()),
+        vmm_stream: OwnedFd::from(vmm.try_clone().unwrap()),
+        removed_log: log.map(|l| l.try_clone().unwrap()),
+    }
+}
+
 struct PagerProcess {
     child: Child,
     grpc: PathBuf,
@@ -127,6 +136,7 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
         uffd: guest.uffd.as_fd().try_clone_to_owned().unwrap(),
         memory_file: OwnedFd::from(File::open(&mem_path).unwrap()),
         vmm_stream: OwnedFd::from(pager_end),
+        removed_log: None,
     };
     send_session(&pager.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
     drop(fds);
@@ -171,4 +181,74 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
         assert_eq!(guest.page(i), want, "page {i} after graduation");
     }
     drop(vmm_end);
+}
+
+#[test]
+fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let pages = 128;
+    let (mem_path, data) = memory_file(dir.path(), pages);
+    let guest = Guest::new(pages * 4096);
+    let (_vmm_end, pager_end) = UnixStream::pair().unwrap();
+    let (_log, log_fd) = uffdpager::removed_log::RemovedLog::create().unwrap();
+    let mut request = HandoffRequest {
+        session_id: "adopted".into(),
+        memory_file: mem_path.display().to_string(),
+        regions: vec![Region {
+            base: guest.base as u64,
+            size: guest.len as u64,
+            offset: 0,
+            page_size: 4096,
+        }],
+        vmm_pid: std::process::id(),
+        connected_at_ms: 1,
+        adopt: false,
+        removed: vec![],
+    };
+
+    let first_dir = dir.path().join("a");
+    std::fs::create_dir(&first_dir).unwrap();
+    let mut first = start_pager(&first_dir);
+    let fds = session_fds(&guest, &mem_path, &pager_end, Some(&log_fd));
+    send_session(&first.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
+    drop(fds);
+    assert_eq!(guest.page(10), data[10 * 4096..11 * 4096]);
+    // Discard pages 8..16, one of them served (10), the others never touched.
+    // SAFETY: within the mapping.
+    let rc =
+        unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    // The pager read the REMOVE (madvise returned): kill it without warning.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second_dir = dir.path().join("b");
+    std::fs::create_dir(&second_dir).unwrap();
+    let second = start_pager(&second_dir);
+    request.adopt = true;
+    let fds = session_fds(&guest, &mem_path, &pager_end, Some(&log_fd));
+    send_session(&second.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
+    drop(fds);
+    for i in 8..16 {
+        assert!(
+            guest.page(i).iter().all(|&b| b == 0),
+            "discarded page {i} reads zero after adoption"
+        );
+    }
+    assert_eq!(guest.page(20), data[20 * 4096..21 * 4096]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(&second.grpc));
+        let done = client
+            .complete_session(CompleteSessionRequest { session_id: "adopted".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(done.session.unwrap().state(), SessionState::Graduated);
+    });
+    for i in 0..pages {
+        let want: &[u8] =
+            if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
+        assert_eq!(guest.page(i), want, "page {i} after graduation");
+    }
 }
