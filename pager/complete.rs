@@ -130,45 +130,37 @@ impl Completion {
         Ok(false)
     }
 
-    /// Copies the non-zero pages of the missing run `[first, end)` of the current region.
+    /// Copies the non-zero pages of the missing run `[first, end)` of the current region. Holes
+    /// at the run's start are skipped with one `SEEK_DATA` (no read at all); the rest is told
+    /// apart by content: a page of zeros (a written zero page, or a hole inside the run) is not
+    /// copied.
     fn populate_run(&mut self, s: &mut Session, first: u64, end: u64) -> Result<(), SessionError> {
         let ri = self.region;
         let r = s.regions[ri].region;
         let ps = r.page_size;
         let file = Arc::clone(&s.file);
-        let mut p = first;
-        while p < end {
-            let off = r.offset + p * ps;
-            // Whole pages inside a file hole hold zeros: skip them without reading.
-            let data = file.next_data(off).unwrap_or(u64::MAX);
-            if data >= off + ps {
-                let hole_pages = ((data - off) / ps).min(end - p);
-                self.report.skipped_zero_bytes += hole_pages * ps;
-                p += hole_pages;
+        let off = r.offset + first * ps;
+        let data = file.next_data(off).unwrap_or(u64::MAX);
+        let hole_pages = (data.saturating_sub(off) / ps).min(end - first);
+        self.report.skipped_zero_bytes += hole_pages * ps;
+        let page_bytes = |i: u64| {
+            let o = usize::try_from(r.offset + i * ps).expect("offset fits");
+            &file.bytes()[o..o + usize::try_from(ps).expect("page fits")]
+        };
+        let mut q = first + hole_pages;
+        while q < end {
+            if is_zero(page_bytes(q)) {
+                self.report.skipped_zero_bytes += ps;
+                q += 1;
                 continue;
             }
-            // A run of data pages: copy the non-zero ones in runs, skip zero pages.
-            let data_end = end.min(p + file.next_hole(off).saturating_sub(off).div_ceil(ps).max(1));
-            let mut q = p;
-            while q < data_end {
-                let page_bytes = |i: u64| {
-                    let o = usize::try_from(r.offset + i * ps).expect("offset fits");
-                    &file.bytes()[o..o + usize::try_from(ps).expect("page fits")]
-                };
-                if is_zero(page_bytes(q)) {
-                    self.report.skipped_zero_bytes += ps;
-                    q += 1;
-                    continue;
-                }
-                let mut run_end = q + 1;
-                while run_end < data_end && !is_zero(page_bytes(run_end)) {
-                    run_end += 1;
-                }
-                let filled = s.fill(ri, q, run_end, FillMode::Populate)?;
-                self.report.populated_bytes += filled * ps;
-                q = run_end;
+            let mut run_end = q + 1;
+            while run_end < end && !is_zero(page_bytes(run_end)) {
+                run_end += 1;
             }
-            p = data_end;
+            let filled = s.fill(ri, q, run_end, FillMode::Populate)?;
+            self.report.populated_bytes += filled * ps;
+            q = run_end;
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ struct Cli {
     #[arg(long, default_value_t = 2)]
     fault_threads: usize,
     /// Bytes a completion populates between two checks for faults.
-    #[arg(long, default_value_t = 4 << 20)]
+    #[arg(long, default_value_t = 1 << 20)]
     complete_step_bytes: u64,
 }
 

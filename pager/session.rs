@@ -30,6 +30,14 @@ use crate::registry::SessionShared;
 /// microseconds.)
 const EAGAIN_GIVE_UP: Duration = Duration::from_secs(10);
 
+/// Events read per `read()` of the uffd.
+const EVENT_BATCH: usize = 64;
+
+/// Largest block served for one fault when access looks sequential (pages of 4 KiB).
+const MAX_FAULT_AROUND_PAGES: u64 = 512;
+/// First block once a fault follows the previous block: 64 KiB.
+const FIRST_FAULT_AROUND_PAGES: u64 = 16;
+
 /// Why a session cannot go on being served.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -114,6 +122,10 @@ pub struct Session {
     pub regions: Vec<RegionPages>,
     pending: VecDeque<u64>,
     events: EventBuffer,
+    /// Where the next fault lands if access is sequential: (region, page), and the block size
+    /// that served the previous one.
+    next_expected: (usize, u64),
+    block: u64,
     faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
@@ -150,7 +162,9 @@ impl Session {
             file,
             regions,
             pending: VecDeque::new(),
-            events: EventBuffer::new(64),
+            events: EventBuffer::new(EVENT_BATCH),
+            next_expected: (usize::MAX, 0),
+            block: 1,
             faults: 0,
             unexpected_events: 0,
             zero,
@@ -190,12 +204,14 @@ impl Session {
                 .read_events(&mut self.events)
                 .map_err(|e| SessionError::ReadEvents(e.to_string()))?
                 .collect();
-            if batch.is_empty() {
-                return Ok(total);
-            }
-            total += batch.len();
+            let n = batch.len();
+            total += n;
             for event in batch {
                 self.apply_event(event);
+            }
+            // A short batch means the queue is empty: skip the read that would say EAGAIN.
+            if n < EVENT_BATCH {
+                return Ok(total);
             }
         }
     }
@@ -270,9 +286,35 @@ impl Session {
                 self.wake(r.region.base + page * ps, ps)?;
                 continue;
             }
-            self.fill(ri, page, page + 1, FillMode::OnFault)?;
+            if r.removed.contains(page) {
+                // A discarded page faults back in as zeros, one page: never a block.
+                self.fill(ri, page, page + 1, FillMode::OnFault)?;
+                continue;
+            }
+            let end = page + self.fault_block(ri, page);
+            // `Populate` semantics past the faulting page: the block stops short of nothing but
+            // skips present and discarded pages (a discarded range is never given snapshot data).
+            self.fill(ri, page, end, FillMode::Populate)?;
+            self.next_expected = (ri, end);
         }
         Ok(())
+    }
+
+    /// How many pages to serve for a fault at `page`: one, unless the fault lands where the
+    /// previous block ended (sequential access), in which case the block doubles from 64 KiB up
+    /// to 2 MiB. Never past the region, never over a present page.
+    fn fault_block(&mut self, ri: usize, page: u64) -> u64 {
+        let r = &self.regions[ri];
+        if r.region.page_size != uffdpager::firecracker::PAGE_4K {
+            return 1;
+        }
+        self.block = if self.next_expected == (ri, page) {
+            (self.block * 2).clamp(FIRST_FAULT_AROUND_PAGES, MAX_FAULT_AROUND_PAGES)
+        } else {
+            1
+        };
+        let limit = (page + self.block).min(r.region.pages());
+        r.present.next_set(page).min(limit) - page
     }
 
     /// Handles a readable uffd: drain, then serve, then publish.

@@ -150,6 +150,16 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
         unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
     assert!(guest.page(9).iter().all(|&b| b == 0));
+    // Sequential reads grow fault-around blocks; a block must skip a discarded range it spans.
+    // SAFETY: within the mapping.
+    let rc =
+        unsafe { libc::madvise(guest.base.add(40 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    for i in 30..70 {
+        let want: &[u8] =
+            if (40..48).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
+        assert!(guest.page(i) == want, "sequential read of page {i}");
+    }
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -161,7 +171,9 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
             .into_inner();
         let s = done.session.clone().unwrap();
         assert_eq!(s.state(), SessionState::Graduated, "{s:?}");
-        assert!(done.skipped_zero_bytes >= 60 * 4096, "{done:?}");
+        // Every fourth page is zero; those past the first fault-around block are not copied.
+        assert!(done.skipped_zero_bytes >= 40 * 4096, "{done:?}");
+        assert_eq!(done.skipped_removed_bytes, 7 * 4096, "pages 8..16 but 9, read back as zero");
         let again = client
             .complete_session(CompleteSessionRequest { session_id: "direct-1".into() })
             .await
@@ -176,9 +188,9 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
         assert_eq!(got.state(), SessionState::Graduated);
     });
     for i in 0..pages {
-        let want: &[u8] =
-            if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
-        assert_eq!(guest.page(i), want, "page {i} after graduation");
+        let zero = (8..16).contains(&i) || (40..48).contains(&i);
+        let want: &[u8] = if zero { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
+        assert!(guest.page(i) == want, "page {i} after graduation");
     }
     drop(vmm_end);
 }
@@ -218,7 +230,24 @@ fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
     let rc =
         unsafe { libc::madvise(guest.base.add(8 * 4096).cast(), 8 * 4096, libc::MADV_DONTNEED) };
     assert_eq!(rc, 0);
-    // The pager read the REMOVE (madvise returned): kill it without warning.
+    // Kill the pager without warning once it has recorded the REMOVE. (madvise returns as soon
+    // as the event is read; the append follows within microseconds: that window is documented.)
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(&first.grpc));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = client
+                .get_session(GetSessionRequest { session_id: "adopted".into() })
+                .await
+                .unwrap();
+            if s.into_inner().removed_bytes > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the pager never applied the REMOVE");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
@@ -249,6 +278,6 @@ fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
     for i in 0..pages {
         let want: &[u8] =
             if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
-        assert_eq!(guest.page(i), want, "page {i} after graduation");
+        assert!(guest.page(i) == want, "page {i} after graduation");
     }
 }
