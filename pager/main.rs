@@ -5,6 +5,7 @@
 mod complete;
 mod handoff;
 mod memory_file;
+mod pagemap;
 mod registry;
 mod service;
 mod session;

@@ -453,6 +453,26 @@ impl Session {
         Ok(())
     }
 
+    /// After re-adoption: learns which pages the VMM already has (so completion does not meet
+    /// them one EEXIST at a time). Best effort: without it, EEXIST still marks them present.
+    pub fn learn_present_from_pagemap(&mut self) {
+        let pid = self.shared.vmm_pid;
+        let mut learned = 0;
+        for r in &mut self.regions {
+            let (base, pages, ps) = (r.region.base, r.region.pages(), r.region.page_size);
+            let mut backed = Vec::new();
+            if let Err(e) = crate::pagemap::for_each_backed(pid, base, pages, ps, |p| backed.push(p)) {
+                warn!(session = %self.shared.id, vmm_pid = pid, error = %e, "reading the VMM's pagemap");
+                return;
+            }
+            for p in backed {
+                learned += r.mark_present(p, p + 1);
+            }
+        }
+        debug!(session = %self.shared.id, pages = learned, "present pages learned from pagemap");
+        self.publish();
+    }
+
     /// Wakes every registered range once: after re-adoption, faults the previous pager read but
     /// never served are raised again (a woken thread re-faults if its page is still missing).
     pub fn wake_all(&mut self) -> Result<(), SessionError> {

@@ -174,6 +174,7 @@ impl Worker {
             return Err(format!("adding the VMM stream to epoll: {e}"));
         }
         if adopt {
+            session.learn_present_from_pagemap();
             if let Err(e) = session.wake_all() {
                 warn!(session = %session.id(), version = %self.version, error = %e, "waking adopted session");
             }

@@ -560,6 +560,22 @@ async fn grpcurl_drives_get_status_and_plan_of_a_dry_run() {
     assert_eq!(next["class"], "PLAN_CLASS_SOAKED", "{plan}");
     assert_eq!(next["startsNextScan"], true, "{plan}");
     assert_eq!(plan["slots"], 1, "{plan}");
+    // The README's controller examples run as written, against this controller's socket.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let block = readme
+        .split("<!-- controller-examples:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- controller-examples:end -->").next())
+        .expect("README has a controller-examples block");
+    let examples: Vec<&str> =
+        block.lines().map(str::trim).filter(|l| l.starts_with("grpcurl ")).collect();
+    assert!(examples.len() >= 2, "{examples:?}");
+    for example in examples {
+        let out = grpcurl(&example.replace("/run/uffd-pager/controller.sock", &sock));
+        assert!(out.trim_start().starts_with('{'), "{example}: {out}");
+    }
+
     // Nothing was called: every session still serves.
     for id in ids {
         assert_eq!(state_of(&env, id).await, SessionState::Serving, "{id}");
