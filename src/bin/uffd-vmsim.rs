@@ -5,6 +5,8 @@
 //! uffd-vmsim make-memfile /tmp/mem --size 64M --seed 1 --zero-fraction 0.25 --hole-fraction 0.25
 //! uffd-vmsim run --socket /run/uffd-pager/s1.sock --memory-file /tmp/mem [--region 32M@0[:2M] ...]
 //! uffd-vmsim run ... --workload random:0.25,seq,verify [--hold]
+//! uffd-vmsim run ... --workload random:0.25,write:0:100:1,standby:/tmp/s1.mem   # a new snapshot
+//! uffd-vmsim run --socket ... --memory-file /tmp/s1.mem --region ...            # restore from it
 //! ```
 //!
 //! `run` prints `{"ok":true,"cmd":"restored","pid":N,"regions":[...]}` once the handshake is sent,
@@ -150,7 +152,9 @@ impl Worker {
             Ok(reply) => {
                 tracing::debug!(cmd = name, ok = reply.ok, elapsed = ?started.elapsed(), "command done");
                 emit(&reply);
-                reply.ok && reply.report.as_ref().is_none_or(|r| r.is_clean())
+                reply.ok
+                    && reply.report.as_ref().is_none_or(|r| r.is_clean())
+                    && reply.reader.as_ref().is_none_or(|r| r.is_clean())
             }
             Err(Some(limit)) => {
                 tracing::error!(

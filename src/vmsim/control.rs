@@ -4,19 +4,28 @@
 //! ```text
 //! read-random N [SEED]          N pages (or 0.25 / 25% of them), distinct, random order
 //! read-seq                      every page once, in order
+//! read-range FIRST COUNT        COUNT pages from FIRST on, in order
 //! write FIRST COUNT GEN         write generation GEN into COUNT pages from FIRST on
 //! balloon REGION OFFSET LEN     MADV_DONTNEED (sizes accept K/M/G)
 //! verify                        verify every page
-//! reader-start [SEED]           start the background reader
+//! reader-start [SEED [FIRST COUNT]]  start the background reader (on pages FIRST.. only)
 //! reader-stop                   stop it; its report
 //! smaps                         guest VMAs still uffd-registered (`registered_vmas`; 0 after graduation)
+//! standby PATH                  stop the reader (its report: `reader`), write guest memory to the
+//!                               new memory file PATH as a Full snapshot, verifying every page
+//!                               (`report`); `snapshot`: {path, bytes, regions, ...}
 //! exit                          stop the reader, drop the VM (the VMM's EOF)
 //! ```
+//!
+//! A page number is a global page index: pages count region by region, each in its region's
+//! page size (a page of a `:2M` region is 2 MiB). After `standby`, the VM is still there: the
+//! caller sends `exit`, and restores a new VM from PATH with the `regions` the reply lists.
 //!
 //! The same commands, comma-separated with `:` between words, form a `--workload` list:
 //! `random:0.25,seq,write:0:100:1,verify`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -27,18 +36,22 @@ use super::guest::Vm;
 use super::parse::{parse_number, parse_size, Amount, ParseError};
 use super::reader::ReaderHandle;
 use super::report::Report;
+use super::standby::SnapshotInfo;
 
-/// One command of the line protocol.
+/// One command of the line protocol (`ReaderStart::pages`: the reader's working set
+/// `(first, count)`; `None`: every page).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     ReadRandom { amount: Amount, seed: Option<u64> },
     ReadSeq,
+    ReadRange { first: u64, count: u64 },
     Write { first: u64, count: u64, gen: u32 },
     Balloon { region: usize, offset: u64, len: u64 },
     Verify,
-    ReaderStart { seed: Option<u64> },
+    ReaderStart { seed: Option<u64>, pages: Option<(u64, u64)> },
     ReaderStop,
     Smaps,
+    Standby { path: PathBuf },
     Exit,
 }
 
@@ -61,12 +74,14 @@ impl Command {
         match self {
             Command::ReadRandom { .. } => "read-random",
             Command::ReadSeq => "read-seq",
+            Command::ReadRange { .. } => "read-range",
             Command::Write { .. } => "write",
             Command::Balloon { .. } => "balloon",
             Command::Verify => "verify",
             Command::ReaderStart { .. } => "reader-start",
             Command::ReaderStop => "reader-stop",
             Command::Smaps => "smaps",
+            Command::Standby { .. } => "standby",
             Command::Exit => "exit",
         }
     }
@@ -96,6 +111,14 @@ impl Command {
                 arity("read-seq", "no arguments", 0, 0)?;
                 Command::ReadSeq
             }
+            "read-range" => {
+                let cmd = "read-range";
+                arity(cmd, "FIRST_PAGE COUNT", 2, 2)?;
+                Command::ReadRange {
+                    first: parse_number(args[0]).map_err(value(cmd))?,
+                    count: parse_number(args[1]).map_err(value(cmd))?,
+                }
+            }
             "write" => {
                 let cmd = "write";
                 arity(cmd, "FIRST_PAGE COUNT GEN", 3, 3)?;
@@ -119,8 +142,20 @@ impl Command {
                 Command::Verify
             }
             "reader-start" => {
-                arity("reader-start", "[SEED]", 0, 1)?;
-                Command::ReaderStart { seed: optional_seed("reader-start", 0)? }
+                let cmd = "reader-start";
+                let expected = "[SEED [FIRST_PAGE COUNT]]";
+                if args.len() == 2 {
+                    return Err(CommandError::Arguments { cmd, expected });
+                }
+                arity(cmd, expected, 0, 3)?;
+                let pages = match args.get(1..3) {
+                    Some([first, count]) => Some((
+                        parse_number(first).map_err(value(cmd))?,
+                        parse_number(count).map_err(value(cmd))?,
+                    )),
+                    _ => None,
+                };
+                Command::ReaderStart { seed: optional_seed(cmd, 0)?, pages }
             }
             "reader-stop" => {
                 arity("reader-stop", "no arguments", 0, 0)?;
@@ -129,6 +164,10 @@ impl Command {
             "smaps" => {
                 arity("smaps", "no arguments", 0, 0)?;
                 Command::Smaps
+            }
+            "standby" => {
+                arity("standby", "PATH (a new memory file)", 1, 1)?;
+                Command::Standby { path: PathBuf::from(args[0]) }
             }
             "exit" | "quit" => {
                 arity("exit", "no arguments", 0, 0)?;
@@ -180,6 +219,12 @@ pub struct Reply {
     /// `/proc/self/smaps`); 0 once the VM has graduated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_vmas: Option<usize>,
+    /// `standby`: the memory file written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+    /// `standby`: the report of the background reader it stopped, if one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader: Option<Report>,
 }
 
 impl Reply {
@@ -252,15 +297,17 @@ impl CommandRunner {
                 Ok(self.vm.read_random(amount, seed))
             }
             Command::ReadSeq => Ok(self.vm.read_sequential()),
+            Command::ReadRange { first, count } => self.vm.read_range(first, count),
             Command::Verify => Ok(self.vm.verify_all()),
             Command::Write { first, count, gen } => self.vm.write_range(first, count, gen),
             Command::Balloon { region, offset, len } => self.vm.balloon(region, offset, len),
-            Command::ReaderStart { seed } => {
+            Command::ReaderStart { seed, pages } => {
                 if self.reader.is_some() {
                     return Reply::error(name, "a reader is already running");
                 }
                 let seed = self.seed(seed);
-                return match self.vm.spawn_reader(seed) {
+                let (first, count) = pages.unwrap_or((0, self.vm.pages()));
+                return match self.vm.spawn_reader_in(seed, first, count) {
                     Ok(handle) => {
                         self.reader = Some(handle);
                         Reply::ok(name)
@@ -278,6 +325,7 @@ impl CommandRunner {
                     Err(e) => Reply::error(name, e),
                 };
             }
+            Command::Standby { ref path } => return self.standby(path),
             Command::Exit => {
                 let reply = match self.reader.take().map(ReaderHandle::stop) {
                     Some(Ok(report)) => Reply::report(name, report),
@@ -290,6 +338,22 @@ impl CommandRunner {
         match result {
             Ok(report) => Reply::report(name, report),
             Err(e) => Reply::error(name, e),
+        }
+    }
+
+    /// `standby PATH`: pauses the workload (stops the background reader), then writes the
+    /// snapshot. The reader's report travels in `reader`, so its mismatches are not lost.
+    fn standby(&mut self, path: &std::path::Path) -> Reply {
+        let name = "standby";
+        let reader = match self.reader.take().map(ReaderHandle::stop).transpose() {
+            Ok(report) => report,
+            Err(e) => return Reply::error(name, e),
+        };
+        match self.vm.standby(path) {
+            Ok((report, info)) => {
+                Reply { snapshot: Some(info), reader, ..Reply::report(name, report) }
+            }
+            Err(e) => Reply { reader, ..Reply::error(name, e) },
         }
     }
 }
@@ -315,8 +379,20 @@ mod tests {
             Ok(Command::Balloon { region: 1, offset: 64 << 10, len: 2 << 20 })
         );
         assert_eq!("verify".parse(), Ok(Command::Verify));
-        assert_eq!("reader-start 4".parse(), Ok(Command::ReaderStart { seed: Some(4) }));
-        assert_eq!("reader-start".parse(), Ok(Command::ReaderStart { seed: None }));
+        assert_eq!(
+            "reader-start 4".parse(),
+            Ok(Command::ReaderStart { seed: Some(4), pages: None })
+        );
+        assert_eq!("reader-start".parse(), Ok(Command::ReaderStart { seed: None, pages: None }));
+        assert_eq!(
+            "reader-start 4 100 50".parse(),
+            Ok(Command::ReaderStart { seed: Some(4), pages: Some((100, 50)) })
+        );
+        assert_eq!("read-range 7 9".parse(), Ok(Command::ReadRange { first: 7, count: 9 }));
+        assert_eq!(
+            "standby /tmp/s1.mem".parse(),
+            Ok(Command::Standby { path: PathBuf::from("/tmp/s1.mem") })
+        );
         assert_eq!("reader-stop".parse(), Ok(Command::ReaderStop));
         assert_eq!("smaps".parse(), Ok(Command::Smaps));
         assert_eq!("exit".parse(), Ok(Command::Exit));
@@ -341,6 +417,13 @@ mod tests {
         assert!(matches!("verify now".parse::<Command>(), Err(CommandError::Arguments { .. })));
         assert!(matches!("read-random".parse::<Command>(), Err(CommandError::Arguments { .. })));
         assert!(matches!("balloon 0 1Q 4K".parse::<Command>(), Err(CommandError::Value { .. })));
+        assert!(matches!(
+            "reader-start 4 100".parse::<Command>(),
+            Err(CommandError::Arguments { cmd: "reader-start", .. })
+        ));
+        assert!(matches!("standby".parse::<Command>(), Err(CommandError::Arguments { .. })));
+        assert!(matches!("standby a b".parse::<Command>(), Err(CommandError::Arguments { .. })));
+        assert!(matches!("read-range 1".parse::<Command>(), Err(CommandError::Arguments { .. })));
     }
 
     #[test]

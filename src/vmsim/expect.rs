@@ -209,6 +209,15 @@ pub fn fill_pattern(memory: &[AtomicU64], page: u64, gen: u32) {
 /// Reads every word of `memory` (first word first) and returns the first that differs from
 /// `expected`. A snapshot slice shorter than the page counts as zeros past its end.
 pub fn first_difference(memory: &[AtomicU64], expected: &Expected<'_>) -> Option<Difference> {
+    first_difference_in(memory.iter().map(|w| w.load(Ordering::Relaxed)), expected)
+}
+
+/// Like [`first_difference`], over a page already read into native-endian words (e.g. a copy
+/// of the page that is then written somewhere else, so that what is checked is what is kept).
+pub fn first_difference_in(
+    words: impl IntoIterator<Item = u64>,
+    expected: &Expected<'_>,
+) -> Option<Difference> {
     let mut first = None;
     let mut note = |word: usize, got: u64, want: u64| {
         if got != want && first.is_none() {
@@ -218,22 +227,22 @@ pub fn first_difference(memory: &[AtomicU64], expected: &Expected<'_>) -> Option
     match *expected {
         Expected::Bytes(bytes) => {
             let mut chunks = bytes.chunks_exact(8);
-            for (i, w) in memory.iter().enumerate() {
+            for (i, got) in words.into_iter().enumerate() {
                 let want = chunks.next().map_or(0, |c| {
                     u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
                 });
-                note(i, w.load(Ordering::Relaxed), want);
+                note(i, got, want);
             }
         }
         Expected::Pattern { page, gen } => {
             let key = pattern_key(page, gen);
-            for (i, w) in memory.iter().enumerate() {
-                note(i, w.load(Ordering::Relaxed), mix(key, i as u64));
+            for (i, got) in words.into_iter().enumerate() {
+                note(i, got, mix(key, i as u64));
             }
         }
         Expected::Zero => {
-            for (i, w) in memory.iter().enumerate() {
-                note(i, w.load(Ordering::Relaxed), 0);
+            for (i, got) in words.into_iter().enumerate() {
+                note(i, got, 0);
             }
         }
     }

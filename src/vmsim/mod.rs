@@ -6,8 +6,10 @@
 //! - [`memfile`]: synthetic memory files (random pages, written zero pages, sparse holes).
 //! - [`Vm::restore`]: Firecracker's restore steps and handshake ([`guest`]).
 //! - [`expect`]: what each page must hold, checked under a per-page seqlock.
-//! - [`Vm::read_random`], [`Vm::write_pages`], [`Vm::balloon`], [`Vm::verify_all`],
-//!   [`Vm::spawn_reader`]: workloads, each returning a [`Report`].
+//! - [`Vm::read_random`], [`Vm::read_range`], [`Vm::write_pages`], [`Vm::balloon`],
+//!   [`Vm::verify_all`], [`Vm::spawn_reader`]: workloads, each returning a [`Report`].
+//! - [`Vm::standby`]: the guest's memory written to a new snapshot memory file, as Firecracker
+//!   writes a Full snapshot, every page verified on the way ([`standby`]).
 //! - [`run_with_deadline`]: bounding work that a broken pager would block forever.
 //! - [`uffd_registered_vmas`]: the kernel's word (`/proc/<pid>/smaps`) on whether a VM still
 //!   depends on its pager.
@@ -27,6 +29,7 @@ pub mod parse;
 pub mod reader;
 pub mod report;
 pub mod smaps;
+pub mod standby;
 pub mod workload;
 
 #[cfg(test)]
@@ -45,6 +48,7 @@ pub use parse::{parse_size, Amount};
 pub use reader::ReaderHandle;
 pub use report::Report;
 pub use smaps::{uffd_registered_vmas, uffd_registered_vmas_in};
+pub use standby::{SnapshotInfo, StandbyError};
 pub use workload::WorkloadError;
 
 /// A 64-bit mix of two values (splitmix64's finaliser): the source of every deterministic

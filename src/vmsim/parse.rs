@@ -1,6 +1,7 @@
 //! Parsers for the simulator's command line: byte sizes (`64M`), guest regions
 //! (`SIZE[@OFFSET][:PAGESIZE]`) and page amounts (`200`, `0.25`, `25%`).
 
+use std::fmt;
 use std::str::FromStr;
 
 use crate::firecracker::{PAGE_2M, PAGE_4K};
@@ -78,6 +79,27 @@ impl FromStr for GuestRegionSpec {
             None => (parse_size(rest)?, 0),
         };
         Ok(GuestRegionSpec { size, page_size, offset })
+    }
+}
+
+/// A byte size with the largest binary suffix that divides it exactly (`16M`, `4K`, `4097`):
+/// what [`parse_size`] reads back.
+pub fn format_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+impl fmt::Display for GuestRegionSpec {
+    /// `SIZE@OFFSET:PAGESIZE`, e.g. `16M@20M:2M`: the `--region` argument that parses back to
+    /// this region.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (size, offset, page) =
+            (format_size(self.size), format_size(self.offset), format_size(self.page_size));
+        write!(f, "{size}@{offset}:{page}")
     }
 }
 
@@ -163,6 +185,16 @@ mod tests {
         assert_eq!(r, GuestRegionSpec { size: 4 << 20, page_size: 2 << 20, offset: 2 << 20 });
         let r: GuestRegionSpec = "8K:4K".parse().unwrap();
         assert_eq!(r.page_size, 4096);
+    }
+
+    #[test]
+    fn regions_print_as_the_argument_that_parses_back_to_them() {
+        for text in ["16M@20M:2M", "8K@0:4K", "3G@1T:4K", "12K@4100K:4K"] {
+            let r: GuestRegionSpec = text.parse().unwrap();
+            assert_eq!(r.to_string(), text);
+        }
+        assert_eq!(format_size(4097), "4097");
+        assert_eq!(format_size(0), "0");
     }
 
     #[test]

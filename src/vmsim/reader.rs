@@ -3,6 +3,7 @@
 //! VM underneath. Page states are read under their seqlock, so a page changed mid-read is
 //! retried, never reported as a mismatch.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -81,12 +82,17 @@ impl Drop for ReaderHandle {
     }
 }
 
-fn run(guest: Arc<Guest>, seed: u64, stop: Arc<AtomicBool>, progress: Arc<Progress>) -> Report {
+fn run(
+    guest: Arc<Guest>,
+    seed: u64,
+    pages: Range<u64>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+) -> Report {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut rec = Recorder::new("reader");
-    let total = guest.pages;
     while !stop.load(Ordering::Relaxed) {
-        let Some(page) = guest.page(rng.gen_range(0..total)) else { continue };
+        let Some(page) = guest.page(rng.gen_range(pages.clone())) else { continue };
         // A page that changed while read is simply skipped: another random page comes next.
         if verify_page(&guest, &page, &mut rec) {
             let n = rec.pages_verified();
@@ -104,13 +110,36 @@ impl Vm {
     /// Stop it before dropping the VM: the reader keeps guest memory mapped, but once the VMM's
     /// socket is closed the pager stops serving it.
     pub fn spawn_reader(&self, seed: u64) -> Result<ReaderHandle, WorkloadError> {
+        self.spawn_reader_in(seed, 0, self.guest.pages)
+    }
+
+    /// Like [`spawn_reader`](Self::spawn_reader), reading only the `count` pages from global
+    /// page `first` on: a guest whose working set is that range, so that the pages outside it
+    /// stay untouched (e.g. to show that writes to pages never touched before graduation need
+    /// no pager afterwards).
+    pub fn spawn_reader_in(
+        &self,
+        seed: u64,
+        first: u64,
+        count: u64,
+    ) -> Result<ReaderHandle, WorkloadError> {
+        let total = self.guest.pages;
+        let pages = match first.checked_add(count) {
+            Some(end) if end <= total && count > 0 => first..end,
+            _ => {
+                return Err(WorkloadError::PageOutOfRange {
+                    page: first.saturating_add(count.max(1) - 1),
+                    pages: total,
+                })
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(Progress::default());
         let thread = {
             let (guest, stop, progress) = (self.guest.clone(), stop.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("vmsim-reader".into())
-                .spawn(move || run(guest, seed, stop, progress))
+                .spawn(move || run(guest, seed, pages, stop, progress))
                 .map_err(WorkloadError::SpawnReader)?
         };
         Ok(ReaderHandle { stop, progress, thread: Some(thread) })

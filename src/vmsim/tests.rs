@@ -309,3 +309,107 @@ fn the_command_runner_drives_a_vm_line_by_line() {
     drop(runner);
     pager.join().unwrap();
 }
+
+/// The expected bytes of a page written with `gen`.
+fn pattern_bytes(global_page: u64, gen: u32, page_size: usize) -> Vec<u8> {
+    (0..page_size / 8)
+        .flat_map(|w| expect::pattern_word(global_page, gen, w).to_ne_bytes())
+        .collect()
+}
+
+#[test]
+fn standby_writes_what_the_guest_holds_and_a_vm_restored_from_it_reads_it_back() {
+    let s = setup(4 << 20, 10);
+    // Two regions with a gap in the file between them, as Firecracker lays out a memory hole.
+    let regions = [region(1 << 20, 0, PAGE_4K), region(1 << 20, 2 << 20, PAGE_4K)];
+    let (vm, pager) = start(&s, &regions, Fault::None);
+    let s1 = s.memfile.with_file_name("s1");
+    let s1_for_vm = s1.clone();
+    let (vm, pager, reports, info) = run_with_deadline(DEADLINE, move || {
+        let mut vm = vm;
+        let mut reports = vec![vm.read_range(0, 64).unwrap()];
+        reports.push(vm.write_range(10, 5, 3).unwrap());
+        reports.push(vm.balloon(0, 32 << 10, 16 << 10).unwrap()); // pages 8..12: 10, 11 written
+        pager.graduate().unwrap();
+        // Never touched before graduation: the kernel serves these, no pager does.
+        reports.push(vm.write_range(300, 4, 7).unwrap());
+        let (report, info) = vm.standby(&s1_for_vm).unwrap();
+        reports.push(report);
+        (vm, pager, reports, info)
+    })
+    .unwrap();
+    for r in &reports {
+        assert_clean(r);
+    }
+    assert_eq!(reports[4].pages_verified, 512, "standby verifies every page");
+    assert_eq!(info.bytes, 3 << 20);
+    assert_eq!(info.regions, ["1M@0:4K", "1M@2M:4K"]);
+    assert_eq!(info.data_bytes + info.hole_bytes, 2 << 20);
+    assert!(info.hole_bytes > 0, "zero pages are holes: {info:?}");
+    assert!(!s1.with_file_name("s1.partial").exists());
+
+    // Checked independently of the simulator's own bookkeeping: S0's bytes, the written
+    // patterns, zeros where ballooned, zeros in the gap.
+    let (s0, s1_bytes) = (std::fs::read(&s.memfile).unwrap(), std::fs::read(&s1).unwrap());
+    // File bytes of global page `p`: region 0 holds pages 0..256 at 0, region 1 the rest at 2M.
+    let at = |p: usize| {
+        let start = if p < 256 { p * 4096 } else { (2 << 20) + (p - 256) * 4096 };
+        start..start + 4096
+    };
+    let same = |p: usize, want: &[u8], what: &str| {
+        assert!(s1_bytes[at(p)] == *want, "page {p} ({what}) differs in the new snapshot");
+    };
+    for p in [0, 63, 200, 255, 256, 400] {
+        same(p, &s0[at(p)], "read, or populated by graduation: the old snapshot's bytes");
+    }
+    same(12, &pattern_bytes(12, 3, 4096), "written with generation 3");
+    same(301, &pattern_bytes(301, 7, 4096), "written after graduation");
+    for p in [8, 10, 11] {
+        same(p, &[0; 4096], "ballooned");
+    }
+    assert!(s1_bytes[1 << 20..2 << 20].iter().all(|&b| b == 0), "the gap");
+
+    // A second standby to the same path refuses to replace the file.
+    let err = run_with_deadline(DEADLINE, {
+        let s1 = s1.clone();
+        move || vm.standby(&s1).map(|_| ()).unwrap_err()
+    })
+    .unwrap();
+    assert!(matches!(err, StandbyError::Exists(_)), "{err}");
+    pager.join().unwrap();
+
+    // Restore from S1 with the same regions: every page reads as S1's bytes.
+    let socket = s.socket.with_file_name("vm2.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let pager = TestPager::spawn(listener, s1.clone(), Fault::None);
+    let specs: Vec<GuestRegionSpec> = info.regions.iter().map(|r| r.parse().unwrap()).collect();
+    let vm = Vm::restore(&socket, &s1, &specs).unwrap();
+    let report = run_with_deadline(DEADLINE, move || vm.verify_all()).unwrap();
+    assert_clean(&report);
+    assert_eq!(report.pages_verified, 512);
+    pager.join().unwrap();
+}
+
+#[test]
+fn a_standby_that_finds_a_corrupt_page_reports_it_and_still_writes_what_the_guest_held() {
+    let s = setup(1 << 20, 11);
+    let (vm, pager) = start(&s, &[region(1 << 20, 0, PAGE_4K)], Fault::IgnoreRemoves);
+    let s1 = s.memfile.with_file_name("s1");
+    let (vm, report) = run_with_deadline(DEADLINE, {
+        let s1 = s1.clone();
+        move || {
+            let mut vm = vm;
+            vm.balloon(0, 0, 64 << 10).unwrap();
+            let (report, _) = vm.standby(&s1).unwrap();
+            (vm, report)
+        }
+    })
+    .unwrap();
+    // The broken pager served snapshot data into the ballooned pages: standby says so.
+    assert!(report.mismatches > 0, "{report:?}");
+    assert!(report.first_mismatches[0].contains("expected zero"), "{report:?}");
+    let (s0, s1) = (std::fs::read(&s.memfile).unwrap(), std::fs::read(&s1).unwrap());
+    assert_eq!(s0, s1, "what the guest held (wrongly) is what was written");
+    drop(vm);
+    pager.join().unwrap();
+}

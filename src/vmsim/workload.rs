@@ -40,7 +40,7 @@ pub enum WorkloadError {
 const MAX_RETRIES: u32 = 1000;
 
 /// Describes a mismatching page for a report.
-fn describe(page: &PageRef<'_>, state: PageState, diff: Difference) -> String {
+pub(crate) fn describe(page: &PageRef<'_>, state: PageState, diff: Difference) -> String {
     format!(
         "page {} (region {} +{:#x}): expected {state}, word {} (+{:#x}) reads {:#018x}, want {:#018x}",
         page.global,
@@ -105,6 +105,19 @@ impl Vm {
     /// Reads every page once, in address order, and verifies each.
     pub fn read_sequential(&self) -> Report {
         verify_pages(&self.guest, "read-seq", 0..self.guest.pages)
+    }
+
+    /// Reads `count` pages from global page `first` on, in address order, and verifies each: a
+    /// guest touching only part of its memory.
+    pub fn read_range(&self, first: u64, count: u64) -> Result<Report, WorkloadError> {
+        let total = self.guest.pages;
+        match first.checked_add(count) {
+            Some(end) if end <= total => Ok(verify_pages(&self.guest, "read-range", first..end)),
+            _ => Err(WorkloadError::PageOutOfRange {
+                page: first.saturating_add(count).saturating_sub(1).max(first),
+                pages: total,
+            }),
+        }
     }
 
     /// Reads and verifies every page (the final check of a test).
