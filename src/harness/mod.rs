@@ -1,7 +1,10 @@
 //! Drives the real binaries from tests, the demo and the benchmarks: a supervisor in a runtime
 //! directory of its own, and simulated VMs (`uffd-vmsim run`) as child processes steered over
-//! their stdin/stdout (one command, one JSON answer).
+//! their stdin/stdout (one command, one JSON answer); what processes hold ([`procfs`]) and
+//! what the page cache holds ([`pagecache`]), read from the kernel.
 
+pub mod pagecache;
+pub mod procfs;
 mod supervisor;
 mod vm;
 
