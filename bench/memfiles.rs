@@ -1,0 +1,131 @@
+//! The run's memory files, written once into its temporary directory on the real disk and read
+//! once so that every baseline and the project read the same bytes from a warm page cache.
+//!
+//! - dense: every page random (the baselines, faults, touch-all, dense completion, stalls);
+//! - sparse: 25% written zero pages + 25% holes (sparse completion);
+//! - small: one VM of the sessions scenario, 25% zero pages + 25% holes.
+//!
+//! Removing a big file can take a minute on a disk mounted with `discard` (this machine's root
+//! is): the files are removed after the results are printed, and `--files-dir` keeps them for
+//! the next run instead (each is reused when its spec, stamped beside it, matches).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use uffdpager::vmsim::{write_memory_file, MemoryFileSpec};
+use userfaultfd::{FeatureFlags, UffdBuilder};
+
+use super::Group;
+
+/// The files this run needs (`None`: no group selected needs it). Removed on drop unless kept.
+#[derive(Debug)]
+pub struct MemoryFiles {
+    pub dense: Option<PathBuf>,
+    pub sparse: Option<PathBuf>,
+    pub small: Option<PathBuf>,
+    /// Kept for later runs (`--files-dir`): not removed on drop.
+    keep: bool,
+}
+
+impl MemoryFiles {
+    /// Writes (or, when `keep`, reuses) and warms the files that `groups` need, in `dir`.
+    pub fn create(
+        dir: &Path,
+        groups: &[Group],
+        size: u64,
+        small: u64,
+        keep: bool,
+    ) -> anyhow::Result<Self> {
+        use Group::*;
+        let needs = |gs: &[Group]| gs.iter().any(|g| groups.contains(g));
+        let dense_spec = MemoryFileSpec { size, seed: 1, zero_fraction: 0.0, hole_fraction: 0.0 };
+        let sparse_spec =
+            MemoryFileSpec { size, seed: 2, zero_fraction: 0.25, hole_fraction: 0.25 };
+        let small_spec =
+            MemoryFileSpec { size: small, seed: 3, zero_fraction: 0.25, hole_fraction: 0.25 };
+        let make = |name: &str, spec: &MemoryFileSpec, wanted: bool| -> anyhow::Result<_> {
+            if !wanted {
+                return Ok(None);
+            }
+            let path = dir.join(format!("{name}-{}M-{}.mem", spec.size >> 20, spec.seed));
+            let stamp = path.with_extension("spec.json");
+            let described = serde_json::to_string(spec).context("describing a memory file")?;
+            let reusable = keep
+                && std::fs::read_to_string(&stamp).is_ok_and(|s| s == described)
+                && std::fs::metadata(&path).is_ok_and(|m| m.len() == spec.size);
+            if !reusable {
+                write_memory_file(&path, spec)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                if keep {
+                    std::fs::write(&stamp, described)
+                        .with_context(|| format!("writing {}", stamp.display()))?;
+                }
+            }
+            warm(&path)?;
+            Ok(Some(path))
+        };
+        Ok(Self {
+            dense: make(
+                "dense",
+                &dense_spec,
+                needs(&[Memcpy, RawCopy, MinHandler, Fault, TouchAll, CompleteDense, Stall]),
+            )?,
+            sparse: make("sparse", &sparse_spec, needs(&[CompleteSparse]))?,
+            small: make("small", &small_spec, needs(&[Rpc, Sessions]))?,
+            keep,
+        })
+    }
+}
+
+impl Drop for MemoryFiles {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for p in [&self.dense, &self.sparse, &self.small].into_iter().flatten() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Reads the whole file once, so that its pages are in the page cache.
+pub fn warm(path: &Path) -> anyhow::Result<u64> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+/// Fails with a clear message where this process cannot create a userfaultfd the way
+/// Firecracker does (kernel faults included: root, or access to `/dev/userfaultfd`).
+pub fn check_userfaultfd() -> anyhow::Result<()> {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(false)
+        .require_features(FeatureFlags::EVENT_REMOVE)
+        .create()
+        .map(drop)
+        .map_err(|e| {
+            anyhow!(
+                "this process cannot create a userfaultfd ({e}); uffd-bench restores VMs the way \
+                 Firecracker does and needs root, or read-write access to /dev/userfaultfd \
+                 (Linux 6.1+), or vm.unprivileged_userfaultfd=1"
+            )
+        })
+}
+
+/// True when `path` is on tmpfs (memory, not a disk's page cache).
+pub fn is_tmpfs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        .unwrap_or(false)
+}

@@ -1,0 +1,388 @@
+//! `uffd-bench`'s modules: each baseline and each project figure, measured in one run on the
+//! same memory files, then compared (see `report`).
+//!
+//! - [`baseline`]: memcpy and raw `UFFDIO_COPY` in this process.
+//! - [`min_handler`]: the one-page-per-fault handler in a child process, and its VM.
+//! - [`project`]: single-VM figures through the real supervisor and pager.
+//! - [`sessions`]: many VMs through one pager: threads, memory, wall times, WatchSessions.
+//! - [`report`]: rows, targets, the table and the JSON line.
+
+pub mod baseline;
+pub mod memfiles;
+pub mod min_handler;
+pub mod placement;
+pub mod procstat;
+pub mod project;
+pub mod report;
+pub mod sessions;
+pub mod stats;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use self::memfiles::MemoryFiles;
+use self::min_handler::{Placement, Workload};
+use self::sessions::SessionsPlan;
+use self::stats::gbps;
+use self::supervisor::{Binaries, Project};
+
+/// Every figure measured, by name: the value of each repetition.
+#[derive(Debug, Default, Clone)]
+pub struct Figures {
+    samples: BTreeMap<String, Vec<f64>>,
+}
+
+impl Figures {
+    pub fn add(&mut self, name: &str, value: f64) {
+        self.samples.entry(name.to_string()).or_default().push(value);
+    }
+
+    /// The median of the figure's repetitions.
+    pub fn median(&self, name: &str) -> Option<f64> {
+        stats::median(self.samples.get(name)?)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[f64])> {
+        self.samples.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+}
+
+/// A part of the benchmark that `--only` can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Group {
+    /// memcpy_gbps
+    Memcpy,
+    /// raw_copy_gbps
+    #[value(name = "raw_copy")]
+    RawCopy,
+    /// min_fault_us (+ p99, pinned variants), min_touch_all_gbps, touch_resident_gbps
+    #[value(name = "min_handler")]
+    MinHandler,
+    /// fault_p50_us, fault_p99_us
+    Fault,
+    /// touch_all_gbps
+    #[value(name = "touch_all")]
+    TouchAll,
+    /// complete_dense_gbps
+    #[value(name = "complete_dense")]
+    CompleteDense,
+    /// complete_sparse_gbps
+    #[value(name = "complete_sparse")]
+    CompleteSparse,
+    /// stall_max_ms, stall_p99_ms
+    Stall,
+    /// rpc_complete_p50_ms
+    Rpc,
+    /// sessions_*, pager_threads_*, pager_*_per_session_kib, watch_snapshot_ms
+    Sessions,
+}
+
+impl Group {
+    /// The name `--only` takes.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
+    }
+
+    pub const ALL: [Group; 10] = [
+        Group::Memcpy,
+        Group::RawCopy,
+        Group::MinHandler,
+        Group::Fault,
+        Group::TouchAll,
+        Group::CompleteDense,
+        Group::CompleteSparse,
+        Group::Stall,
+        Group::Rpc,
+        Group::Sessions,
+    ];
+}
+
+/// Everything one run does.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub groups: Vec<Group>,
+    pub reps: usize,
+    /// Size of the big memory files and VMs.
+    pub size: u64,
+    /// Random pages touched per fault-latency repetition.
+    pub fault_touches: u64,
+    pub sessions: SessionsPlan,
+    /// Small sessions completed per `rpc` repetition.
+    pub rpc_sessions: usize,
+    /// Where the temporary directory (memory files, runtime directories) goes.
+    pub dir: PathBuf,
+    /// Where memory files are kept between runs (`None`: in the temporary directory, removed).
+    pub files_dir: Option<PathBuf>,
+    pub bins: Binaries,
+}
+
+impl Plan {
+    fn has(&self, g: Group) -> bool {
+        self.groups.contains(&g)
+    }
+}
+
+/// What a run produced: the figures, and the errors of the parts that failed.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub figures: Figures,
+    pub errors: Vec<String>,
+}
+
+/// The run's files, removed on drop: drop it once the results are out (removing gigabytes can
+/// be slow).
+#[derive(Debug)]
+pub struct Leftovers {
+    files: MemoryFiles,
+    work: tempfile::TempDir,
+}
+
+impl Leftovers {
+    /// Removes the files (now rather than whenever the value is dropped).
+    pub fn remove(self) {
+        let Leftovers { files, work } = self;
+        drop(files);
+        drop(work);
+    }
+}
+
+fn note(msg: &str) {
+    eprintln!("uffd-bench: {msg}");
+}
+
+/// Runs the plan: files first, then the baselines, then the project, then many sessions.
+pub async fn run(plan: &Plan) -> anyhow::Result<(Outcome, Leftovers)> {
+    memfiles::check_userfaultfd()?;
+    let work = tempfile::Builder::new()
+        .prefix("uffd-bench-")
+        .tempdir_in(&plan.dir)
+        .with_context(|| format!("creating a temporary directory in {}", plan.dir.display()))?;
+    let dir = work.path().to_path_buf();
+    if memfiles::is_tmpfs(&dir) {
+        note("warning: the memory files are on tmpfs, not on a disk's page cache");
+    }
+    let mut out = Outcome::default();
+    let started = Instant::now();
+    let files = {
+        let (groups, size, small) = (plan.groups.clone(), plan.size, plan.sessions.size);
+        let (files_dir, keep) = match &plan.files_dir {
+            Some(d) => (d.clone(), true),
+            None => (dir.clone(), false),
+        };
+        std::fs::create_dir_all(&files_dir)
+            .with_context(|| format!("creating {}", files_dir.display()))?;
+        tokio::task::spawn_blocking(move || {
+            MemoryFiles::create(&files_dir, &groups, size, small, keep)
+        })
+        .await
+        .context("memory file task")??
+    };
+    note(&format!("memory files written and warm in {:.1}s", started.elapsed().as_secs_f64()));
+
+    baselines(plan, &files, &dir, &mut out).await;
+    project(plan, &files, &dir, &mut out).await;
+    if plan.has(Group::Sessions) {
+        if let Some(small) = &files.small {
+            note(&format!(
+                "sessions: {} VMs of {} MiB",
+                plan.sessions.count,
+                plan.sessions.size >> 20
+            ));
+            let r = sessions::run(
+                &plan.bins,
+                &dir.join("run-sessions"),
+                small,
+                &plan.sessions,
+                &mut out.figures,
+            )
+            .await;
+            record(&mut out, "sessions", r);
+        }
+    }
+    Ok((out, Leftovers { files, work }))
+}
+
+fn record(out: &mut Outcome, what: &str, result: anyhow::Result<()>) {
+    if let Err(e) = result {
+        note(&format!("{what} failed: {e:#}"));
+        out.errors.push(format!("{what}: {e:#}"));
+    }
+}
+
+async fn baselines(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &mut Outcome) {
+    let Some(dense) = files.dense.clone() else { return };
+    let reps = plan.reps;
+    if plan.has(Group::Memcpy) || plan.has(Group::RawCopy) {
+        let (memcpy, raw) = (plan.has(Group::Memcpy), plan.has(Group::RawCopy));
+        let result = tokio::task::spawn_blocking(move || {
+            let src = baseline::MappedFile::open(&dense)?;
+            std::hint::black_box(src.touch());
+            let m = if memcpy { baseline::memcpy(&src, reps)? } else { Vec::new() };
+            let r = if raw { baseline::raw_copy(&src, reps)? } else { Vec::new() };
+            anyhow::Ok((m, r))
+        })
+        .await
+        .context("baseline task");
+        match result.and_then(|r| r) {
+            Ok((m, r)) => {
+                m.iter().for_each(|v| out.figures.add("memcpy_gbps", *v));
+                r.iter().for_each(|v| out.figures.add("raw_copy_gbps", *v));
+                note(&format!("memcpy {m:.2?} GB/s, raw UFFDIO_COPY {r:.2?} GB/s"));
+            }
+            Err(e) => record(out, "memcpy/raw_copy", Err(e)),
+        }
+    }
+    if plan.has(Group::MinHandler) {
+        let r = min_handler_figures(plan, files, dir, &mut out.figures).await;
+        record(out, "min_handler", r);
+    }
+}
+
+async fn min_handler_figures(
+    plan: &Plan,
+    files: &MemoryFiles,
+    dir: &std::path::Path,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let dense = files.dense.clone().context("no dense memory file")?;
+    let cpus = placement::cpus();
+    for rep in 0..plan.reps {
+        let (dir, size, touches) = (dir.to_path_buf(), plan.size, plan.fault_touches);
+        let dense = dense.clone();
+        let runs = tokio::task::spawn_blocking(move || {
+            let limit = supervisor::VM_STEP;
+            let random = Workload::Random { pages: touches, seed: 1000 + rep as u64 };
+            let free = min_handler::run(&dir, &dense, size, random, Placement::FREE, limit)?;
+            let seq =
+                min_handler::run(&dir, &dense, size, Workload::Sequential, Placement::FREE, limit)?;
+            let pinned = if cpus >= 2 {
+                let one = Placement { vm_cpu: Some(1), handler_cpu: Some(1) };
+                let two = Placement { vm_cpu: Some(0), handler_cpu: Some(1) };
+                let small = Workload::Random { pages: touches.min(5000), seed: 77 + rep as u64 };
+                Some((
+                    min_handler::run(&dir, &dense, size, small, one, limit)?,
+                    min_handler::run(&dir, &dense, size, small, two, limit)?,
+                ))
+            } else {
+                None
+            };
+            anyhow::Ok((free, seq, pinned))
+        })
+        .await
+        .context("minimal handler task")??;
+        let (free, seq, pinned) = runs;
+        f.add("min_fault_us", free.first.stall_p50_us);
+        f.add("min_fault_p99_us", free.first.stall_p99_us);
+        f.add("min_touch_all_gbps", gbps(seq.first.bytes_read, seq.first.elapsed_ms / 1000.0));
+        if let Some(resident) = &seq.resident {
+            f.add("touch_resident_gbps", gbps(resident.bytes_read, resident.elapsed_ms / 1000.0));
+        }
+        if let Some((same, cross)) = pinned {
+            f.add("min_fault_same_cpu_us", same.first.stall_p50_us);
+            f.add("min_fault_cross_cpu_us", cross.first.stall_p50_us);
+        }
+        note(&format!(
+            "minimal handler rep {rep}: fault p50 {:.1} us p99 {:.1} us, touch-all {:.2} GB/s",
+            free.first.stall_p50_us,
+            free.first.stall_p99_us,
+            gbps(seq.first.bytes_read, seq.first.elapsed_ms / 1000.0)
+        ));
+    }
+    Ok(())
+}
+
+async fn project(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &mut Outcome) {
+    use Group::*;
+    let wanted: Vec<Group> = [Fault, TouchAll, CompleteDense, CompleteSparse, Stall, Rpc]
+        .into_iter()
+        .filter(|g| plan.has(*g))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let p = match Project::start(&plan.bins, &dir.join("run-project")).await {
+        Ok(p) => p,
+        Err(e) => return record(out, "starting the project", Err(e)),
+    };
+    let size = plan.size;
+    // Repetitions interleave the figures, so that a noisy moment spreads over all of them.
+    for rep in 0..plan.reps {
+        for &g in &wanted {
+            let f = &mut out.figures;
+            let r = match (g, &files.dense, &files.sparse, &files.small) {
+                (Fault, Some(d), _, _) => {
+                    project::faults(&p, f, rep, d, size, plan.fault_touches).await
+                }
+                (TouchAll, Some(d), _, _) => project::touch_all(&p, f, rep, d, size).await,
+                (CompleteDense, Some(d), _, _) => {
+                    project::complete(&p, f, rep, "dense", d, size).await
+                }
+                (CompleteSparse, _, Some(s), _) => {
+                    project::complete(&p, f, rep, "sparse", s, size).await
+                }
+                (Stall, Some(d), _, _) => project::stall(&p, f, rep, d, size).await,
+                (Rpc, _, _, Some(s)) => {
+                    project::rpc_complete(&p, f, rep, s, plan.sessions.size, plan.rpc_sessions)
+                        .await
+                }
+                _ => Ok(()),
+            };
+            let name = format!("{} rep {rep}", g.name());
+            if r.is_ok() {
+                note(&format!("{name}: {}", latest(&out.figures, g)));
+            }
+            record(out, &name, r);
+        }
+    }
+    drop(p);
+}
+
+/// The figures a group just measured, for progress lines.
+fn latest(f: &Figures, g: Group) -> String {
+    let names: &[&str] = match g {
+        Group::Fault => &["fault_p50_us", "fault_p99_us"],
+        Group::TouchAll => &["touch_all_gbps"],
+        Group::CompleteDense => &["complete_dense_gbps"],
+        Group::CompleteSparse => &["complete_sparse_gbps"],
+        Group::Stall => &["stall_max_ms", "stall_p99_ms", "complete_with_reader_gbps"],
+        Group::Rpc => &["rpc_complete_p50_ms"],
+        _ => &[],
+    };
+    names
+        .iter()
+        .filter_map(|n| {
+            let v = f.iter().find(|(k, _)| k == n)?.1.last()?;
+            Some(format!("{n} {v:.2}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The machine, for the JSON line and BENCHMARKS.md.
+pub fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:").and_then(|m| m.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    json!({
+        "nproc": placement::cpus(),
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "mem_gib": (mem_kib as f64 / (1024.0 * 1024.0) * 10.0).round() / 10.0,
+    })
+}

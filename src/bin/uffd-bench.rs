@@ -1,0 +1,247 @@
+//! `uffd-bench`: every baseline and every project figure in ONE run, on the same memory files,
+//! and the ratios between them.
+//!
+//! ```text
+//! cargo run --release --bin uffd-bench                 # full run (1 GiB, 1,000 sessions)
+//! cargo run --release --bin uffd-bench -- --quick      # under a minute (256 MiB, 100 sessions)
+//! cargo run --release --bin uffd-bench -- --json       # the table on stderr, one JSON line on stdout
+//! cargo run --release --bin uffd-bench -- --only fault,min_handler --reps 5
+//! ```
+//!
+//! Baselines measured by the benchmark itself: `memcpy_gbps`, `raw_copy_gbps` (in-process
+//! `UFFDIO_COPY`), `min_fault_us` and `min_touch_all_gbps` (a one-page-per-fault handler in a
+//! child process: this binary with `--min-handler`). The project: the real `uffd-supervisor`
+//! and `uffd-pager` serving `uffdpager::vmsim` VMs. Run as root (userfaultfd).
+//!
+//! Under `cargo run`, the supervisor and pager binaries are rebuilt first (with the same
+//! profile), so a pager just edited is the one measured; `--no-build` skips that.
+
+#[path = "../../bench/mod.rs"]
+mod bench;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::json;
+
+use bench::sessions::SessionsPlan;
+use bench::supervisor::Binaries;
+use bench::{Group, Plan};
+
+#[derive(Debug, Parser)]
+#[command(name = "uffd-bench", about = "Baselines and the project's figures, in one run")]
+struct Cli {
+    /// Smaller sizes (256 MiB, 100 sessions): the whole run in under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON line with every figure, ratio and flag on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run only these parts (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Group>,
+    /// Repetitions per figure (each figure is their median) [default: 3].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Size of the big memory files and VMs, MiB [default: 1024; --quick 256].
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// VMs of the sessions scenario [default: 1000; --quick 100].
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Size of each VM of the sessions scenario, MiB.
+    #[arg(long, default_value_t = 16)]
+    session_mib: u64,
+    /// Random pages touched per fault-latency repetition [default: 20000; --quick 4000].
+    #[arg(long)]
+    fault_touches: Option<u64>,
+    /// CompleteSession calls in flight at once in the sessions scenario.
+    #[arg(long, default_value_t = 4)]
+    complete_concurrency: usize,
+    /// Directory for the run's temporary files (memory files must be on a disk, not tmpfs).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the memory files in this directory and reuse them in later runs (saves writing and
+    /// removing gigabytes on every run).
+    #[arg(long)]
+    files_dir: Option<PathBuf>,
+    /// The pager binary [default: uffd-pager beside this executable].
+    #[arg(long)]
+    pager_binary: Option<PathBuf>,
+    /// The supervisor binary [default: uffd-supervisor beside this executable].
+    #[arg(long)]
+    supervisor_binary: Option<PathBuf>,
+    /// Do not rebuild the supervisor and pager under `cargo run`.
+    #[arg(long)]
+    no_build: bool,
+    /// Show the supervisor's and pagers' logs.
+    #[arg(long)]
+    logs: bool,
+    /// Exit with status 2 when a target is missed.
+    #[arg(long)]
+    check: bool,
+
+    /// (internal) Run as the minimal handler, listening on this socket.
+    #[arg(long, hide = true, requires = "memory_file")]
+    min_handler: Option<PathBuf>,
+    /// (internal) The minimal handler's memory file.
+    #[arg(long, hide = true)]
+    memory_file: Option<PathBuf>,
+    /// (internal) Pin the minimal handler to this CPU.
+    #[arg(long, hide = true)]
+    cpu: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let (Some(socket), Some(file)) = (&cli.min_handler, &cli.memory_file) {
+        return match bench::min_handler::serve(socket, file, cli.cpu) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("uffd-bench --min-handler: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("uffd-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Rebuilds the project's binaries when running under `cargo run`, with this build's profile.
+fn rebuild(cli: &Cli) -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
+    if cli.no_build {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating uffd-bench")?;
+    let profile = exe.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.arg("build").arg("--quiet");
+    match profile {
+        "release" => {
+            cmd.arg("--release");
+        }
+        "debug" => {}
+        other => {
+            eprintln!("uffd-bench: unknown profile directory {other:?}: not rebuilding");
+            return Ok(());
+        }
+    }
+    cmd.arg("--manifest-path").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+    if cli.supervisor_binary.is_none() {
+        cmd.args(["--bin", "uffd-supervisor"]);
+    }
+    if cli.pager_binary.is_none() {
+        cmd.args(["--bin", "uffd-pager"]);
+    }
+    if cli.supervisor_binary.is_some() && cli.pager_binary.is_some() {
+        return Ok(());
+    }
+    eprintln!("uffd-bench: building the supervisor and pager ({profile})");
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build of the supervisor and pager failed ({status})");
+    }
+    Ok(())
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    rebuild(cli)?;
+    let bins = Binaries {
+        supervisor: cli
+            .supervisor_binary
+            .clone()
+            .unwrap_or_else(|| uffdpager::harness::bin_path("uffd-supervisor")),
+        pager: cli
+            .pager_binary
+            .clone()
+            .unwrap_or_else(|| uffdpager::harness::bin_path("uffd-pager")),
+        show_logs: cli.logs,
+    };
+    for b in [&bins.supervisor, &bins.pager] {
+        if !b.is_file() {
+            bail!("{} does not exist: build it first (cargo build --release)", b.display());
+        }
+    }
+    let quick = cli.quick;
+    let session_size = cli.session_mib << 20;
+    let plan = Plan {
+        groups: if cli.only.is_empty() { Group::ALL.to_vec() } else { cli.only.clone() },
+        reps: cli.reps.unwrap_or(3).max(1),
+        size: cli.size_mib.unwrap_or(if quick { 256 } else { 1024 }) << 20,
+        fault_touches: cli.fault_touches.unwrap_or(if quick { 4000 } else { 20000 }),
+        sessions: SessionsPlan {
+            count: cli.sessions.unwrap_or(if quick { 100 } else { 1000 }),
+            size: session_size,
+            touches: 16,
+            watch_reps: if quick { 3 } else { 5 },
+            complete_concurrency: cli.complete_concurrency,
+        },
+        rpc_sessions: if quick { 5 } else { 10 },
+        dir: cli.dir.clone().unwrap_or_else(std::env::temp_dir),
+        files_dir: cli.files_dir.clone(),
+        bins,
+    };
+    if plan.size == 0 || session_size == 0 {
+        bail!("sizes must be at least 1 MiB");
+    }
+    let flags = json!({
+        "quick": quick,
+        "reps": plan.reps,
+        "size_mib": plan.size >> 20,
+        "sessions": plan.sessions.count,
+        "session_mib": cli.session_mib,
+        "fault_touches": plan.fault_touches,
+        "complete_concurrency": plan.sessions.complete_concurrency,
+        "only": plan.groups.iter().map(|g| g.name()).collect::<Vec<_>>(),
+        "pager_binary": plan.bins.pager.display().to_string(),
+        "supervisor_binary": plan.bins.supervisor.display().to_string(),
+        "dir": plan.dir.display().to_string(),
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let started = std::time::Instant::now();
+    let (outcome, leftovers) = runtime.block_on(bench::run(&plan))?;
+    let rows = bench::report::evaluate(&outcome.figures);
+    let table = bench::report::table(&rows, plan.reps);
+    let mut flags = flags;
+    flags["wall_s"] = json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    if cli.json {
+        eprint!("{table}");
+        let line = bench::report::json_line(
+            &outcome.figures,
+            &rows,
+            flags,
+            bench::machine(),
+            &outcome.errors,
+        );
+        println!("{line}");
+    } else {
+        print!("{table}");
+        for e in &outcome.errors {
+            println!("error: {e}");
+        }
+    }
+    if plan.files_dir.is_none() {
+        eprintln!("uffd-bench: removing the memory files");
+    }
+    leftovers.remove();
+    if !outcome.errors.is_empty() {
+        return Ok(ExitCode::FAILURE);
+    }
+    if cli.check && rows.iter().any(|e| e.pass == Some(false)) {
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
