@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::startup::{parse_version_spec, VersionSpec};
+
 /// The one public entry point of a host's uffd pagers: creates sessions, owns their VMM sockets,
 /// spawns and tracks pager versions, and routes each session's calls to the version serving it.
 #[derive(Debug, Parser)]
@@ -24,13 +26,21 @@ pub struct Cli {
     #[arg(long)]
     pub allow_remote: bool,
 
-    /// The pager binary to start [default: `uffd-pager` beside this executable].
-    #[arg(long)]
-    pub pager_binary: Option<PathBuf>,
+    /// A pager binary to start, `PATH` or `PATH=LABEL` (LABEL: its version label, default:
+    /// what `PATH --print-version` prints). Repeatable: every one is started, the last one is
+    /// the active version and the others stay running as roll-back targets (ActivateVersion)
+    /// [default: `uffd-pager` beside this executable].
+    #[arg(long, value_name = "PATH[=LABEL]", value_parser = parse_version_spec)]
+    pub pager_binary: Vec<VersionSpec>,
 
-    /// Version label of that pager [default: what `<pager-binary> --print-version` prints].
+    /// Version label of the pager binary, when one `--pager-binary` (or none) is given.
     #[arg(long)]
     pub pager_version: Option<String>,
+
+    /// A TOML file listing the pager versions to start, instead of --pager-binary:
+    /// `[[versions]]` tables with `binary_path`, optional `version`, and `active = true` on one.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["pager_binary", "pager_version"])]
+    pub versions_config: Option<PathBuf>,
 
     /// How long a finished session (graduated, ended, failed) stays listed, e.g. 90s, 30m, 1h.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -186,5 +196,27 @@ mod tests {
         assert_eq!(cli.listen_tcp, Some("127.0.0.1:9000".parse().unwrap()));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert_eq!(cli.finished_retention, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn pager_binaries_repeat_and_exclude_a_versions_file() {
+        let cli = Cli::try_parse_from([
+            "uffd-supervisor",
+            "--pager-binary",
+            "/opt/1/uffd-pager=v1",
+            "--pager-binary",
+            "/opt/2/uffd-pager=v2",
+        ])
+        .unwrap();
+        let labels: Vec<&str> = cli.pager_binary.iter().map(|s| s.label.as_str()).collect();
+        assert_eq!(labels, ["v1", "v2"]);
+        let both = Cli::try_parse_from([
+            "uffd-supervisor",
+            "--pager-binary",
+            "/opt/1/uffd-pager",
+            "--versions-config",
+            "/etc/uffd/versions.toml",
+        ]);
+        assert!(both.is_err());
     }
 }

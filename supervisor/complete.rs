@@ -24,6 +24,8 @@ use crate::status::ServiceError;
 
 /// Most of the deadline kept back for the answer's way back.
 const MAX_MARGIN: Duration = Duration::from_millis(250);
+/// How long a failed call waits to learn whether its pager died.
+const DIED_CHECK: Duration = Duration::from_millis(500);
 
 /// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -85,6 +87,33 @@ fn precheck(id: &str, r: &Record) -> Result<Option<CompleteSessionResponse>, Ser
     }
 }
 
+/// The error of a failed call to a pager: when the pager died during the call (the transport
+/// broke), says so — the session is re-adopted and keeps serving.
+async fn pager_failure(
+    version: &str,
+    process: &PagerProcess,
+    status: tonic::Status,
+    deadline: Option<Instant>,
+) -> ServiceError {
+    let transport = matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Cancelled
+    );
+    if transport {
+        if let Ok(exit) = tokio::time::timeout(DIED_CHECK, process.wait_exit()).await {
+            return ServiceError::PagerDied {
+                version: version.to_string(),
+                pid: process.pid,
+                exit: exit.status,
+            };
+        }
+    }
+    ServiceError::Pager { version: version.to_string(), status: deadline_status(status, deadline) }
+}
+
 impl Core {
     /// CompleteSession: forwards to the owning pager with the caller's remaining deadline.
     pub async fn complete_session(
@@ -97,24 +126,31 @@ impl Core {
         if let Some(done) = precheck(&id, &record)? {
             return Ok(done);
         }
+        if record.handing_off {
+            return Err(ServiceError::Readopting { id });
+        }
         let version = record.session.pager_version.clone();
         let process = self.versions.owner(&version)?;
         // COMPLETING from now on, so that watchers see it (unless it changed meanwhile).
         let started = self.inventory.modify(&id, |r| {
-            if !is_live(r.state()) {
-                return Some(Box::new(r.clone())); // it changed meanwhile
+            if !is_live(r.state()) || r.session.pager_version != version {
+                return Err(Some(Box::new(r.clone()))); // it changed meanwhile
+            }
+            if r.handing_off {
+                return Err(None); // its pager died: being re-adopted
             }
             r.completions += 1;
             r.session.state = SessionState::Completing as i32;
-            None
+            Ok(())
         });
         match started {
             None => return Err(ServiceError::SessionNotFound(id)),
-            Some((Some(changed), _)) => {
+            Some((Err(Some(changed)), _)) => {
                 return precheck(&id, &changed)?
-                    .ok_or_else(|| ServiceError::Internal("session state changed".into()));
+                    .ok_or_else(|| ServiceError::Readopting { id: id.clone() });
             }
-            Some((None, _)) => {}
+            Some((Err(None), _)) => return Err(ServiceError::Readopting { id }),
+            Some((Ok(()), _)) => {}
         }
         let core = self.clone();
         tokio::spawn(async move { core.run_completion(id, version, process, deadline).await })
@@ -138,19 +174,18 @@ impl Core {
                 if let Some(left) = left {
                     req.set_timeout(outgoing_timeout(left));
                 }
-                process
-                    .client()
-                    .complete_session(req)
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|status| ServiceError::Pager {
-                        version: version.clone(),
-                        status: deadline_status(status, deadline),
-                    })
+                match process.client().complete_session(req).await {
+                    Ok(r) => Ok(r.into_inner()),
+                    Err(status) => Err(pager_failure(&version, &process, status, deadline).await),
+                }
             }
         };
         match result {
             Ok(mut resp) => {
+                // Which process served it: with several versions of one build, the answer
+                // names the one that graduated the session.
+                resp.message =
+                    format!("pager version {version} (pid {}): {}", process.pid, resp.message);
                 let live = resp.session.take();
                 let merged = self.finish_completion(&id, live.as_ref(), None);
                 let session = merged.or(live);

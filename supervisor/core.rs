@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 use uffdpager::api::{EndSessionRequest, SessionState};
-use uffdpager::handoff::SessionFds;
+use uffdpager::handoff::{HandoffRequest, SessionFds};
 
 use crate::inventory::{is_terminal, Inventory};
 use crate::versions::Versions;
@@ -35,6 +35,9 @@ pub struct Config {
     pub handoff_timeout: Duration,
     /// How long a handoff waits for the active version while it (re)starts.
     pub handoff_wait: Duration,
+    /// How long the sessions of a pager that died wait for a version to adopt them (the active
+    /// one being respawned, with its backoff), before they are FAILED.
+    pub readopt_wait: Duration,
     /// How long a new pager may take to report SERVING on its health check.
     pub ready_timeout: Duration,
     /// Wait after Pager/Shutdown before SIGTERM, and after SIGTERM before SIGKILL.
@@ -55,6 +58,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(30),
             handoff_timeout: Duration::from_secs(10),
             handoff_wait: Duration::from_secs(10),
+            readopt_wait: Duration::from_secs(60),
             ready_timeout: Duration::from_secs(10),
             stop_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
@@ -70,10 +74,12 @@ pub struct Held {
     pub socket_path: PathBuf,
     /// The socket file exists and its listener runs.
     pub socket_open: bool,
-    /// The supervisor's copies of what it handed to the pager. It never reads from the uffd:
-    /// that would steal the pager's faults. They exist so that another pager can adopt the
-    /// session if this one dies.
+    /// The supervisor's copies of what it handed to the pager (uffd, memory file, VMM stream,
+    /// removed-ranges log). It never reads from the uffd: that would steal the pager's faults.
+    /// They exist so that another pager can adopt the session if this one dies.
     pub fds: Option<SessionFds>,
+    /// The handoff that made the session SERVING, to send again (with `adopt`) on re-adoption.
+    pub request: Option<HandoffRequest>,
     /// The task accepting on the session socket (aborting it closes the socket).
     pub accept: Option<AbortHandle>,
     /// The task handling the first connection (handshake and handoff).
@@ -139,8 +145,10 @@ impl Core {
         }
     }
 
-    /// Forgets a session's resources entirely, listener and setup included.
+    /// Forgets a session's resources entirely, listener and setup included, and its metadata
+    /// file.
     pub fn forget_held(&self, id: &str) {
+        crate::runtime_state::remove_session_meta(&self.config.sessions_dir, id);
         let mut held = self.held();
         if let Some(mut h) = held.remove(id) {
             close_socket(&mut h);
@@ -168,6 +176,17 @@ impl Core {
             }
         });
         self.release(id, keep_fds);
+    }
+
+    /// Makes `version` the active one in the inventory (sessions' `outdated` flips, with
+    /// UPDATED events) and records it in `DIR/active-version` for a restarted supervisor.
+    pub fn set_active_version(&self, version: &str) {
+        self.inventory.set_active_version(version);
+        if let Err(e) =
+            crate::runtime_state::write_active_version(&self.config.runtime_dir, version)
+        {
+            warn!(version = %version, error = %e, "cannot record the active version");
+        }
     }
 
     /// Asks `version` to release a finished session it still lists (its tombstone). Best

@@ -12,7 +12,6 @@ use tracing::{error, info, warn};
 use uffdpager::api::{PagerVersion, VersionState};
 
 use crate::core::Core;
-use crate::inventory::is_live;
 use crate::pagers::{check_binary, probe_version, Exit, PagerError, PagerPaths, PagerProcess};
 use crate::session_id;
 use crate::status::ServiceError;
@@ -25,9 +24,22 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// Wait before retrying to stop a DRAINING pager that refused.
 const STOP_RETRY: Duration = Duration::from_secs(30);
 
-/// Wait before the `n`th restart in a row (1, 2, 4 s...).
+/// Wait before the `n`th restart in a row: none for the first (the VMs of a pager that died wait
+/// for its successor), then 1, 2, 4 s...
 fn backoff(n: u32) -> Duration {
-    Duration::from_secs(1u64 << n.saturating_sub(1).min(6))
+    match n {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 2).min(6)),
+    }
+}
+
+/// What a started version becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// ACTIVE; the previous active version drains (DeployVersion).
+    Active,
+    /// DRAINING but kept while idle, as a roll-back target (startup, beside the active one).
+    Standby,
 }
 
 /// The previous active version steps down: DRAINING if it runs, or its pending respawn is
@@ -66,6 +78,27 @@ impl Core {
         binary_path: &str,
         label: &str,
     ) -> Result<PagerVersion, ServiceError> {
+        self.start_version(binary_path, label, Role::Active).await
+    }
+
+    /// The label a version will run as: `label`, checked, or (empty) what the binary reports.
+    pub async fn resolve_label(binary: &Path, label: &str) -> Result<String, ServiceError> {
+        check_binary(binary)?;
+        if label.is_empty() {
+            return Ok(probe_version(binary).await?);
+        }
+        session_id::validate(label)
+            .map_err(|source| ServiceError::InvalidVersionLabel { label: label.into(), source })?;
+        Ok(label.to_string())
+    }
+
+    /// Starts `binary_path` as version `label` (empty: what the binary reports) in `role`.
+    pub async fn start_version(
+        self: &Arc<Self>,
+        binary_path: &str,
+        label: &str,
+        role: Role,
+    ) -> Result<PagerVersion, ServiceError> {
         if self.is_closing() {
             return Err(ServiceError::ShuttingDown);
         }
@@ -78,16 +111,7 @@ impl Core {
             }
             .into());
         }
-        check_binary(&binary)?;
-        let label = if label.is_empty() {
-            probe_version(&binary).await?
-        } else {
-            session_id::validate(label).map_err(|source| ServiceError::InvalidVersionLabel {
-                label: label.into(),
-                source,
-            })?;
-            label.to_string()
-        };
+        let label = Self::resolve_label(&binary, label).await?;
         self.versions.update(|t| {
             if let Some(e) = t.entries.get(&label) {
                 if matches!(
@@ -103,7 +127,7 @@ impl Core {
             t.entries.insert(label.clone(), VersionEntry::new(&label, binary.clone()));
             Ok(())
         })?;
-        info!(version = %label, binary = %binary.display(), "deploying pager version");
+        info!(version = %label, binary = %binary.display(), ?role, "deploying pager version");
         let process = match self.spawn_version(&label, &binary).await {
             Ok(p) => p,
             Err(e) => {
@@ -136,6 +160,13 @@ impl Core {
                     ),
                 });
             }
+            if role == Role::Standby {
+                if let Some(e) = t.entries.get_mut(&label) {
+                    e.state = VersionState::Draining;
+                    e.standby = true;
+                }
+                return Ok(None);
+            }
             let previous = t.active.replace(label.clone());
             if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
                 demote(t, prev);
@@ -145,7 +176,11 @@ impl Core {
             }
             Ok(previous)
         })?;
-        self.inventory.set_active_version(&label);
+        if role == Role::Standby {
+            info!(version = %label, pid = process.pid, "pager version on standby (DRAINING, kept while idle)");
+            return self.version_info(&label);
+        }
+        self.set_active_version(&label);
         info!(
             version = %label,
             pid = process.pid,
@@ -173,13 +208,14 @@ impl Core {
             }
             e.state = VersionState::Active;
             e.next_stop_attempt = None;
+            e.standby = false;
             let previous = t.active.replace(label.to_string());
             if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
                 demote(t, prev);
             }
             Ok(previous)
         })?;
-        self.inventory.set_active_version(label);
+        self.set_active_version(label);
         info!(
             version = %label,
             previous = previous.as_deref().unwrap_or(""),
@@ -203,17 +239,22 @@ impl Core {
                 e.started_at = Some(process.started_at);
             }
         });
+        self.watch_process(version, &process);
+        Ok(process)
+    }
+
+    /// Handles the exit of `process` (of `version`) once it happens.
+    pub fn watch_process(self: &Arc<Self>, version: &str, process: &Arc<PagerProcess>) {
         let (core, watched, version) = (self.clone(), process.clone(), version.to_string());
         tokio::spawn(async move {
             let exit = watched.wait_exit().await;
             core.pager_exited(version, watched, exit);
         });
-        Ok(process)
     }
 
     /// A pager process exited: expected (a stop was asked for) → EXITED; otherwise its live
-    /// sessions are FAILED (their duplicate fds kept for re-adoption), and an active version is
-    /// respawned unless it died too often in a row.
+    /// sessions are handed to another pager (`readopt.rs`), and an active version is respawned
+    /// (its fresh process adopts them) unless it died too often in a row.
     fn pager_exited(self: Arc<Self>, version: String, process: Arc<PagerProcess>, exit: Exit) {
         let closing = self.is_closing();
         let outcome = self.versions.update(|t| {
@@ -257,21 +298,9 @@ impl Core {
             ExitOutcome::Lost { respawn_after } => respawn_after,
         };
         error!(version = %version, pid, exit = %exit, "pager exited unexpectedly");
-        for rec in self.inventory.records_of_version(&version) {
-            if is_live(rec.state()) {
-                let id = rec.session.id.clone();
-                warn!(session = %id, version = %version, "session FAILED: its pager died");
-                self.fail_session(
-                    &id,
-                    format!(
-                        "pager version {version} (pid {pid}) exited unexpectedly ({}); the VM \
-                         cannot be served until the session is re-adopted",
-                        exit.status
-                    ),
-                    true,
-                );
-            }
-        }
+        // Before the respawn: the sessions are marked as being re-adopted before a fresh
+        // process of this version could list (and so lose) them.
+        self.orphan_sessions(&version, pid, &exit);
         if let Some(delay) = respawn_after {
             info!(version = %version, delay = ?delay, "respawning the pager version");
             tokio::spawn(self.respawn(version, delay));
@@ -336,7 +365,9 @@ impl Core {
             let mut out = Vec::new();
             for e in t.entries.values_mut() {
                 let due = e.next_stop_attempt.is_none_or(|at| at <= now);
-                if e.state != VersionState::Draining || e.inflight_handoffs > 0 || !due {
+                let idle_kept = e.standby;
+                if e.state != VersionState::Draining || e.inflight_handoffs > 0 || !due || idle_kept
+                {
                     continue;
                 }
                 // Lock order: versions, then the inventory.
@@ -384,7 +415,7 @@ enum ExitOutcome {
     Stale,
     /// A stop was asked for: EXITED.
     Stopped,
-    /// It died: its sessions are lost; maybe respawn.
+    /// It died: its sessions are re-adopted; maybe respawn.
     Lost { respawn_after: Option<Duration> },
 }
 
@@ -394,9 +425,10 @@ mod tests {
 
     #[test]
     fn restarts_back_off_exponentially_and_stay_bounded() {
-        assert_eq!(backoff(1), Duration::from_secs(1));
-        assert_eq!(backoff(2), Duration::from_secs(2));
-        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_secs(1));
+        assert_eq!(backoff(3), Duration::from_secs(2));
+        assert_eq!(backoff(4), Duration::from_secs(4));
         assert_eq!(backoff(100), Duration::from_secs(64));
     }
 

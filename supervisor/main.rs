@@ -9,8 +9,11 @@
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
-//! - `pagers`: one child process, `pager_stderr` its log lines; `versions`: the version table;
-//!   `deploy`: versions over time (deploy, activate, respawn, drain);
+//! - `pagers`: one pager process, `pager_stderr` its log lines, `pidfd` how it is watched and
+//!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
+//!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
+//! - `startup`: the versions to start (command line, versions file); `recover`: taking over the
+//!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
 
 #![deny(unsafe_code)]
@@ -24,11 +27,16 @@ mod memory_file;
 mod monitor;
 mod pager_stderr;
 mod pagers;
+mod pidfd;
+mod readopt;
+mod recover;
+mod runtime_state;
 mod service;
 mod session_id;
 mod session_socket;
 mod sessions;
 mod shutdown;
+mod startup;
 mod status;
 mod versions;
 
@@ -95,24 +103,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 
-    let binary = match cli.pager_binary {
-        Some(p) => p,
-        None => cli::default_pager_binary().context("locating the pager beside this executable")?,
-    };
-    let binary = std::path::absolute(&binary)
-        .with_context(|| format!("resolving the pager binary {}", binary.display()))?;
-    let Some(binary) = binary.to_str().map(str::to_string) else {
-        bail!("the pager binary's path {} is not UTF-8", binary.display());
-    };
+    let specs = startup::version_specs(
+        &cli.pager_binary,
+        cli.pager_version.as_deref(),
+        cli.versions_config.as_deref(),
+    )?;
 
     let core = Core::new(config);
-    let label = cli.pager_version.unwrap_or_default();
-    // A signal meanwhile is not lost: it is handled once serving (a pager half started must
-    // not be abandoned).
-    core.deploy_version(&binary, &label)
-        .await
-        .map_err(anyhow::Error::new)
-        .context("starting the first pager version")?;
+    // Pagers an earlier run left serving are taken over first, then the listed versions that do
+    // not run yet are started. A signal meanwhile is not lost: it is handled once serving (a
+    // pager half started must not be abandoned).
+    let recovered = core.recover().await;
+    startup::start_versions(&core, &specs, &recovered).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (health, servers) = serve(&core, &uds_path, cli.listen_tcp, stop_rx).await?;

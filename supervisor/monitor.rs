@@ -149,11 +149,13 @@ impl Core {
                 }
             }
         }
-        // A live session its pager no longer lists (and had listed since it was handed over).
+        // A live session its pager no longer lists (and had listed since it was handed over);
+        // not one being handed over again (its pager died and a fresh one adopts it).
         for rec in self.inventory.records_of_version(version) {
             let id = &rec.session.id;
             let stale = rec.serving_since.is_some_and(|t| t < asked_at);
-            if is_live(rec.state()) && rec.completions == 0 && stale && !seen.contains(id) {
+            let settled = rec.completions == 0 && !rec.handing_off;
+            if is_live(rec.state()) && settled && stale && !seen.contains(id) {
                 warn!(
                     session = %id,
                     version = %version,

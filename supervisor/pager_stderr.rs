@@ -1,17 +1,38 @@
-//! A pager's stderr: every line forwarded as a log event of the supervisor (with the pager's
-//! `version` and `pid`), and the last lines kept for the error message when the pager dies.
+//! A pager's log: its stderr goes to `DIR/pagers/<version>/pager.log` (append mode), and the
+//! supervisor follows that file, forwarding every line as a log event of its own (with the
+//! pager's `version` and `pid`) and keeping the last lines for the error message when the pager
+//! dies.
+//!
+//! Why a file and not a pipe: a pager must outlive the supervisor (its VMs would freeze without
+//! it). Once the supervisor is gone a pipe has no reader, the pager's next log line fails with
+//! EPIPE, tracing's writer reports that failure on the same stderr with `eprintln!`, which
+//! panics — and the pager (built with `panic = "abort"`) dies at its next log line, taking its
+//! VMs with it. A file has no reader to lose; a restarted supervisor follows it on from its end,
+//! and the file is there for post-mortems.
+//!
+//! The follower polls the file at its end every [`LOG_POLL`] (it is woken at once when the pager
+//! exits, to read its last words). Once it has read [`MAX_LOG_BYTES`], it truncates the file: the
+//! pager writes in append mode and goes on at the new end. Lines written between the follower's
+//! last read and the truncation are lost — a window of microseconds per 8 MiB of log.
 
 use std::collections::VecDeque;
+use std::io::SeekFrom;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::ChildStderr;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-/// Lines of a pager's stderr kept for error messages.
+/// Lines of a pager's log kept for error messages.
 const LAST_WORDS: usize = 20;
-/// Longest stderr line forwarded as one event (longer ones are split).
-const MAX_LINE: u64 = 8192;
+/// Longest log line forwarded as one event (longer ones are split).
+const MAX_LINE: usize = 8192;
+/// How often the follower looks for new lines at the end of the file.
+pub const LOG_POLL: Duration = Duration::from_millis(100);
+/// The log file is truncated once this much of it has been read.
+pub const MAX_LOG_BYTES: u64 = 8 << 20;
 
 /// The last [`LAST_WORDS`] lines a pager wrote, shared with the task that reads them.
 #[derive(Debug, Clone, Default)]
@@ -36,27 +57,23 @@ impl LastWords {
     }
 }
 
-/// Forwards each stderr line of a pager as a log event with its `version`, and keeps the last
-/// [`LAST_WORDS`] lines.
-pub async fn forward_stderr(stderr: ChildStderr, version: String, pid: u32, last_words: LastWords) {
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf).await {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) => {
-                debug!(version = %version, pid, error = %e, "reading the pager's stderr failed");
-                return;
-            }
-        }
-        let raw = String::from_utf8_lossy(&buf);
+/// Who wrote the lines a follower reads.
+#[derive(Debug, Clone)]
+pub struct LogSource {
+    pub version: String,
+    pub pid: u32,
+    pub last_words: LastWords,
+}
+
+impl LogSource {
+    /// Forwards one line as a log event and keeps it among the last words.
+    fn emit(&self, raw: &[u8]) {
+        let raw = String::from_utf8_lossy(raw);
         let (level, line) = split_line(raw.trim_end());
         if line.is_empty() {
-            continue;
+            return;
         }
-        let line = line.to_string();
+        let (version, pid) = (&self.version, self.pid);
         match level {
             tracing::Level::ERROR => error!(target: "pager", version = %version, pid, "{line}"),
             tracing::Level::WARN => warn!(target: "pager", version = %version, pid, "{line}"),
@@ -65,7 +82,82 @@ pub async fn forward_stderr(stderr: ChildStderr, version: String, pid: u32, last
             }
             _ => info!(target: "pager", version = %version, pid, "{line}"),
         }
-        last_words.push(line);
+        self.last_words.push(line.to_string());
+    }
+}
+
+/// Follows the pager's log file from byte `from` until `gone` turns true (the pager exited),
+/// then reads what is left and returns.
+pub async fn follow_log(
+    path: PathBuf,
+    from: u64,
+    source: LogSource,
+    mut gone: watch::Receiver<bool>,
+) {
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(version = %source.version, path = %path.display(), error = %e, "cannot read the pager's log");
+            return;
+        }
+    };
+    let mut offset = from;
+    if let Err(e) = file.seek(SeekFrom::Start(from)).await {
+        debug!(version = %source.version, error = %e, "seeking in the pager's log failed");
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut gone_seen = false;
+    loop {
+        // Read before looking: once the pager is gone, one more pass to the end gets its last
+        // words.
+        let finishing = gone_seen || *gone.borrow();
+        let n = match file.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(version = %source.version, error = %e, "reading the pager's log failed");
+                return;
+            }
+        };
+        if n > 0 {
+            offset += n as u64;
+            pending.extend_from_slice(&chunk[..n]);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                source.emit(&pending[..end]);
+                pending.drain(..=end);
+            }
+            if pending.len() >= MAX_LINE {
+                source.emit(&pending);
+                pending.clear();
+            }
+            continue;
+        }
+        if finishing {
+            if !pending.is_empty() {
+                source.emit(&pending);
+            }
+            return;
+        }
+        let len = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
+        if offset >= MAX_LOG_BYTES || len < offset {
+            // Ours to truncate (read in full), or truncated already: go on from its start.
+            if offset >= MAX_LOG_BYTES {
+                if let Err(e) =
+                    std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0))
+                {
+                    debug!(version = %source.version, error = %e, "truncating the pager's log failed");
+                }
+            }
+            offset = 0;
+            if file.seek(SeekFrom::Start(0)).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOG_POLL) => {}
+            changed = gone.changed() => if changed.is_err() { gone_seen = true },
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! One pager child process: started, watched until healthy, its stderr forwarded line by line
-//! (the last lines kept for error messages), reaped when it exits, stopped gracefully on request.
+//! One pager process: started, watched until healthy, its log (stderr, written to a file)
+//! forwarded line by line (the last lines kept for error messages), reaped when it exits,
+//! stopped gracefully on request. A pager found running by a restarted supervisor (not its
+//! child) is watched and signalled through a pidfd instead (`pidfd.rs`, `recover.rs`).
 //!
 //! Children are started in their own process group with `kill_on_drop(false)`: a Ctrl-C to the
 //! supervisor's terminal or the supervisor's own exit must not take the pagers down with it, since
@@ -26,7 +28,8 @@ use tracing::{debug, info, warn};
 use uffdpager::api::pager_client::PagerClient;
 use uffdpager::api::ShutdownRequest;
 
-use crate::pager_stderr::{forward_stderr, LastWords};
+use crate::pager_stderr::{follow_log, LastWords, LogSource};
+use crate::pidfd::PidFd;
 
 /// Pause between two health checks while a pager starts.
 const READY_POLL: Duration = Duration::from_millis(50);
@@ -40,6 +43,8 @@ pub struct PagerPaths {
     pub grpc_socket: PathBuf,
     pub handoff_socket: PathBuf,
     pub pid_file: PathBuf,
+    /// The pager's stderr (see `pager_stderr.rs`); kept after it exits.
+    pub log_file: PathBuf,
 }
 
 impl PagerPaths {
@@ -49,11 +54,13 @@ impl PagerPaths {
             grpc_socket: dir.join("grpc.sock"),
             handoff_socket: dir.join("handoff.sock"),
             pid_file: dir.join("pid"),
+            log_file: dir.join("pager.log"),
             dir,
         }
     }
 
-    /// Removes the sockets and the pid file (and the directory once empty).
+    /// Removes the sockets and the pid file (and the directory once empty: the log stays for
+    /// post-mortems).
     pub fn remove_files(&self) {
         for p in [&self.grpc_socket, &self.handoff_socket, &self.pid_file] {
             let _ = std::fs::remove_file(p);
@@ -148,7 +155,9 @@ pub struct PagerProcess {
     channel: Channel,
     last_words: LastWords,
     exit: watch::Receiver<Option<Exit>>,
+    /// It has exited: its pid may name another process now.
     reaped: Arc<AtomicBool>,
+    pidfd: Option<Arc<PidFd>>,
 }
 
 impl PagerProcess {
@@ -176,6 +185,7 @@ impl PagerProcess {
                 _ => {}
             }
         }
+        let log = open_log(&paths.log_file).map_err(prepare(&paths.log_file))?;
         let mut child = Command::new(binary)
             .arg("--grpc-socket")
             .arg(&paths.grpc_socket)
@@ -185,18 +195,27 @@ impl PagerProcess {
             .arg(version)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(log))
             .kill_on_drop(false)
             .process_group(0)
             .spawn()
             .map_err(|source| PagerError::Spawn { binary: binary.display().to_string(), source })?;
         let pid = child.id().unwrap_or(0);
         info!(version = %version, pid, binary = %binary.display(), "pager started");
+        // Opened before the child can be reaped, so it names this child and no other process.
+        let pidfd = match PidFd::open(pid) {
+            Ok(fd) => Some(Arc::new(fd)),
+            Err(e) => {
+                debug!(version = %version, pid, error = %e, "no pidfd: signals go by pid");
+                None
+            }
+        };
 
         let last_words = LastWords::default();
-        let stderr_task = child.stderr.take().map(|stderr| {
-            tokio::spawn(forward_stderr(stderr, version.to_string(), pid, last_words.clone()))
-        });
+        let (gone_tx, gone) = watch::channel(false);
+        let source =
+            LogSource { version: version.to_string(), pid, last_words: last_words.clone() };
+        let follower = tokio::spawn(follow_log(paths.log_file.clone(), 0, source, gone));
         let (exit_tx, exit) = watch::channel(None);
         let reaped = Arc::new(AtomicBool::new(false));
         {
@@ -204,10 +223,8 @@ impl PagerProcess {
             tokio::spawn(async move {
                 let status = child.wait().await;
                 reaped.store(true, Ordering::SeqCst);
-                if let Some(task) = stderr_task {
-                    // Its last lines, unless a grandchild keeps the pipe open.
-                    let _ = tokio::time::timeout(CALL_TIMEOUT, task).await;
-                }
+                gone_tx.send_replace(true);
+                let _ = tokio::time::timeout(CALL_TIMEOUT, follower).await;
                 let status = match status {
                     Ok(s) => s.to_string(),
                     Err(e) => format!("waiting for it failed: {e}"),
@@ -227,6 +244,7 @@ impl PagerProcess {
             last_words,
             exit,
             reaped,
+            pidfd,
         });
         if let Err(e) = std::fs::write(&process.paths.pid_file, format!("{pid}\n")) {
             warn!(
@@ -244,6 +262,52 @@ impl PagerProcess {
         }
         info!(version = %version, pid, "pager is ready");
         Ok(process)
+    }
+
+    /// A pager left running by an earlier supervisor (see `recover.rs`): not a child of this
+    /// one, so it is watched through its pidfd instead of reaped, and its log is followed from
+    /// its current end. `started_at` is what the pager reports.
+    pub fn recovered(
+        version: &str,
+        pidfd: PidFd,
+        paths: PagerPaths,
+        started_at: SystemTime,
+    ) -> Arc<Self> {
+        let pid = pidfd.pid();
+        let pidfd = Arc::new(pidfd);
+        let last_words = LastWords::default();
+        let (gone_tx, gone) = watch::channel(false);
+        let from = std::fs::metadata(&paths.log_file).map_or(0, |m| m.len());
+        let source =
+            LogSource { version: version.to_string(), pid, last_words: last_words.clone() };
+        let follower = tokio::spawn(follow_log(paths.log_file.clone(), from, source, gone));
+        let (exit_tx, exit) = watch::channel(None);
+        let reaped = Arc::new(AtomicBool::new(false));
+        {
+            let (last_words, reaped, pidfd) = (last_words.clone(), reaped.clone(), pidfd.clone());
+            tokio::spawn(async move {
+                pidfd.wait_exit().await;
+                reaped.store(true, Ordering::SeqCst);
+                gone_tx.send_replace(true);
+                let _ = tokio::time::timeout(CALL_TIMEOUT, follower).await;
+                let status = "exited (its status is unknown: it is not a child of this supervisor \
+                              run, which found it running at startup)"
+                    .to_string();
+                let _ = exit_tx.send(Some(Exit { status, last_words: last_words.get() }));
+            });
+        }
+        Arc::new(Self {
+            version: version.to_string(),
+            pid,
+            channel: uffdpager::grpc::uds_channel(&paths.grpc_socket),
+            paths,
+            started_at,
+            started: Instant::now(),
+            last_words,
+            exit,
+            reaped,
+            pidfd: Some(pidfd),
+        })
     }
 
     /// A client of the pager's gRPC API.
@@ -358,8 +422,14 @@ impl PagerProcess {
     }
 
     fn signal(&self, signal: Signal) {
-        // Once reaped, the pid may belong to another process: never signal it then.
+        // Once it has exited, the pid may belong to another process: never signal it then.
         if self.reaped.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(pidfd) = &self.pidfd {
+            if let Err(e) = pidfd.send_signal(signal) {
+                debug!(version = %self.version, pid = self.pid, %signal, error = %e, "signal not delivered");
+            }
             return;
         }
         let Ok(pid) = i32::try_from(self.pid) else { return };
@@ -370,6 +440,16 @@ impl PagerProcess {
             debug!(version = %self.version, pid, %signal, error = %e, "signal not delivered");
         }
     }
+}
+
+/// Opens (afresh) the pager's log file, in append mode, for its stderr.
+fn open_log(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)
 }
 
 #[cfg(test)]

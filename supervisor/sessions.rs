@@ -17,7 +17,12 @@ use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
 use crate::status::ServiceError;
-use crate::{memory_file, session_id, session_socket};
+use crate::{memory_file, runtime_state, session_id, session_socket};
+
+/// Attempts at a first handoff when the pager dies during it.
+const HANDOFF_ATTEMPTS: u32 = 3;
+/// How long a failed handoff waits to learn whether its pager died.
+const DIED_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The API's spelling of a session state, for messages.
 pub fn state_name(state: SessionState) -> &'static str {
@@ -107,11 +112,13 @@ impl Core {
                 socket_path,
                 socket_open: true,
                 fds: None,
+                request: None,
                 accept: Some(accept.abort_handle()),
                 setup: None,
             },
         );
         drop(held);
+        runtime_state::write_session_meta(&self.config.sessions_dir, &session);
         info!(
             session = %id,
             memory_file = %session.memory_file,
@@ -156,17 +163,8 @@ impl Core {
         if !matches!(claimed, Some((true, _))) {
             return; // deleted meanwhile: dropping the fds closes the VMM's connection
         }
-        // Held until the outcome is recorded, so that the version is not stopped meanwhile.
-        let reservation = match self.versions.begin_handoff(self.config.handoff_wait).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "no pager to hand the session to; the session FAILED");
-                self.fail_session(&id, format!("handing the session to a pager: {e}"), false);
-                return;
-            }
-        };
         let regions = hs.regions.clone();
-        let request = HandoffRequest {
+        let mut request = HandoffRequest {
             session_id: id.clone(),
             memory_file: self.inventory.get(&id).map(|s| s.memory_file).unwrap_or_default(),
             regions: regions.clone(),
@@ -176,53 +174,112 @@ impl Core {
             removed: vec![],
         };
         let vmm_pid = hs.vmm_pid;
-        let fds = session_fds(hs, memory_file, vmm);
-        let version = reservation.version.clone();
-        let socket = reservation.process.paths.handoff_socket.clone();
-        let timeout = self.config.handoff_timeout;
-        let sent = tokio::task::spawn_blocking(move || {
-            let r = handoff::send_session(&socket, &request, &fds, timeout);
-            (fds, r)
-        })
-        .await;
-        let (fds, result) = match sent {
-            Ok(v) => v,
-            Err(e) => {
-                self.fail_session(&id, format!("the handoff task failed: {e}"), false);
-                return;
+        let mut fds = Some(session_fds(hs, memory_file, vmm));
+        let mut attempt = 0;
+        // The reservation is held until the outcome is recorded, so that the version is not
+        // stopped meanwhile.
+        loop {
+            attempt += 1;
+            let reservation = match self.versions.begin_handoff(self.config.handoff_wait).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "no pager to hand the session to; the session FAILED");
+                    self.fail_session(&id, format!("handing the session to a pager: {e}"), false);
+                    return;
+                }
+            };
+            let version = reservation.version.clone();
+            let socket = reservation.process.paths.handoff_socket.clone();
+            let timeout = self.config.handoff_timeout;
+            let (req, sending) = (request.clone(), fds.take());
+            let sent = tokio::task::spawn_blocking(move || {
+                let fds = sending.ok_or_else(|| "no descriptors to send".to_string())?;
+                let r = handoff::send_session(&socket, &req, &fds, timeout);
+                Ok::<_, String>((fds, r))
+            })
+            .await;
+            let result = match sent {
+                Ok(Ok((sent_fds, r))) => {
+                    fds = Some(sent_fds);
+                    r
+                }
+                Ok(Err(e)) => {
+                    self.fail_session(&id, format!("the handoff failed: {e}"), false);
+                    return;
+                }
+                Err(e) => {
+                    self.fail_session(&id, format!("the handoff task failed: {e}"), false);
+                    return;
+                }
+            };
+            let total_bytes = regions.iter().map(|r| r.size).sum();
+            let error = match (result, fds.take()) {
+                (Ok(()), Some(sent)) => {
+                    // Recorded under `held` (the lock a pager's exit takes first to find the
+                    // sessions to re-adopt), and only if the pager still runs: a pager that dies
+                    // later finds the session SERVING with its descriptors; one that died already
+                    // is dealt with here.
+                    let mut held = self.held();
+                    if reservation.process.exit().is_none() {
+                        if let Some(h) = held.get_mut(&id) {
+                            h.fds = Some(sent);
+                            h.request = Some(request.clone());
+                            h.setup = None;
+                        }
+                        self.inventory.modify(&id, |r| {
+                            r.handing_off = false;
+                            r.serving_since = Some(tokio::time::Instant::now());
+                            let s = &mut r.session;
+                            s.state = SessionState::Serving as i32;
+                            s.pager_version = version.clone();
+                            s.connected_at = Some(uffdpager::grpc::timestamp_ms(connected_at_ms));
+                            s.vmm_pid = vmm_pid;
+                            s.total_bytes = total_bytes;
+                            // In memory-file order, the order Firecracker lists guest memory in
+                            // (the handshake's validation sorted them by host address).
+                            let mut shown: Vec<Region> =
+                                regions.iter().map(to_proto_region).collect();
+                            shown.sort_by_key(|r| r.offset);
+                            s.regions = shown;
+                        });
+                        drop(held);
+                        drop(reservation);
+                        info!(
+                            version = %version,
+                            vmm_pid,
+                            total_bytes,
+                            regions = regions.len(),
+                            adopt = request.adopt,
+                            "session SERVING",
+                        );
+                        return;
+                    }
+                    fds = Some(sent);
+                    "the pager exited right after taking the session".to_string()
+                }
+                (Ok(()), None) => return,
+                (Err(e), sent) => {
+                    fds = sent;
+                    e.to_string()
+                }
+            };
+            // A pager that died during the handoff may have begun serving the session: the next
+            // one adopts it (waking every range), as after any pager crash.
+            let died =
+                tokio::time::timeout(DIED_CHECK, reservation.process.wait_exit()).await.is_ok();
+            if died && attempt < HANDOFF_ATTEMPTS && fds.is_some() {
+                warn!(version = %version, error, "the pager died during the handoff; handing the session to its successor");
+                request.adopt = true;
+                continue;
             }
-        };
-        if let Err(e) = result {
-            warn!(version = %version, error = %e, "handoff failed; the session FAILED");
+            warn!(version = %version, error, "handoff failed; the session FAILED");
             self.fail_session(
                 &id,
-                format!("handing the session to pager version {version}: {e}"),
+                format!("handing the session to pager version {version}: {error}"),
                 false,
             );
             return;
         }
-        let total_bytes = regions.iter().map(|r| r.size).sum();
-        self.inventory.modify(&id, |r| {
-            r.handing_off = false;
-            r.serving_since = Some(tokio::time::Instant::now());
-            let s = &mut r.session;
-            s.state = SessionState::Serving as i32;
-            s.pager_version = version.clone();
-            s.connected_at = Some(uffdpager::grpc::timestamp_ms(connected_at_ms));
-            s.vmm_pid = vmm_pid;
-            s.total_bytes = total_bytes;
-            // In memory-file order, the order Firecracker lists guest memory in (the handshake's
-            // validation sorted them by host address).
-            let mut shown: Vec<Region> = regions.iter().map(to_proto_region).collect();
-            shown.sort_by_key(|r| r.offset);
-            s.regions = shown;
-        });
-        if let Some(h) = self.held().get_mut(&id) {
-            h.fds = Some(fds);
-            h.setup = None;
-        }
-        drop(reservation);
-        info!(version = %version, vmm_pid, total_bytes, regions = regions.len(), "session SERVING");
     }
 
     /// GetSession: the record, with live figures from the owning pager when it serves it.
@@ -277,6 +334,7 @@ impl Core {
             (session, held.remove(&id))
         };
         let (session, held) = removed;
+        runtime_state::remove_session_meta(&self.config.sessions_dir, &id);
         if let Some(mut h) = held {
             if let Some(setup) = h.setup.take() {
                 setup.abort();

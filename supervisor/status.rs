@@ -50,6 +50,16 @@ pub enum ServiceError {
     Deploy(#[from] PagerError),
     #[error("pager version {version}: {}", status.message())]
     Pager { version: String, status: Status },
+    #[error(
+        "session {id} is being handed to another pager after its pager died; it keeps its VM \
+         served: retry once it is SERVING"
+    )]
+    Readopting { id: String },
+    #[error(
+        "pager version {version} (pid {pid}) exited during the call ({exit}); its sessions are \
+         re-adopted by another pager and keep serving: retry"
+    )]
+    PagerDied { version: String, pid: u32, exit: String },
     #[error("the call's deadline passed before it reached the pager")]
     DeadlineExceeded,
     #[error("the supervisor is shutting down")]
@@ -75,7 +85,11 @@ impl ServiceError {
             WrongState { .. } | HandingOff(_) | VersionNotRunning { .. } | Deploy(_) => {
                 Code::FailedPrecondition
             }
-            NoActiveVersion | OwnerUnavailable { .. } | ShuttingDown => Code::Unavailable,
+            NoActiveVersion
+            | OwnerUnavailable { .. }
+            | ShuttingDown
+            | Readopting { .. }
+            | PagerDied { .. } => Code::Unavailable,
             Pager { status, .. } => status.code(),
             DeadlineExceeded => Code::DeadlineExceeded,
             WatcherLagged(_) => Code::ResourceExhausted,
@@ -163,6 +177,17 @@ mod tests {
         assert_eq!(status(down).0, Code::Unavailable);
         assert_eq!(status(ServiceError::NoActiveVersion).0, Code::Unavailable);
         assert_eq!(status(ServiceError::ShuttingDown).0, Code::Unavailable);
+        let (code, msg) = status(ServiceError::Readopting { id: "vm-1".into() });
+        assert_eq!(code, Code::Unavailable);
+        assert!(msg.contains("vm-1") && msg.contains("retry"), "{msg}");
+        let died = ServiceError::PagerDied {
+            version: "v1".into(),
+            pid: 42,
+            exit: "signal: 9 (SIGKILL)".into(),
+        };
+        let (code, msg) = status(died);
+        assert_eq!(code, Code::Unavailable);
+        assert!(msg.contains("pid 42") && msg.contains("SIGKILL"), "{msg}");
         let (code, msg) = status(ServiceError::WatcherLagged(17));
         assert_eq!(code, Code::ResourceExhausted);
         assert!(msg.starts_with("watcher fell behind") && msg.contains("watch again"), "{msg}");

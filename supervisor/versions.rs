@@ -3,8 +3,9 @@
 //!
 //! States: STARTING (spawned, not yet healthy, or waiting to be respawned), ACTIVE (new sessions
 //! go to it; exactly one at a time), DRAINING (serves the sessions it has, gets no new ones; shut
-//! down once it has none left), EXITED (stopped on purpose), FAILED (would not start, or died and
-//! could not be restarted). A session is routed to the version named in its `pager_version`,
+//! down once it has none left — except a standby version started at startup as a roll-back
+//! target, kept until it is first made active), EXITED (stopped on purpose), FAILED (would not
+//! start, died while not active, or died and could not be restarted). A session is routed to the version named in its `pager_version`,
 //! whatever that version's state, as long as its process runs.
 
 use std::collections::BTreeMap;
@@ -37,6 +38,9 @@ pub struct VersionEntry {
     pub stopping: bool,
     /// No drain stop is tried before this (after a pager refused one).
     pub next_stop_attempt: Option<Instant>,
+    /// Started at startup beside the active version, as a roll-back target: DRAINING, but kept
+    /// running while idle until it is first made active.
+    pub standby: bool,
 }
 
 impl VersionEntry {
@@ -52,6 +56,7 @@ impl VersionEntry {
             restarts_in_a_row: 0,
             stopping: false,
             next_stop_attempt: None,
+            standby: false,
         }
     }
 
@@ -210,6 +215,62 @@ impl Versions {
                 }
             }
         }
+    }
+
+    /// Reserves a version to adopt the sessions of a pager that died: the active version,
+    /// waiting up to `wait` while it (re)starts (a dead active version is respawned first); if
+    /// the active version cannot serve (FAILED, none, or still starting at the deadline), the
+    /// running version started last. Err when no version runs.
+    pub async fn begin_adoption(&self, wait: Duration) -> Result<HandoffGuard, ServiceError> {
+        let deadline = Instant::now() + wait;
+        let mut changed = self.changed.subscribe();
+        loop {
+            let expired = Instant::now() >= deadline;
+            {
+                let mut t = self.lock();
+                let active = t.active.clone();
+                let mut starting = false;
+                if let Some(e) = active.as_deref().and_then(|a| t.entries.get_mut(a)) {
+                    if let Some(p) = e.usable().cloned() {
+                        e.inflight_handoffs += 1;
+                        return Ok(self.guard(e.version.clone(), p));
+                    }
+                    starting = e.state == VersionState::Starting && !e.stopping;
+                }
+                if !starting || expired {
+                    let fallback = t
+                        .entries
+                        .values_mut()
+                        .filter(|e| {
+                            matches!(e.state, VersionState::Active | VersionState::Draining)
+                        })
+                        .filter(|e| e.usable().is_some())
+                        .max_by_key(|e| e.started_at);
+                    if let Some(e) = fallback {
+                        let p = e.usable().cloned().ok_or(ServiceError::NoActiveVersion)?;
+                        e.inflight_handoffs += 1;
+                        return Ok(self.guard(e.version.clone(), p));
+                    }
+                    return Err(match active {
+                        None => ServiceError::NoActiveVersion,
+                        Some(a) => ServiceError::OwnerUnavailable {
+                            why: format!("{}, and no other version runs", t.describe(&a)),
+                            version: a,
+                        },
+                    });
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                r = changed.changed() => if r.is_err() {
+                    return Err(ServiceError::NoActiveVersion);
+                }
+            }
+        }
+    }
+
+    fn guard(&self, version: String, process: Arc<PagerProcess>) -> HandoffGuard {
+        HandoffGuard { versions: self.clone(), version, process }
     }
 }
 

@@ -1,0 +1,182 @@
+//! What the supervisor writes to its runtime directory so that a restarted supervisor can carry
+//! on (see `recover.rs`):
+//!
+//! - `DIR/active-version`: the active version's label, rewritten whenever it changes;
+//! - `DIR/sessions/<id>.json`: a session's metadata that no pager knows (labels, creation time,
+//!   VMM socket path), written when the session is created and removed when it is forgotten;
+//! - `DIR/pagers/<version>/{pid,grpc.sock,handoff.sock,pager.log}`: written by `pagers.rs`.
+//!
+//! Files are replaced atomically (written beside, then renamed), so a supervisor killed at any
+//! moment leaves either the old content or the new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+use uffdpager::api::Session;
+
+use crate::session_id;
+
+/// File name of the active version's record.
+const ACTIVE_VERSION: &str = "active-version";
+
+/// A session's metadata, as `DIR/sessions/<id>.json` holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    pub id: String,
+    pub memory_file: String,
+    pub socket_path: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SessionMeta {
+    pub fn of(session: &Session) -> Self {
+        let created_at_ms = session.created_at.as_ref().map_or(0, |t| {
+            let secs = u64::try_from(t.seconds).unwrap_or(0);
+            let millis = u64::try_from(t.nanos / 1_000_000).unwrap_or(0);
+            secs.saturating_mul(1000).saturating_add(millis)
+        });
+        Self {
+            id: session.id.clone(),
+            memory_file: session.memory_file.clone(),
+            socket_path: session.socket_path.clone(),
+            created_at_ms,
+            labels: session.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+
+    /// Puts the metadata into a session rebuilt from a pager's view.
+    pub fn apply_to(&self, session: &mut Session) {
+        if session.memory_file.is_empty() {
+            session.memory_file = self.memory_file.clone();
+        }
+        session.socket_path = self.socket_path.clone();
+        if self.created_at_ms > 0 {
+            session.created_at = Some(uffdpager::grpc::timestamp_ms(self.created_at_ms));
+        }
+        session.labels = self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    }
+}
+
+fn meta_path(sessions_dir: &Path, id: &str) -> PathBuf {
+    sessions_dir.join(format!("{id}.json"))
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename.
+fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Records a session's metadata. Best effort: a failure is logged (a restarted supervisor would
+/// then show the session without labels or creation time).
+pub fn write_session_meta(sessions_dir: &Path, session: &Session) {
+    let meta = SessionMeta::of(session);
+    let result = serde_json::to_vec_pretty(&meta)
+        .map_err(io::Error::other)
+        .and_then(|bytes| replace_file(&meta_path(sessions_dir, &meta.id), &bytes));
+    if let Err(e) = result {
+        warn!(session = %meta.id, error = %e, "cannot record the session's metadata");
+    }
+}
+
+/// Removes a session's metadata file, if any.
+pub fn remove_session_meta(sessions_dir: &Path, id: &str) {
+    match std::fs::remove_file(meta_path(sessions_dir, id)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            debug!(session = %id, error = %e, "cannot remove the session's metadata");
+        }
+        _ => {}
+    }
+}
+
+/// Every readable session metadata file, by session id. Unreadable ones are logged and skipped.
+pub fn read_session_metas(sessions_dir: &Path) -> HashMap<String, SessionMeta> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(sessions_dir) else { return out };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(id) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+            .filter(|id| session_id::validate(id).is_ok())
+        else {
+            continue;
+        };
+        let parsed = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<SessionMeta>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(meta) if meta.id == id => {
+                out.insert(id.to_string(), meta);
+            }
+            Ok(_) => warn!(path = %path.display(), "session metadata names another session"),
+            Err(e) => warn!(path = %path.display(), error = %e, "unreadable session metadata"),
+        }
+    }
+    out
+}
+
+/// Records the active version.
+pub fn write_active_version(runtime_dir: &Path, version: &str) -> io::Result<()> {
+    replace_file(&runtime_dir.join(ACTIVE_VERSION), format!("{version}\n").as_bytes())
+}
+
+/// The active version recorded by an earlier run, if any (and if it is a valid label).
+pub fn read_active_version(runtime_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(runtime_dir.join(ACTIVE_VERSION)).ok()?;
+    let label = text.trim();
+    session_id::validate(label).is_ok().then(|| label.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_metadata_survives_a_round_trip_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = Session {
+            id: "vm-1".into(),
+            memory_file: "/snap/mem".into(),
+            socket_path: "/run/uffd-pager/sessions/vm-1.sock".into(),
+            created_at: Some(uffdpager::grpc::timestamp_ms(1_700_000_000_123)),
+            labels: [("team".to_string(), "a".to_string())].into(),
+            ..Default::default()
+        };
+        write_session_meta(dir.path(), &session);
+        std::fs::write(dir.path().join("vm-2.json"), "not json").unwrap();
+        std::fs::write(dir.path().join("vm-1.sock"), "").unwrap();
+        let metas = read_session_metas(dir.path());
+        assert_eq!(metas.len(), 1, "{metas:?}");
+        let mut rebuilt = Session { id: "vm-1".into(), ..Default::default() };
+        metas["vm-1"].apply_to(&mut rebuilt);
+        assert_eq!(rebuilt.labels, session.labels);
+        assert_eq!(rebuilt.created_at, session.created_at);
+        assert_eq!(rebuilt.socket_path, session.socket_path);
+        assert_eq!(rebuilt.memory_file, "/snap/mem");
+        remove_session_meta(dir.path(), "vm-1");
+        assert!(read_session_metas(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_active_version_is_read_back_and_nonsense_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_active_version(dir.path()), None);
+        write_active_version(dir.path(), "v2").unwrap();
+        assert_eq!(read_active_version(dir.path()).as_deref(), Some("v2"));
+        std::fs::write(dir.path().join(ACTIVE_VERSION), "../etc\n").unwrap();
+        assert_eq!(read_active_version(dir.path()), None);
+    }
+}

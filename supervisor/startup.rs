@@ -1,0 +1,284 @@
+//! Which pager versions the supervisor starts with, and starting them once the pagers of an
+//! earlier run have been taken over (`recover.rs`).
+//!
+//! Versions come from the command line (`--pager-binary PATH[=LABEL]`, repeatable; the last one
+//! is active) or from a TOML file (`--versions-config FILE`):
+//!
+//! ```toml
+//! [[versions]]
+//! version = "v1"                                   # optional: what the binary prints
+//! binary_path = "/opt/uffd-pager/1.0/uffd-pager"   # relative: to the file's directory
+//!
+//! [[versions]]
+//! version = "v2"
+//! binary_path = "/opt/uffd-pager/2.0/uffd-pager"
+//! active = true                                    # at most one; none: the last one
+//! ```
+//!
+//! The active version becomes ACTIVE; the others are started on standby (DRAINING, but kept
+//! running while idle, as roll-back targets for ActivateVersion). After a restart, a version
+//! already running is taken over, not started again; if the version recorded as active runs, it
+//! stays active (it is the latest DeployVersion or ActivateVersion), and the listed versions that
+//! do not run are started on standby.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use tracing::{error, info};
+
+use crate::core::Core;
+use crate::deploy::Role;
+use crate::recover::Recovered;
+use crate::session_id;
+
+/// One version to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionSpec {
+    pub binary: PathBuf,
+    /// Empty: what the binary prints with `--print-version`.
+    pub label: String,
+    pub active: bool,
+}
+
+/// Parses `PATH` or `PATH=LABEL` (split at the last `=` when what follows is a valid label).
+pub fn parse_version_spec(s: &str) -> Result<VersionSpec, String> {
+    if s.is_empty() {
+        return Err("empty pager binary".into());
+    }
+    let (binary, label) = match s.rsplit_once('=') {
+        Some((path, label)) if !path.is_empty() && session_id::validate(label).is_ok() => {
+            (path, label)
+        }
+        Some((path, label)) if !path.is_empty() && !label.contains('/') => {
+            let err = session_id::validate(label).err().map(|e| e.to_string()).unwrap_or_default();
+            return Err(format!("{s:?}: version label {label:?} is not valid: {err}"));
+        }
+        _ => (s, ""),
+    };
+    Ok(VersionSpec { binary: PathBuf::from(binary), label: label.to_string(), active: false })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionsFile {
+    versions: Vec<VersionsFileEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionsFileEntry {
+    binary_path: PathBuf,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    active: bool,
+}
+
+/// Parses a versions file; relative binary paths are taken from `base`.
+pub fn parse_versions_file(text: &str, base: &Path) -> Result<Vec<VersionSpec>, String> {
+    let file: VersionsFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let specs: Vec<VersionSpec> = file
+        .versions
+        .into_iter()
+        .map(|e| VersionSpec {
+            binary: base.join(e.binary_path),
+            label: e.version,
+            active: e.active,
+        })
+        .collect();
+    check_specs(specs)
+}
+
+/// Checks labels and picks the active version (the one marked, else the last).
+fn check_specs(mut specs: Vec<VersionSpec>) -> Result<Vec<VersionSpec>, String> {
+    if specs.is_empty() {
+        return Err("no pager version is listed".into());
+    }
+    let mut seen = BTreeSet::new();
+    for s in &specs {
+        if !s.label.is_empty() {
+            session_id::validate(&s.label)
+                .map_err(|e| format!("version label {:?} is not valid: {e}", s.label))?;
+            if !seen.insert(s.label.clone()) {
+                return Err(format!("version {:?} is listed twice", s.label));
+            }
+        }
+    }
+    match specs.iter().filter(|s| s.active).count() {
+        0 => {
+            if let Some(last) = specs.last_mut() {
+                last.active = true;
+            }
+        }
+        1 => {}
+        n => return Err(format!("{n} versions are marked active; at most one may be")),
+    }
+    Ok(specs)
+}
+
+/// The versions to start: from `--versions-config`, or `--pager-binary` (with `--pager-version`
+/// for a single one), or the pager beside this executable. Binary paths are made absolute.
+pub fn version_specs(
+    pager_binaries: &[VersionSpec],
+    pager_version: Option<&str>,
+    versions_config: Option<&Path>,
+) -> anyhow::Result<Vec<VersionSpec>> {
+    if let Some(path) = versions_config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let base = std::path::absolute(path)?.parent().map(Path::to_path_buf).unwrap_or_default();
+        return parse_versions_file(&text, &base)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("in the versions file {}", path.display()));
+    }
+    let mut specs = pager_binaries.to_vec();
+    if specs.is_empty() {
+        let binary = crate::cli::default_pager_binary()
+            .context("locating the pager beside this executable")?;
+        specs.push(VersionSpec { binary, label: String::new(), active: false });
+    }
+    if let Some(label) = pager_version {
+        match specs.as_mut_slice() {
+            [one] if one.label.is_empty() => one.label = label.to_string(),
+            [_] => bail!("--pager-version and a label in --pager-binary PATH=LABEL: give one"),
+            _ => bail!("--pager-version with several --pager-binary: label each as PATH=LABEL"),
+        }
+    }
+    for s in &mut specs {
+        s.binary = std::path::absolute(&s.binary)
+            .with_context(|| format!("resolving the pager binary {}", s.binary.display()))?;
+    }
+    check_specs(specs).map_err(anyhow::Error::msg)
+}
+
+/// Starts the listed versions that do not run yet (the others were taken over). Fails only if
+/// the version that is to be active cannot start.
+pub async fn start_versions(
+    core: &Arc<Core>,
+    specs: &[VersionSpec],
+    recovered: &Recovered,
+) -> anyhow::Result<()> {
+    let keep_active = recovered.active.is_some();
+    let ordered = specs.iter().filter(|s| !s.active).chain(specs.iter().filter(|s| s.active));
+    for spec in ordered {
+        let makes_active = spec.active && !keep_active;
+        let Some(binary) = spec.binary.to_str() else {
+            bail!("the pager binary's path {} is not UTF-8", spec.binary.display());
+        };
+        let label = match Core::resolve_label(&spec.binary, &spec.label).await {
+            Ok(l) => l,
+            Err(e) if makes_active => {
+                return Err(anyhow::Error::new(e)).context("starting the active pager version")
+            }
+            Err(e) => {
+                error!(binary, error = %e, "cannot start a listed pager version");
+                continue;
+            }
+        };
+        if recovered.versions.contains(&label) {
+            if makes_active {
+                core.activate_version(&label)
+                    .await
+                    .map_err(anyhow::Error::new)
+                    .context("making the running pager version active")?;
+            }
+            info!(version = %label, "pager version already running (taken over)");
+            continue;
+        }
+        let role = if makes_active { Role::Active } else { Role::Standby };
+        match core.start_version(binary, &label, role).await {
+            Ok(_) => {}
+            Err(e) if makes_active => {
+                return Err(anyhow::Error::new(e)).context("starting the active pager version")
+            }
+            Err(e) => error!(version = %label, error = %e, "a listed pager version did not start"),
+        }
+        if spec.active && keep_active {
+            info!(
+                version = %label,
+                active = recovered.active.as_deref().unwrap_or(""),
+                "the listed active version is on standby: the version recorded as active runs \
+                 and stays active (ActivateVersion switches)",
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pager_binary_may_carry_its_label_after_an_equals_sign() {
+        let s = parse_version_spec("/opt/p/uffd-pager=v2").unwrap();
+        assert_eq!((s.binary, s.label.as_str()), (PathBuf::from("/opt/p/uffd-pager"), "v2"));
+        let s = parse_version_spec("/opt/p/uffd-pager").unwrap();
+        assert_eq!(s.label, "");
+        // An `=` inside a directory name is part of the path.
+        let s = parse_version_spec("/opt/a=b/uffd-pager").unwrap();
+        assert_eq!((s.binary, s.label.as_str()), (PathBuf::from("/opt/a=b/uffd-pager"), ""));
+        assert!(parse_version_spec("/opt/p/uffd-pager=.bad").unwrap_err().contains(".bad"));
+        assert!(parse_version_spec("").is_err());
+    }
+
+    #[test]
+    fn the_last_version_is_active_unless_one_is_marked() {
+        let specs = version_specs(
+            &[parse_version_spec("/p1=v1").unwrap(), parse_version_spec("/p2=v2").unwrap()],
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(specs.iter().map(|s| s.active).collect::<Vec<_>>(), [false, true]);
+        let text = r#"
+            [[versions]]
+            version = "v1"
+            binary_path = "/opt/1/uffd-pager"
+            active = true
+
+            [[versions]]
+            binary_path = "bin/uffd-pager"
+        "#;
+        let specs = parse_versions_file(text, Path::new("/etc/uffd")).unwrap();
+        assert!(specs[0].active && !specs[1].active);
+        assert_eq!(specs[1].binary, PathBuf::from("/etc/uffd/bin/uffd-pager"));
+        assert_eq!(specs[1].label, "");
+    }
+
+    #[test]
+    fn nonsense_in_a_versions_file_is_refused_saying_what() {
+        let two_active = r#"
+            [[versions]]
+            binary_path = "/a"
+            active = true
+            [[versions]]
+            binary_path = "/b"
+            active = true
+        "#;
+        assert!(parse_versions_file(two_active, Path::new("/"))
+            .unwrap_err()
+            .contains("2 versions"));
+        let twice = "[[versions]]\nbinary_path = \"/a\"\nversion = \"v1\"\n[[versions]]\nbinary_path = \"/b\"\nversion = \"v1\"\n";
+        assert!(parse_versions_file(twice, Path::new("/")).unwrap_err().contains("twice"));
+        let typo = "[[versions]]\nbinary = \"/a\"\n";
+        assert!(parse_versions_file(typo, Path::new("/")).unwrap_err().contains("binary"));
+        assert!(parse_versions_file("versions = []", Path::new("/"))
+            .unwrap_err()
+            .contains("no pager"));
+    }
+
+    #[test]
+    fn pager_version_labels_a_single_binary_only() {
+        let one = [parse_version_spec("/p").unwrap()];
+        let specs = version_specs(&one, Some("v1"), None).unwrap();
+        assert_eq!((specs[0].label.as_str(), specs[0].active), ("v1", true));
+        let two = [parse_version_spec("/p=a").unwrap(), parse_version_spec("/q=b").unwrap()];
+        assert!(version_specs(&two, Some("v1"), None).is_err());
+        let labelled = [parse_version_spec("/p=a").unwrap()];
+        assert!(version_specs(&labelled, Some("v1"), None).is_err());
+    }
+}
