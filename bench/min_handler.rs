@@ -108,9 +108,9 @@ pub struct MinHandler {
 impl MinHandler {
     /// Starts `uffd-bench --min-handler` on a socket in `dir` and waits until it listens.
     pub fn start(dir: &Path, memory_file: &Path, cpu: Option<usize>) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("locating uffd-bench itself")?;
         let socket = dir.join(format!("min-handler-{}.sock", unique()));
-        let mut cmd = Command::new(exe);
+        // This very executable, even if a build replaced the file since it started.
+        let mut cmd = Command::new("/proc/self/exe");
         cmd.arg("--min-handler").arg(&socket).arg("--memory-file").arg(memory_file);
         if let Some(cpu) = cpu {
             cmd.arg("--cpu").arg(cpu.to_string());

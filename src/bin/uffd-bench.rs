@@ -152,6 +152,26 @@ fn rebuild(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which source the measured binaries came from, as far as git says: HEAD, and whether the
+/// pager's sources differ from it (an optimisation in progress).
+fn source_version() -> serde_json::Value {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    json!({
+        "head": git(&["rev-parse", "--short", "HEAD"]),
+        "pager_changed_since_head": git(&["status", "--porcelain", "--", "pager"]).map(|s| !s.is_empty()),
+    })
+}
+
 fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     rebuild(cli)?;
     let bins = Binaries {
@@ -204,6 +224,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         "pager_binary": plan.bins.pager.display().to_string(),
         "supervisor_binary": plan.bins.supervisor.display().to_string(),
         "dir": plan.dir.display().to_string(),
+        "source": source_version(),
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
