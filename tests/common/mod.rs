@@ -150,3 +150,56 @@ pub fn fd_count(pid: i32) -> usize {
 pub async fn vm_cmd(vm: &mut VmProcess, cmd: &str) -> serde_json::Value {
     tokio::task::block_in_place(|| vm.verified(cmd, STEP)).unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
+
+/// Threads the supervisor may hold beyond a baseline taken with no session: tokio's blocking
+/// pool grows by a thread per blocking operation running at once (memory-file opens,
+/// handshakes, and the `tokio::fs` reads of its follower of each pager's log file, every few
+/// hundred milliseconds) and, kept warm by those followers, may not shrink back while they run.
+/// It is bounded, not per session: a thread leaked per session still shows, above all where
+/// twenty sessions come and go (`tests/shared_page_cache.rs`).
+pub const SUPERVISOR_THREAD_SLACK: usize = 4;
+
+/// Waits (at most a minute, polling) until process `pid` holds no more than `baseline` (plus
+/// `thread_slack` threads) and none of `files` (see `Holdings::within`); returns what it holds
+/// then. A process that exited holds nothing (`None`).
+pub async fn wait_holdings_within(
+    who: &str,
+    pid: i32,
+    baseline: &uffdpager::harness::procfs::Holdings,
+    thread_slack: usize,
+    files: &[&Path],
+) -> Option<uffdpager::harness::procfs::Holdings> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let Ok(now) = uffdpager::harness::procfs::holdings(pid, files) else {
+            return None; // exited
+        };
+        if now.within(baseline, thread_slack) {
+            return Some(now);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{who} (pid {pid}) still holds more than before the VMs: now {now:?}, before \
+             {baseline:?}; threads now: {:?}",
+            uffdpager::harness::procfs::thread_names(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What process `pid` holds now (it must be running).
+pub fn holdings(pid: i32, files: &[&Path]) -> uffdpager::harness::procfs::Holdings {
+    uffdpager::harness::procfs::holdings(pid, files)
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}: {e}"))
+}
+
+/// Runs a VM command with its own deadline, failing with `what` if it does not answer in time.
+pub async fn vm_cmd_within(
+    vm: &mut VmProcess,
+    cmd: &str,
+    limit: Duration,
+    what: &str,
+) -> serde_json::Value {
+    tokio::task::block_in_place(|| vm.verified(cmd, limit))
+        .unwrap_or_else(|e| panic!("{what}: `{cmd}` failed: {e}"))
+}
