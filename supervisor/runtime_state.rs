@@ -28,24 +28,24 @@ pub struct SessionMeta {
     pub id: String,
     pub memory_file: String,
     pub socket_path: String,
-    /// Milliseconds since the Unix epoch.
-    pub created_at_ms: u64,
+    /// Creation time: seconds and nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_at_secs: i64,
+    #[serde(default)]
+    pub created_at_nanos: i32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
 
 impl SessionMeta {
     pub fn of(session: &Session) -> Self {
-        let created_at_ms = session.created_at.as_ref().map_or(0, |t| {
-            let secs = u64::try_from(t.seconds).unwrap_or(0);
-            let millis = u64::try_from(t.nanos / 1_000_000).unwrap_or(0);
-            secs.saturating_mul(1000).saturating_add(millis)
-        });
+        let created = session.created_at.unwrap_or_default();
         Self {
             id: session.id.clone(),
             memory_file: session.memory_file.clone(),
             socket_path: session.socket_path.clone(),
-            created_at_ms,
+            created_at_secs: created.seconds,
+            created_at_nanos: created.nanos,
             labels: session.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
@@ -56,8 +56,11 @@ impl SessionMeta {
             session.memory_file = self.memory_file.clone();
         }
         session.socket_path = self.socket_path.clone();
-        if self.created_at_ms > 0 {
-            session.created_at = Some(uffdpager::grpc::timestamp_ms(self.created_at_ms));
+        if self.created_at_secs > 0 {
+            session.created_at = Some(prost_types::Timestamp {
+                seconds: self.created_at_secs,
+                nanos: self.created_at_nanos,
+            });
         }
         session.labels = self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     }
@@ -151,7 +154,7 @@ mod tests {
             id: "vm-1".into(),
             memory_file: "/snap/mem".into(),
             socket_path: "/run/uffd-pager/sessions/vm-1.sock".into(),
-            created_at: Some(uffdpager::grpc::timestamp_ms(1_700_000_000_123)),
+            created_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 123_456_789 }),
             labels: [("team".to_string(), "a".to_string())].into(),
             ..Default::default()
         };
