@@ -108,6 +108,8 @@ impl Group {
 pub struct Plan {
     pub groups: Vec<Group>,
     pub reps: usize,
+    /// Whole runs, one after the other (the report gives the median over runs).
+    pub runs: usize,
     /// Size of the big memory files and VMs.
     pub size: u64,
     /// Random pages touched per fault-latency repetition.
@@ -128,10 +130,10 @@ impl Plan {
     }
 }
 
-/// What a run produced: the figures, and the errors of the parts that failed.
+/// What the runs produced: each run's figures, and the errors of the parts that failed.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub figures: Figures,
+    pub runs: Vec<Figures>,
     pub errors: Vec<String>,
 }
 
@@ -185,37 +187,44 @@ pub async fn run(plan: &Plan) -> anyhow::Result<(Outcome, Leftovers)> {
     };
     note(&format!("memory files written and warm in {:.1}s", started.elapsed().as_secs_f64()));
 
-    baselines(plan, &files, &dir, &mut out).await;
-    project(plan, &files, &dir, &mut out).await;
-    if plan.has(Group::Sessions) {
-        if let Some(small) = &files.small {
-            note(&format!(
-                "sessions: {} VMs of {} MiB",
-                plan.sessions.count,
-                plan.sessions.size >> 20
-            ));
-            let r = sessions::run(
-                &plan.bins,
-                &dir.join("run-sessions"),
-                small,
-                &plan.sessions,
-                &mut out.figures,
-            )
-            .await;
-            record(&mut out, "sessions", r);
+    for run in 0..plan.runs {
+        if plan.runs > 1 {
+            note(&format!("run {} of {}", run + 1, plan.runs));
         }
+        let mut figures = Figures::default();
+        let errors = &mut out.errors;
+        baselines(plan, &files, &dir, &mut figures, errors).await;
+        project(plan, &files, &dir, &mut figures, errors).await;
+        if plan.has(Group::Sessions) {
+            if let Some(small) = &files.small {
+                let (count, mib) = (plan.sessions.count, plan.sessions.size >> 20);
+                note(&format!("sessions: {count} VMs of {mib} MiB"));
+                let runtime_dir = dir.join(format!("run-sessions-{run}"));
+                let r =
+                    sessions::run(&plan.bins, &runtime_dir, small, &plan.sessions, &mut figures)
+                        .await;
+                record(errors, "sessions", r);
+            }
+        }
+        out.runs.push(figures);
     }
     Ok((out, Leftovers { files, work }))
 }
 
-fn record(out: &mut Outcome, what: &str, result: anyhow::Result<()>) {
+fn record(errors: &mut Vec<String>, what: &str, result: anyhow::Result<()>) {
     if let Err(e) = result {
         note(&format!("{what} failed: {e:#}"));
-        out.errors.push(format!("{what}: {e:#}"));
+        errors.push(format!("{what}: {e:#}"));
     }
 }
 
-async fn baselines(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &mut Outcome) {
+async fn baselines(
+    plan: &Plan,
+    files: &MemoryFiles,
+    dir: &std::path::Path,
+    figures: &mut Figures,
+    errors: &mut Vec<String>,
+) {
     let Some(dense) = files.dense.clone() else { return };
     let reps = plan.reps;
     if plan.has(Group::Memcpy) || plan.has(Group::RawCopy) {
@@ -231,16 +240,16 @@ async fn baselines(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out:
         .context("baseline task");
         match result.and_then(|r| r) {
             Ok((m, r)) => {
-                m.iter().for_each(|v| out.figures.add("memcpy_gbps", *v));
-                r.iter().for_each(|v| out.figures.add("raw_copy_gbps", *v));
+                m.iter().for_each(|v| figures.add("memcpy_gbps", *v));
+                r.iter().for_each(|v| figures.add("raw_copy_gbps", *v));
                 note(&format!("memcpy {m:.2?} GB/s, raw UFFDIO_COPY {r:.2?} GB/s"));
             }
-            Err(e) => record(out, "memcpy/raw_copy", Err(e)),
+            Err(e) => record(errors, "memcpy/raw_copy", Err(e)),
         }
     }
     if plan.has(Group::MinHandler) {
-        let r = min_handler_figures(plan, files, dir, &mut out.figures).await;
-        record(out, "min_handler", r);
+        let r = min_handler_figures(plan, files, dir, figures).await;
+        record(errors, "min_handler", r);
     }
 }
 
@@ -310,7 +319,13 @@ async fn min_handler_figures(
     Ok(())
 }
 
-async fn project(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &mut Outcome) {
+async fn project(
+    plan: &Plan,
+    files: &MemoryFiles,
+    dir: &std::path::Path,
+    figures: &mut Figures,
+    errors: &mut Vec<String>,
+) {
     use Group::*;
     let wanted: Vec<Group> = [Fault, TouchAll, CompleteDense, CompleteSparse, Stall, Rpc]
         .into_iter()
@@ -319,15 +334,16 @@ async fn project(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &
     if wanted.is_empty() {
         return;
     }
-    let p = match Project::start(&plan.bins, &dir.join("run-project")).await {
+    let runtime_dir = dir.join(format!("run-project-{}", unique_suffix()));
+    let p = match Project::start(&plan.bins, &runtime_dir).await {
         Ok(p) => p,
-        Err(e) => return record(out, "starting the project", Err(e)),
+        Err(e) => return record(errors, "starting the project", Err(e)),
     };
     let size = plan.size;
     // Repetitions interleave the figures, so that a noisy moment spreads over all of them.
     for rep in 0..plan.reps {
         for &g in &wanted {
-            let f = &mut out.figures;
+            let f = &mut *figures;
             let r = match (g, &files.dense, &files.sparse, &files.small) {
                 (Fault, Some(d), _, _) => {
                     project::faults(&p, f, rep, d, size, plan.fault_touches).await
@@ -348,12 +364,19 @@ async fn project(plan: &Plan, files: &MemoryFiles, dir: &std::path::Path, out: &
             };
             let name = format!("{} rep {rep}", g.name());
             if r.is_ok() {
-                note(&format!("{name}: {}", latest(&out.figures, g)));
+                note(&format!("{name}: {}", latest(figures, g)));
             }
-            record(out, &name, r);
+            record(errors, &name, r);
         }
     }
     drop(p);
+}
+
+/// A suffix that tells this process's runtime directories apart.
+fn unique_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The figures a group just measured, for progress lines.

@@ -99,21 +99,39 @@ pub const ROWS: &[Row] = &[
 #[derive(Debug, Clone)]
 pub struct Evaluated {
     pub row: Row,
+    /// The median over runs of each run's median.
     pub value: f64,
+    /// The same for the baseline.
     pub baseline: Option<f64>,
+    /// The median over runs of each run's ratio (a figure is compared with the baseline of its
+    /// own run, never of another).
     pub ratio: Option<f64>,
     pub pass: Option<bool>,
+    /// Each run's median.
+    pub per_run: Vec<Option<f64>>,
 }
 
-/// Evaluates every row whose figure was measured.
-pub fn evaluate(f: &Figures) -> Vec<Evaluated> {
+/// The median of the values present.
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = values.flatten().collect();
+    super::stats::median(&v)
+}
+
+/// Evaluates every row measured in at least one of `runs`.
+pub fn evaluate(runs: &[Figures]) -> Vec<Evaluated> {
     ROWS.iter()
         .filter_map(|row| {
-            let value = f.median(row.name)?;
-            let baseline = row.baseline.and_then(|b| f.median(b));
-            let ratio = baseline.filter(|b| *b != 0.0).map(|b| value / b);
+            let per_run: Vec<Option<f64>> = runs.iter().map(|f| f.median(row.name)).collect();
+            let value = median_of(per_run.iter().copied())?;
+            let baseline = row.baseline.and_then(|b| median_of(runs.iter().map(|f| f.median(b))));
+            let ratio = row.baseline.and_then(|b| {
+                median_of(runs.iter().map(|f| {
+                    let base = f.median(b).filter(|x| *x != 0.0)?;
+                    Some(f.median(row.name)? / base)
+                }))
+            });
             let pass = row.target.and_then(|t| t.pass(value, ratio));
-            Some(Evaluated { row: *row, value, baseline, ratio, pass })
+            Some(Evaluated { row: *row, value, baseline, ratio, pass, per_run })
         })
         .collect()
 }
@@ -131,12 +149,35 @@ fn num(v: f64) -> String {
     }
 }
 
+fn result(e: &Evaluated) -> &'static str {
+    match e.pass {
+        Some(true) => "PASS",
+        Some(false) => "FAIL",
+        None if e.row.target.is_some() => "n/a",
+        None => "",
+    }
+}
+
+fn what(reps: usize, runs: usize) -> String {
+    if runs > 1 {
+        format!("medians of {reps} reps, then of {runs} runs")
+    } else {
+        format!("medians of {reps} reps")
+    }
+}
+
 /// The table: figure, value, baseline, ratio, target, result.
-pub fn table(rows: &[Evaluated], reps: usize) -> String {
+pub fn table(rows: &[Evaluated], reps: usize, runs: usize) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<28} {:>10} {:>24} {:>7} {:>9} {:>6}  what (medians of {reps} reps)\n",
-        "figure", "value", "baseline", "ratio", "target", "result"
+        "{:<28} {:>10} {:>24} {:>7} {:>9} {:>6}  what ({})\n",
+        "figure",
+        "value",
+        "baseline",
+        "ratio",
+        "target",
+        "result",
+        what(reps, runs)
     ));
     for e in rows {
         let baseline = match (e.row.baseline, e.baseline) {
@@ -146,12 +187,6 @@ pub fn table(rows: &[Evaluated], reps: usize) -> String {
         };
         let ratio = e.ratio.map(num).unwrap_or_else(|| "-".into());
         let target = e.row.target.map(Target::short).unwrap_or_else(|| "-".into());
-        let result = match e.pass {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None if e.row.target.is_some() => "n/a",
-            None => "",
-        };
         out.push_str(&format!(
             "{:<28} {:>10} {:>24} {:>7} {:>9} {:>6}  {}\n",
             e.row.name,
@@ -159,10 +194,43 @@ pub fn table(rows: &[Evaluated], reps: usize) -> String {
             baseline,
             ratio,
             target,
-            result,
+            result(e),
             e.row.about
         ));
     }
+    out
+}
+
+/// The same as a Markdown table (for BENCHMARKS.md), with each run's value.
+pub fn markdown(rows: &[Evaluated], reps: usize, runs: usize) -> String {
+    let mut out = String::from(
+        "| figure | value | per run | baseline | ratio | target | met | what |\n\
+         |---|---:|---|---|---:|---|---|---|\n",
+    );
+    for e in rows {
+        let per_run: Vec<String> =
+            e.per_run.iter().map(|v| v.map(num).unwrap_or_else(|| "-".into())).collect();
+        let baseline = match (e.row.baseline, e.baseline) {
+            (Some(name), Some(b)) => format!("{} `{name}`", num(b)),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} |\n",
+            e.row.name,
+            num(e.value),
+            per_run.join(" / "),
+            baseline,
+            e.ratio.map(num).unwrap_or_default(),
+            e.row.target.map(Target::short).unwrap_or_default(),
+            match e.pass {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            },
+            e.row.about
+        ));
+    }
+    out.push_str(&format!("\n({})\n", what(reps, runs)));
     out
 }
 
@@ -171,15 +239,8 @@ fn short_name(name: &str) -> String {
     format!("({s})")
 }
 
-/// The one JSON line: flags, machine, every figure (median) and its samples, every ratio,
-/// every target and whether it passed, and the errors met.
-pub fn json_line(
-    f: &Figures,
-    rows: &[Evaluated],
-    flags: Value,
-    machine: Value,
-    errors: &[String],
-) -> String {
+/// One run's figures: each figure's median and its repetitions.
+fn run_json(f: &Figures) -> Value {
     let mut figures = Map::new();
     let mut samples = Map::new();
     for (name, values) in f.iter() {
@@ -187,6 +248,27 @@ pub fn json_line(
             figures.insert(name.to_string(), json!(m));
         }
         samples.insert(name.to_string(), json!(values));
+    }
+    json!({ "figures": figures, "samples": samples })
+}
+
+/// The one JSON line: flags, machine, every figure (the median over runs of each run's
+/// median), every ratio and target, each run's figures and repetitions, and the errors met.
+pub fn json_line(
+    runs: &[Figures],
+    rows: &[Evaluated],
+    flags: Value,
+    machine: Value,
+    errors: &[String],
+) -> String {
+    let mut names: Vec<&str> = runs.iter().flat_map(|f| f.iter().map(|(n, _)| n)).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut figures = Map::new();
+    for name in names {
+        if let Some(m) = median_of(runs.iter().map(|f| f.median(name))) {
+            figures.insert(name.to_string(), json!(m));
+        }
     }
     let mut ratios = Map::new();
     let mut targets = Map::new();
@@ -212,7 +294,7 @@ pub fn json_line(
         "targets": targets,
         "all_targets_met": all_pass && errors.is_empty(),
         "errors": errors,
-        "samples": samples,
+        "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -240,7 +322,7 @@ mod tests {
             f.add("complete_dense_gbps", v);
         }
         f.add("stall_max_ms", 7.0);
-        let rows = evaluate(&f);
+        let rows = evaluate(std::slice::from_ref(&f));
         let dense = rows.iter().find(|e| e.row.name == "complete_dense_gbps").unwrap();
         assert_eq!(dense.baseline, Some(2.5));
         assert!((dense.ratio.unwrap() - 2.3 / 2.5).abs() < 1e-9);
@@ -248,12 +330,36 @@ mod tests {
         let stall = rows.iter().find(|e| e.row.name == "stall_max_ms").unwrap();
         assert_eq!(stall.pass, Some(false));
         assert!(rows.iter().all(|e| e.row.name != "fault_p50_us"));
-        let line = json_line(&f, &rows, json!({}), json!({}), &[]);
+        let line = json_line(std::slice::from_ref(&f), &rows, json!({}), json!({}), &[]);
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["figures"]["raw_copy_gbps"], json!(2.5));
+        assert_eq!(v["runs"][0]["samples"]["raw_copy_gbps"], json!([2.0, 2.6, 2.5]));
         assert_eq!(v["all_targets_met"], json!(false));
         assert!(v["ratios"]["complete_dense_gbps/raw_copy_gbps"].is_number());
         assert!(!line.contains('\n'));
-        assert!(table(&rows, 3).contains("FAIL"));
+        assert!(table(&rows, 3, 1).contains("FAIL"));
+        assert!(markdown(&rows, 3, 1).contains("| `stall_max_ms` | 7.00 | 7.00 |"));
+    }
+
+    #[test]
+    fn over_several_runs_each_ratio_uses_its_own_runs_baseline() {
+        // Run 1: a slow moment for both; run 2: fast for both. Each ratio is 1.0, although
+        // the value's median over runs and the baseline's come from different runs.
+        let run = |value: f64, baseline: f64| {
+            let mut f = Figures::default();
+            f.add("complete_dense_gbps", value);
+            f.add("raw_copy_gbps", baseline);
+            f
+        };
+        let runs = [run(1.0, 1.0), run(3.0, 3.0), run(2.0, 2.0)];
+        let rows = evaluate(&runs);
+        let dense = rows.iter().find(|e| e.row.name == "complete_dense_gbps").unwrap();
+        assert_eq!(dense.ratio, Some(1.0));
+        assert_eq!(dense.value, 2.0);
+        assert_eq!(dense.per_run, vec![Some(1.0), Some(3.0), Some(2.0)]);
+        let v: Value =
+            serde_json::from_str(&json_line(&runs, &rows, json!({}), json!({}), &[])).unwrap();
+        assert_eq!(v["runs"].as_array().unwrap().len(), 3);
+        assert_eq!(v["figures"]["complete_dense_gbps"], json!(2.0));
     }
 }

@@ -45,6 +45,13 @@ struct Cli {
     /// Repetitions per figure (each figure is their median) [default: 3].
     #[arg(long)]
     reps: Option<usize>,
+    /// Whole runs, one after the other: the table gives the median over runs of each run's
+    /// figure, and the median of each run's ratio to its own baseline.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Print the table as Markdown, with each run's value (for BENCHMARKS.md).
+    #[arg(long)]
+    markdown: bool,
     /// Size of the big memory files and VMs, MiB [default: 1024; --quick 256].
     #[arg(long)]
     size_mib: Option<u64>,
@@ -195,6 +202,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let plan = Plan {
         groups: if cli.only.is_empty() { Group::ALL.to_vec() } else { cli.only.clone() },
         reps: cli.reps.unwrap_or(3).max(1),
+        runs: cli.runs.max(1),
         size: cli.size_mib.unwrap_or(if quick { 256 } else { 1024 }) << 20,
         fault_touches: cli.fault_touches.unwrap_or(if quick { 4000 } else { 20000 }),
         sessions: SessionsPlan {
@@ -215,6 +223,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let flags = json!({
         "quick": quick,
         "reps": plan.reps,
+        "runs": plan.runs,
         "size_mib": plan.size >> 20,
         "sessions": plan.sessions.count,
         "session_mib": cli.session_mib,
@@ -234,14 +243,18 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         .context("starting the tokio runtime")?;
     let started = std::time::Instant::now();
     let (outcome, leftovers) = runtime.block_on(bench::run(&plan))?;
-    let rows = bench::report::evaluate(&outcome.figures);
-    let table = bench::report::table(&rows, plan.reps);
+    let rows = bench::report::evaluate(&outcome.runs);
+    let table = if cli.markdown {
+        bench::report::markdown(&rows, plan.reps, plan.runs)
+    } else {
+        bench::report::table(&rows, plan.reps, plan.runs)
+    };
     let mut flags = flags;
     flags["wall_s"] = json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
     if cli.json {
         eprint!("{table}");
         let line = bench::report::json_line(
-            &outcome.figures,
+            &outcome.runs,
             &rows,
             flags,
             bench::machine(),
