@@ -59,7 +59,8 @@ mod tests {
         map[3 * 4096] = 1;
         map[7 * 4096 + 5] = 1;
         let mut seen = Vec::new();
-        for_each_backed(std::process::id(), map.as_ptr() as u64, 16, 4096, |p| seen.push(p)).unwrap();
+        for_each_backed(std::process::id(), map.as_ptr() as u64, 16, 4096, |p| seen.push(p))
+            .unwrap();
         assert_eq!(seen, vec![3, 7]);
     }
 

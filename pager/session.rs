@@ -461,7 +461,9 @@ impl Session {
         for r in &mut self.regions {
             let (base, pages, ps) = (r.region.base, r.region.pages(), r.region.page_size);
             let mut backed = Vec::new();
-            if let Err(e) = crate::pagemap::for_each_backed(pid, base, pages, ps, |p| backed.push(p)) {
+            if let Err(e) =
+                crate::pagemap::for_each_backed(pid, base, pages, ps, |p| backed.push(p))
+            {
                 warn!(session = %self.shared.id, vmm_pid = pid, error = %e, "reading the VMM's pagemap");
                 return;
             }

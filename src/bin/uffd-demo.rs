@@ -21,7 +21,10 @@ use uffdpager::harness::{bin_path, SupervisorOptions, SupervisorProcess, VmProce
 use uffdpager::vmsim::memfile::{write_memory_file, MemoryFileSpec};
 
 #[derive(Debug, Parser)]
-#[command(name = "uffd-demo", about = "Blue-green uffd pagers: restore VMs, upgrade, graduate live")]
+#[command(
+    name = "uffd-demo",
+    about = "Blue-green uffd pagers: restore VMs, upgrade, graduate live"
+)]
 struct Cli {
     /// VMs restored on v1, before the upgrade.
     #[arg(long, default_value_t = 3)]
@@ -135,7 +138,8 @@ async fn main() -> anyhow::Result<()> {
         // The children log at warn: the demo's own lines tell the story.
         std::env::set_var("RUST_LOG", "warn");
     }
-    let tmp = tempfile::Builder::new().prefix("uffd-demo-").tempdir().context("temporary directory")?;
+    let tmp =
+        tempfile::Builder::new().prefix("uffd-demo-").tempdir().context("temporary directory")?;
     let dir = cli.runtime_dir.clone().unwrap_or_else(|| tmp.path().join("run"));
     let memfile = tmp.path().join("snapshot.mem");
     let size = cli.size_mib << 20;
@@ -143,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
     println!("== uffd-pager demo: blue-green pagers, live graduation ==");
     let spec = MemoryFileSpec { size, seed: 7, zero_fraction: 0.2, hole_fraction: 0.2 };
     write_memory_file(&memfile, &spec).context("writing the snapshot memory file")?;
-    println!("snapshot {} ({} MiB: 60% data, 20% zero pages, 20% holes)", memfile.display(), cli.size_mib);
+    println!(
+        "snapshot {} ({} MiB: 60% data, 20% zero pages, 20% holes)",
+        memfile.display(),
+        cli.size_mib
+    );
 
     // 1. The supervisor with pager version v1.
     let opts = SupervisorOptions {
@@ -223,7 +231,10 @@ async fn main() -> anyhow::Result<()> {
         let v1 = versions.versions.iter().find(|v| v.version == "v1");
         if v1_exited_at.is_none() && v1.is_some_and(|v| v.state() == VersionState::Exited) {
             v1_exited_at = Some(started.elapsed());
-            println!("  t+{:>5.1}s  version v1 drained to zero sessions and exited", started.elapsed().as_secs_f64());
+            println!(
+                "  t+{:>5.1}s  version v1 drained to zero sessions and exited",
+                started.elapsed().as_secs_f64()
+            );
         }
         let all_done = list.sessions.iter().all(|s| s.state() == SessionState::Graduated);
         if all_done && v1_exited_at.is_some() {
@@ -237,7 +248,8 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. What the controller recorded, and every VM's memory, byte for byte.
     let mut ctl = ControllerClient::new(uffdpager::grpc::uds_channel(&ctl_sock));
-    let status = ctl.get_status(GetStatusRequest {}).await.context("Controller/GetStatus")?.into_inner();
+    let status =
+        ctl.get_status(GetStatusRequest {}).await.context("Controller/GetStatus")?.into_inner();
     println!("\n[4] graduations, in the order the controller ran them:");
     for o in &status.outcomes {
         let d = o.duration.map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9).unwrap_or(0.0);
