@@ -95,26 +95,7 @@ impl Vm {
             .create_new(true)
             .open(&partial)
             .map_err(|source| StandbyError::Create { path: partial.clone(), source })?;
-        let written = write_guest(&self.guest, &file)
-            .map_err(|source| StandbyError::Write { path: partial.clone(), source })
-            .and_then(|w| {
-                file.sync_all()
-                    .map_err(|source| StandbyError::Sync { path: partial.clone(), source })?;
-                Ok(w)
-            })
-            .and_then(|w| {
-                // A hard link fails if `path` exists: no file is ever replaced, even one created
-                // since the check above.
-                fs::hard_link(&partial, path).map_err(|source| match source.kind() {
-                    io::ErrorKind::AlreadyExists => StandbyError::Exists(path.to_owned()),
-                    _ => StandbyError::Publish {
-                        partial: partial.clone(),
-                        path: path.to_owned(),
-                        source,
-                    },
-                })?;
-                Ok(w)
-            });
+        let written = write_and_link(&self.guest, &file, &partial, path);
         // The partial name goes in every case: after the link, `path` names the file.
         if let Err(e) = fs::remove_file(&partial) {
             tracing::warn!(path = %partial.display(), %e, "removing the partial snapshot failed");
@@ -142,6 +123,25 @@ impl Vm {
         );
         Ok((report, info))
     }
+}
+
+/// Writes the guest into `file` (named `partial`), syncs it, and links it as `path`.
+fn write_and_link(
+    guest: &Guest,
+    file: &File,
+    partial: &Path,
+    path: &Path,
+) -> Result<(Report, Written), StandbyError> {
+    let written = write_guest(guest, file)
+        .map_err(|source| StandbyError::Write { path: partial.to_owned(), source })?;
+    file.sync_all().map_err(|source| StandbyError::Sync { path: partial.to_owned(), source })?;
+    // A hard link fails if `path` exists: no file is ever replaced, even one created since the
+    // check in `standby`.
+    fs::hard_link(partial, path).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => StandbyError::Exists(path.to_owned()),
+        _ => StandbyError::Publish { partial: partial.to_owned(), path: path.to_owned(), source },
+    })?;
+    Ok(written)
 }
 
 /// Totals of one written file.
