@@ -12,7 +12,8 @@ use tracing::{error, info, warn};
 use uffdpager::api::{PagerVersion, VersionState};
 
 use crate::core::Core;
-use crate::pagers::{check_binary, probe_version, Exit, PagerError, PagerPaths, PagerProcess};
+use crate::pager_binary::{check_binary, probe_version};
+use crate::pagers::{Exit, PagerError, PagerPaths, PagerProcess};
 use crate::session_id;
 use crate::status::ServiceError;
 use crate::versions::{state_name, Table, VersionEntry};

@@ -25,6 +25,7 @@ mod deploy;
 mod inventory;
 mod memory_file;
 mod monitor;
+mod pager_binary;
 mod pager_stderr;
 mod pagers;
 mod pidfd;

@@ -212,6 +212,30 @@ mod tests {
         assert_eq!(split_line("2025 was a year"), (tracing::Level::INFO, "2025 was a year"));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_follower_forwards_lines_from_its_offset_and_reads_the_last_words_at_exit() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pager.log");
+        let mut log = std::fs::OpenOptions::new().append(true).create(true).open(&path).unwrap();
+        writeln!(log, "from an earlier process").unwrap();
+        let from = std::fs::metadata(&path).unwrap().len();
+        let source = LogSource { version: "v1".into(), pid: 7, last_words: LastWords::default() };
+        let (gone_tx, gone) = watch::channel(false);
+        let follower = tokio::spawn(follow_log(path.clone(), from, source.clone(), gone));
+        writeln!(log, "2025-01-01T00:00:00Z  INFO uffd_pager: ready").unwrap();
+        write!(log, "half a ").unwrap();
+        tokio::time::sleep(LOG_POLL * 3).await;
+        writeln!(log, "line").unwrap();
+        write!(log, "dying words without a newline").unwrap();
+        gone_tx.send_replace(true);
+        follower.await.unwrap();
+        assert_eq!(
+            source.last_words.get(),
+            ["uffd_pager: ready", "half a line", "dying words without a newline"]
+        );
+    }
+
     #[test]
     fn only_the_last_twenty_lines_are_kept() {
         let words = LastWords::default();

@@ -17,6 +17,7 @@ use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
 use crate::status::ServiceError;
+use crate::versions::HandoffGuard;
 use crate::{memory_file, runtime_state, session_id, session_socket};
 
 /// Attempts at a first handoff when the pager dies during it.
@@ -163,17 +164,15 @@ impl Core {
         if !matches!(claimed, Some((true, _))) {
             return; // deleted meanwhile: dropping the fds closes the VMM's connection
         }
-        let regions = hs.regions.clone();
         let mut request = HandoffRequest {
             session_id: id.clone(),
             memory_file: self.inventory.get(&id).map(|s| s.memory_file).unwrap_or_default(),
-            regions: regions.clone(),
+            regions: hs.regions.clone(),
             vmm_pid: hs.vmm_pid,
             connected_at_ms,
             adopt: false,
             removed: vec![],
         };
-        let vmm_pid = hs.vmm_pid;
         let mut fds = Some(session_fds(hs, memory_file, vmm));
         let mut attempt = 0;
         // The reservation is held until the outcome is recorded, so that the version is not
@@ -212,48 +211,11 @@ impl Core {
                     return;
                 }
             };
-            let total_bytes = regions.iter().map(|r| r.size).sum();
             let error = match (result, fds.take()) {
                 (Ok(()), Some(sent)) => {
-                    // Recorded under `held` (the lock a pager's exit takes first to find the
-                    // sessions to re-adopt), and only if the pager still runs: a pager that dies
-                    // later finds the session SERVING with its descriptors; one that died already
-                    // is dealt with here.
-                    let mut held = self.held();
-                    if reservation.process.exit().is_none() {
-                        if let Some(h) = held.get_mut(&id) {
-                            h.fds = Some(sent);
-                            h.request = Some(request.clone());
-                            h.setup = None;
-                        }
-                        self.inventory.modify(&id, |r| {
-                            r.handing_off = false;
-                            r.serving_since = Some(tokio::time::Instant::now());
-                            let s = &mut r.session;
-                            s.state = SessionState::Serving as i32;
-                            s.pager_version = version.clone();
-                            s.connected_at = Some(uffdpager::grpc::timestamp_ms(connected_at_ms));
-                            s.vmm_pid = vmm_pid;
-                            s.total_bytes = total_bytes;
-                            // In memory-file order, the order Firecracker lists guest memory in
-                            // (the handshake's validation sorted them by host address).
-                            let mut shown: Vec<Region> =
-                                regions.iter().map(to_proto_region).collect();
-                            shown.sort_by_key(|r| r.offset);
-                            s.regions = shown;
-                        });
-                        drop(held);
-                        drop(reservation);
-                        info!(
-                            version = %version,
-                            vmm_pid,
-                            total_bytes,
-                            regions = regions.len(),
-                            adopt = request.adopt,
-                            "session SERVING",
-                        );
+                    let Some(sent) = self.record_serving(&id, &reservation, sent, &request) else {
                         return;
-                    }
+                    };
                     fds = Some(sent);
                     "the pager exited right after taking the session".to_string()
                 }
@@ -280,6 +242,56 @@ impl Core {
             );
             return;
         }
+    }
+
+    /// Records a handed-over session as SERVING on `reservation`'s version, keeping `sent` (the
+    /// supervisor's copies) and the request for a later re-adoption. Done under `held` (the lock
+    /// a pager's exit takes first to find the sessions to re-adopt), and only if the pager still
+    /// runs: a pager that dies later finds the session SERVING with its descriptors; if it died
+    /// already, the descriptors come back (None: recorded).
+    fn record_serving(
+        &self,
+        id: &str,
+        reservation: &HandoffGuard,
+        sent: SessionFds,
+        request: &HandoffRequest,
+    ) -> Option<SessionFds> {
+        let mut held = self.held();
+        if reservation.process.exit().is_some() {
+            return Some(sent);
+        }
+        if let Some(h) = held.get_mut(id) {
+            h.fds = Some(sent);
+            h.request = Some(request.clone());
+            h.setup = None;
+        }
+        let version = &reservation.version;
+        let total_bytes = request.regions.iter().map(|r| r.size).sum();
+        self.inventory.modify(id, |r| {
+            r.handing_off = false;
+            r.serving_since = Some(tokio::time::Instant::now());
+            let s = &mut r.session;
+            s.state = SessionState::Serving as i32;
+            s.pager_version = version.clone();
+            s.connected_at = Some(uffdpager::grpc::timestamp_ms(request.connected_at_ms));
+            s.vmm_pid = request.vmm_pid;
+            s.total_bytes = total_bytes;
+            // In memory-file order, the order Firecracker lists guest memory in (the handshake's
+            // validation sorted them by host address).
+            let mut shown: Vec<Region> = request.regions.iter().map(to_proto_region).collect();
+            shown.sort_by_key(|r| r.offset);
+            s.regions = shown;
+        });
+        drop(held);
+        info!(
+            version = %version,
+            vmm_pid = request.vmm_pid,
+            total_bytes,
+            regions = request.regions.len(),
+            adopt = request.adopt,
+            "session SERVING",
+        );
+        None
     }
 
     /// GetSession: the record, with live figures from the owning pager when it serves it.

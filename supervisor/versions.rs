@@ -355,6 +355,23 @@ mod tests {
         assert!(err.contains("FAILED: exited 4 times in a row"), "{err}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_adoption_waits_for_a_respawning_active_version_then_says_none_runs() {
+        let v = Versions::default();
+        v.update(|t| {
+            t.entries.insert("v1".into(), VersionEntry::new("v1", "/bin/pager".into()));
+            t.active = Some("v1".into());
+        });
+        let started = Instant::now();
+        let err = v.begin_adoption(Duration::from_secs(30)).await.unwrap_err().to_string();
+        assert!(started.elapsed() >= Duration::from_secs(30), "waited for the respawn");
+        assert!(err.contains("v1") && err.contains("no other version runs"), "{err}");
+        v.update(|t| t.entries.get_mut("v1").unwrap().state = VersionState::Failed);
+        let started = Instant::now();
+        assert!(v.begin_adoption(Duration::from_secs(30)).await.is_err());
+        assert_eq!(started.elapsed(), Duration::ZERO, "a FAILED version is not waited for");
+    }
+
     #[test]
     fn the_listing_shows_every_version_and_the_active_one() {
         let v = Versions::default();
