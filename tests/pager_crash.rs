@@ -258,3 +258,40 @@ async fn a_completion_whose_pager_dies_fails_unavailable_and_the_session_serves_
     assert_eq!(done.session.unwrap().state(), SessionState::Graduated);
     vm_cmd(&mut vm, "verify").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_version_can_adopt_them_the_sessions_fail_saying_why() {
+    // The only version works the first time it starts, and crashes at once every time after.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let marker = bin_dir.path().join("started-once");
+    let flaky = script(
+        bin_dir.path(),
+        "flaky-pager",
+        &format!(
+            "if [ ! -e {m} ]; then touch {m}; exec {p} \"$@\"; fi\necho 'flaky-pager: no' >&2\nexit 3",
+            m = marker.display(),
+            p = pager_binary().display()
+        ),
+    );
+    let env = Env::start_with(uffdpager::harness::SupervisorOptions {
+        pager_binary: Some(format!("{}=v1", flaky.display()).into()),
+        ..Default::default()
+    })
+    .await;
+    let mem = env.memfile("mem", 4 * MIB, 0.2, 0.2);
+    let mut vm = env.restore("lonely", &mem, &[]).await;
+    vm_cmd(&mut vm, "read-random 100").await;
+    sigkill(version(&versions(&env).await, "v1").pid);
+
+    let s = wait_sessions(&env, "lonely FAILED", |l| {
+        l.sessions.iter().all(|s| s.state() == SessionState::Failed)
+    })
+    .await;
+    let err = &s.sessions[0].error;
+    assert!(err.contains("exited unexpectedly"), "{err}");
+    assert!(err.contains("no pager version could adopt the session"), "{err}");
+    assert!(err.contains("FAILED"), "the active version's state is named: {err}");
+    let v1 = version(&versions(&env).await, "v1").clone();
+    assert_eq!(v1.state(), VersionState::Failed);
+    assert!(v1.error.contains("gave up after 3 restarts"), "{v1:?}");
+}
