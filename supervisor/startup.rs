@@ -32,7 +32,26 @@ use tracing::{error, info};
 use crate::core::Core;
 use crate::deploy::Role;
 use crate::recover::Recovered;
-use crate::session_id;
+use crate::session_id::{self, NameError};
+
+/// Why the list of versions to start is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionsError {
+    #[error("empty pager binary")]
+    EmptyBinary,
+    #[error("{spec:?}: version label {label:?} is not valid: {source}")]
+    BadSpecLabel { spec: String, label: String, source: NameError },
+    #[error("version label {label:?} is not valid: {source}")]
+    BadLabel { label: String, source: NameError },
+    #[error("version {0:?} is listed twice")]
+    Twice(String),
+    #[error("{0} versions are marked active; at most one may be")]
+    ManyActive(usize),
+    #[error("no pager version is listed")]
+    Empty,
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+}
 
 /// One version to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,17 +63,18 @@ pub struct VersionSpec {
 }
 
 /// Parses `PATH` or `PATH=LABEL` (split at the last `=` when what follows is a valid label).
-pub fn parse_version_spec(s: &str) -> Result<VersionSpec, String> {
+pub fn parse_version_spec(s: &str) -> Result<VersionSpec, VersionsError> {
     if s.is_empty() {
-        return Err("empty pager binary".into());
+        return Err(VersionsError::EmptyBinary);
     }
     let (binary, label) = match s.rsplit_once('=') {
-        Some((path, label)) if !path.is_empty() && session_id::validate(label).is_ok() => {
-            (path, label)
-        }
         Some((path, label)) if !path.is_empty() && !label.contains('/') => {
-            let err = session_id::validate(label).err().map(|e| e.to_string()).unwrap_or_default();
-            return Err(format!("{s:?}: version label {label:?} is not valid: {err}"));
+            session_id::validate(label).map_err(|source| VersionsError::BadSpecLabel {
+                spec: s.into(),
+                label: label.into(),
+                source,
+            })?;
+            (path, label)
         }
         _ => (s, ""),
     };
@@ -78,8 +98,8 @@ struct VersionsFileEntry {
 }
 
 /// Parses a versions file; relative binary paths are taken from `base`.
-pub fn parse_versions_file(text: &str, base: &Path) -> Result<Vec<VersionSpec>, String> {
-    let file: VersionsFile = toml::from_str(text).map_err(|e| e.to_string())?;
+pub fn parse_versions_file(text: &str, base: &Path) -> Result<Vec<VersionSpec>, VersionsError> {
+    let file: VersionsFile = toml::from_str(text)?;
     let specs: Vec<VersionSpec> = file
         .versions
         .into_iter()
@@ -93,17 +113,17 @@ pub fn parse_versions_file(text: &str, base: &Path) -> Result<Vec<VersionSpec>, 
 }
 
 /// Checks labels and picks the active version (the one marked, else the last).
-fn check_specs(mut specs: Vec<VersionSpec>) -> Result<Vec<VersionSpec>, String> {
+fn check_specs(mut specs: Vec<VersionSpec>) -> Result<Vec<VersionSpec>, VersionsError> {
     if specs.is_empty() {
-        return Err("no pager version is listed".into());
+        return Err(VersionsError::Empty);
     }
     let mut seen = BTreeSet::new();
     for s in &specs {
         if !s.label.is_empty() {
             session_id::validate(&s.label)
-                .map_err(|e| format!("version label {:?} is not valid: {e}", s.label))?;
+                .map_err(|source| VersionsError::BadLabel { label: s.label.clone(), source })?;
             if !seen.insert(s.label.clone()) {
-                return Err(format!("version {:?} is listed twice", s.label));
+                return Err(VersionsError::Twice(s.label.clone()));
             }
         }
     }
@@ -114,7 +134,7 @@ fn check_specs(mut specs: Vec<VersionSpec>) -> Result<Vec<VersionSpec>, String> 
             }
         }
         1 => {}
-        n => return Err(format!("{n} versions are marked active; at most one may be")),
+        n => return Err(VersionsError::ManyActive(n)),
     }
     Ok(specs)
 }
@@ -131,7 +151,6 @@ pub fn version_specs(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let base = std::path::absolute(path)?.parent().map(Path::to_path_buf).unwrap_or_default();
         return parse_versions_file(&text, &base)
-            .map_err(anyhow::Error::msg)
             .with_context(|| format!("in the versions file {}", path.display()));
     }
     let mut specs = pager_binaries.to_vec();
@@ -151,7 +170,7 @@ pub fn version_specs(
         s.binary = std::path::absolute(&s.binary)
             .with_context(|| format!("resolving the pager binary {}", s.binary.display()))?;
     }
-    check_specs(specs).map_err(anyhow::Error::msg)
+    Ok(check_specs(specs)?)
 }
 
 /// Starts the listed versions that do not run yet (the others were taken over). Fails only if
@@ -221,7 +240,8 @@ mod tests {
         // An `=` inside a directory name is part of the path.
         let s = parse_version_spec("/opt/a=b/uffd-pager").unwrap();
         assert_eq!((s.binary, s.label.as_str()), (PathBuf::from("/opt/a=b/uffd-pager"), ""));
-        assert!(parse_version_spec("/opt/p/uffd-pager=.bad").unwrap_err().contains(".bad"));
+        let bad = parse_version_spec("/opt/p/uffd-pager=.bad").unwrap_err().to_string();
+        assert!(bad.contains(".bad"), "{bad}");
         assert!(parse_version_spec("").is_err());
     }
 
@@ -259,16 +279,13 @@ mod tests {
             binary_path = "/b"
             active = true
         "#;
-        assert!(parse_versions_file(two_active, Path::new("/"))
-            .unwrap_err()
-            .contains("2 versions"));
-        let twice = "[[versions]]\nbinary_path = \"/a\"\nversion = \"v1\"\n[[versions]]\nbinary_path = \"/b\"\nversion = \"v1\"\n";
-        assert!(parse_versions_file(twice, Path::new("/")).unwrap_err().contains("twice"));
-        let typo = "[[versions]]\nbinary = \"/a\"\n";
-        assert!(parse_versions_file(typo, Path::new("/")).unwrap_err().contains("binary"));
-        assert!(parse_versions_file("versions = []", Path::new("/"))
-            .unwrap_err()
-            .contains("no pager"));
+        let err = |text: &str| parse_versions_file(text, Path::new("/")).unwrap_err().to_string();
+        assert!(err(two_active).contains("2 versions"));
+        let twice = "[[versions]]\nbinary_path = \"/a\"\nversion = \"v1\"\n\
+                     [[versions]]\nbinary_path = \"/b\"\nversion = \"v1\"\n";
+        assert!(err(twice).contains("twice"));
+        assert!(err("[[versions]]\nbinary = \"/a\"\n").contains("binary"));
+        assert!(err("versions = []").contains("no pager"));
     }
 
     #[test]
