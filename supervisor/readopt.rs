@@ -46,6 +46,8 @@ pub enum ReadoptError {
     Handoff { version: String, source: handoff::HandoffError },
     #[error("the handoff task failed: {0}")]
     Task(String),
+    #[error("pager version {0} exited right after adopting the session")]
+    AdopterDied(String),
 }
 
 /// What became of one session.
@@ -87,8 +89,11 @@ impl Core {
                     lost.push(id);
                     continue;
                 }
+                // One being handed over already (a fresh process of this version died before it
+                // adopted it) stays with the task that hands it over.
                 let marked = self.inventory.modify(&id, |r| {
-                    let mine = is_live(r.state()) && r.session.pager_version == version;
+                    let mine =
+                        is_live(r.state()) && r.session.pager_version == version && !r.handing_off;
                     if mine {
                         r.handing_off = true;
                         r.session.error = format!("{why}; re-adopting the session");
@@ -190,6 +195,12 @@ impl Core {
         .map_err(|e| ReadoptError::Task(e.to_string()))?;
         sent.map_err(|source| ReadoptError::Handoff { version: guard.version.clone(), source })?;
         let (to, pid) = (guard.version.clone(), guard.process.pid);
+        // Under `held`, and only if the adopter still runs (as for a first handoff): an adopter
+        // that dies later finds the session as its own; one that died already is retried.
+        let held = self.held();
+        if guard.process.exit().is_some() {
+            return Err(ReadoptError::AdopterDied(to));
+        }
         self.inventory.modify(id, |r| {
             r.handing_off = false;
             r.serving_since = Some(tokio::time::Instant::now());
@@ -199,6 +210,7 @@ impl Core {
             }
             r.session.error = format!("{why}; re-adopted by pager version {to} (pid {pid})");
         });
+        drop(held);
         info!(session = %id, to = %to, pid, "session re-adopted");
         Ok(Outcome::Adopted)
     }
