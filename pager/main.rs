@@ -78,6 +78,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     tracing_subscriber::fmt()
+        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
+        // a pager must not die of its log.
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

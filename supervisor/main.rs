@@ -86,6 +86,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
+        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
+        // a pager must not die of its log.
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());

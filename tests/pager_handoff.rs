@@ -38,6 +38,10 @@ impl Drop for PagerProcess {
 }
 
 fn start_pager(dir: &Path) -> PagerProcess {
+    start_pager_with_stderr(dir, Stdio::inherit())
+}
+
+fn start_pager_with_stderr(dir: &Path, stderr: Stdio) -> PagerProcess {
     let grpc = dir.join("pager.sock");
     let handoff = dir.join("handoff.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_uffd-pager"))
@@ -48,6 +52,7 @@ fn start_pager(dir: &Path) -> PagerProcess {
         .arg("--version-label")
         .arg("test")
         .stdin(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -280,4 +285,36 @@ fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
             if (8..16).contains(&i) { &[0u8; 4096] } else { &data[i * 4096..(i + 1) * 4096] };
         assert!(guest.page(i) == want, "page {i} after graduation");
     }
+}
+
+#[test]
+fn a_pager_whose_log_pipe_is_closed_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pager = start_pager_with_stderr(dir.path(), Stdio::piped());
+    // The reader of its stderr goes away (a supervisor that exited): every log line now fails.
+    drop(pager.child.stderr.take());
+    let pages = 32;
+    let (mem_path, data) = memory_file(dir.path(), pages);
+    let guest = Guest::new(pages * 4096);
+    let (_vmm_end, pager_end) = UnixStream::pair().unwrap();
+    let request = HandoffRequest {
+        session_id: "quiet".into(),
+        memory_file: mem_path.display().to_string(),
+        regions: vec![Region {
+            base: guest.base as u64,
+            size: guest.len as u64,
+            offset: 0,
+            page_size: 4096,
+        }],
+        vmm_pid: std::process::id(),
+        connected_at_ms: 1,
+        adopt: false,
+        removed: vec![],
+    };
+    let fds = session_fds(&guest, &mem_path, &pager_end, None);
+    send_session(&pager.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
+    for i in 0..pages {
+        assert!(guest.page(i) == data[i * 4096..(i + 1) * 4096], "page {i}");
+    }
+    assert!(pager.child.try_wait().unwrap().is_none(), "the pager is alive");
 }

@@ -276,6 +276,9 @@ fn run(args: Run) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
+        // a pager must not die of its log.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
