@@ -117,12 +117,11 @@ impl Completion {
                 continue;
             }
             let max_pages = (left / ps).max(1);
+            let limit = (p + max_pages).min(pages);
             let end = r
                 .present
-                .next_set(p)
-                .min(r.removed.next_start_after(p).unwrap_or(u64::MAX))
-                .min(p + max_pages)
-                .min(pages);
+                .next_set_before(p, limit)
+                .min(r.removed.next_start_after(p).unwrap_or(u64::MAX));
             self.populate_run(s, p, end).map_err(to_complete_error)?;
             left = left.saturating_sub((end - p) * ps);
             self.page = end;

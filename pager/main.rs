@@ -55,6 +55,9 @@ struct Cli {
     /// Bytes a completion populates between two checks for faults.
     #[arg(long, default_value_t = 1 << 20)]
     complete_step_bytes: u64,
+    /// Microseconds a fault worker keeps polling after a fault before it sleeps (0: never).
+    #[arg(long, default_value_t = 50)]
+    fault_spin_us: u64,
 }
 
 /// Everything the gRPC service and the handoff listener share.
@@ -94,7 +97,14 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(cli.complete_step_bytes >= 4096, "--complete-step-bytes must be at least 4096");
 
     let workers = (0..cli.fault_threads)
-        .map(|i| WorkerHandle::spawn(i, cli.version_label.clone(), cli.complete_step_bytes))
+        .map(|i| {
+            WorkerHandle::spawn(
+                i,
+                cli.version_label.clone(),
+                cli.complete_step_bytes,
+                Duration::from_micros(cli.fault_spin_us),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()
         .context("starting fault workers")?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);

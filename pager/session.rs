@@ -291,11 +291,20 @@ impl Session {
                 self.fill(ri, page, page + 1, FillMode::OnFault)?;
                 continue;
             }
-            let end = page + self.fault_block(ri, page);
+            let block = self.fault_block(ri, page);
+            let end = page + block;
             // `Populate` semantics past the faulting page: the block stops short of nothing but
             // skips present and discarded pages (a discarded range is never given snapshot data).
             self.fill(ri, page, end, FillMode::Populate)?;
-            self.next_expected = (ri, end);
+            let mut next = end;
+            if block >= FIRST_FAULT_AROUND_PAGES {
+                // Streaming: the vCPU was woken by the fill above and reads that block while we
+                // copy the next one, so copying and reading overlap instead of taking turns.
+                let ahead = (end + block).min(self.regions[ri].region.pages());
+                self.fill(ri, end, ahead, FillMode::Populate)?;
+                next = ahead;
+            }
+            self.next_expected = (ri, next);
         }
         Ok(())
     }
@@ -314,7 +323,7 @@ impl Session {
             1
         };
         let limit = (page + self.block).min(r.region.pages());
-        r.present.next_set(page).min(limit) - page
+        r.present.next_set_before(page, limit) - page
     }
 
     /// Handles a readable uffd: drain, then serve, then publish.
@@ -372,7 +381,7 @@ impl Session {
             };
             let ps = r.region.page_size;
             // One run of missing pages of the same kind.
-            let mut run_end = r.present.next_set(p).min(end);
+            let mut run_end = r.present.next_set_before(p, end);
             run_end = match removed_end {
                 Some(e) => run_end.min(e),
                 None => run_end.min(r.removed.next_start_after(p).unwrap_or(u64::MAX)),

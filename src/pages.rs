@@ -83,17 +83,24 @@ impl PageBitmap {
 
     /// The first set bit at or after `from`, or `len` if none.
     pub fn next_set(&self, from: u64) -> u64 {
+        self.next_set_before(from, self.len)
+    }
+
+    /// The first set bit in `[from, end)`, or `end` if none: the scan stops at `end`, so asking
+    /// about a short run of a huge, empty bitmap costs the run, not the bitmap.
+    pub fn next_set_before(&self, from: u64, end: u64) -> u64 {
+        let end = end.min(self.len);
         let mut i = from;
-        while i < self.len {
+        while i < end {
             let (w, _) = Self::at(i);
             let word = self.words[w] & !((1u64 << (i % 64)) - 1);
             if word == 0 {
                 i = (i / 64 + 1) * 64;
                 continue;
             }
-            return ((i / 64) * 64 + u64::from(word.trailing_zeros())).min(self.len);
+            return ((i / 64) * 64 + u64::from(word.trailing_zeros())).min(end);
         }
-        self.len
+        end.max(from.min(end))
     }
 
     /// Bytes of memory this bitmap holds.
@@ -201,6 +208,9 @@ mod tests {
         assert_eq!(b.next_set(150), 200);
         b.set(170);
         assert_eq!(b.next_set(150), 170);
+        assert_eq!(b.next_set_before(150, 160), 160);
+        assert_eq!(b.next_set_before(150, 171), 170);
+        assert_eq!(b.next_set_before(175, 171), 171);
         assert_eq!(b.next_set(0), 0);
         b.set_range(150..200);
         assert_eq!(b.next_clear(0), None);
