@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::grpcurl;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command as StdCommand, Stdio};
@@ -478,21 +480,6 @@ async fn a_restarted_supervisor_is_reconnected_re_listed_and_served_on() {
     for vm in &mut vms {
         vm_cmd(vm, "verify").await;
     }
-}
-
-fn grpcurl(args: &str) -> String {
-    let out = StdCommand::new("sh")
-        .arg("-c")
-        .arg(args)
-        .output()
-        .expect("grpcurl runs (scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{args}\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

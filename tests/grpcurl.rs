@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::grpcurl;
+
 use std::path::Path;
-use std::process::Command;
 
 use common::{vm_cmd, Env, MIB, STEP};
 use uffdpager::api::SessionState;
@@ -15,22 +16,6 @@ use uffdpager::harness::{SupervisorOptions, VmProcess};
 
 /// How the README's deploy example names this build's pager (run from the repository's root).
 const README_PAGER: &str = "'\"$PWD\"'/target/release/uffd-pager";
-
-fn grpcurl(args: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(args)
-        .output()
-        .expect("grpcurl runs (scripts/setup.sh installs it)");
-    assert!(
-        out.status.success(),
-        "{args}\nexit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The README's grpcurl examples, in order.
 fn readme_examples() -> Vec<String> {

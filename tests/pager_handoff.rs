@@ -24,6 +24,24 @@ fn session_fds(guest: &Guest, mem: &Path, vmm: &UnixStream, log: Option<&OwnedFd
     }
 }
 
+/// What the supervisor would send for `guest`: one region at offset 0 of the memory file.
+fn handoff_request(id: &str, guest: &Guest, mem: &Path) -> HandoffRequest {
+    HandoffRequest {
+        session_id: id.into(),
+        memory_file: mem.display().to_string(),
+        regions: vec![Region {
+            base: guest.base as u64,
+            size: guest.len as u64,
+            offset: 0,
+            page_size: 4096,
+        }],
+        vmm_pid: std::process::id(),
+        connected_at_ms: 1,
+        adopt: false,
+        removed: vec![],
+    }
+}
+
 struct PagerProcess {
     child: Child,
     grpc: PathBuf,
@@ -123,26 +141,8 @@ fn a_handed_over_session_is_served_discarded_pages_read_zero_and_it_graduates() 
     let (mem_path, data) = memory_file(dir.path(), pages);
     let guest = Guest::new(pages * 4096);
     let (vmm_end, pager_end) = UnixStream::pair().unwrap();
-    let request = HandoffRequest {
-        session_id: "direct-1".into(),
-        memory_file: mem_path.display().to_string(),
-        regions: vec![Region {
-            base: guest.base as u64,
-            size: guest.len as u64,
-            offset: 0,
-            page_size: 4096,
-        }],
-        vmm_pid: std::process::id(),
-        connected_at_ms: 1,
-        adopt: false,
-        removed: vec![],
-    };
-    let fds = SessionFds {
-        uffd: guest.uffd.as_fd().try_clone_to_owned().unwrap(),
-        memory_file: OwnedFd::from(File::open(&mem_path).unwrap()),
-        vmm_stream: OwnedFd::from(pager_end),
-        removed_log: None,
-    };
+    let request = handoff_request("direct-1", &guest, &mem_path);
+    let fds = session_fds(&guest, &mem_path, &pager_end, None);
     send_session(&pager.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
     drop(fds);
 
@@ -208,20 +208,7 @@ fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
     let guest = Guest::new(pages * 4096);
     let (_vmm_end, pager_end) = UnixStream::pair().unwrap();
     let (_log, log_fd) = uffdpager::removed_log::RemovedLog::create().unwrap();
-    let mut request = HandoffRequest {
-        session_id: "adopted".into(),
-        memory_file: mem_path.display().to_string(),
-        regions: vec![Region {
-            base: guest.base as u64,
-            size: guest.len as u64,
-            offset: 0,
-            page_size: 4096,
-        }],
-        vmm_pid: std::process::id(),
-        connected_at_ms: 1,
-        adopt: false,
-        removed: vec![],
-    };
+    let mut request = handoff_request("adopted", &guest, &mem_path);
 
     let first_dir = dir.path().join("a");
     std::fs::create_dir(&first_dir).unwrap();
@@ -297,20 +284,7 @@ fn a_pager_whose_log_pipe_is_closed_keeps_serving() {
     let (mem_path, data) = memory_file(dir.path(), pages);
     let guest = Guest::new(pages * 4096);
     let (_vmm_end, pager_end) = UnixStream::pair().unwrap();
-    let request = HandoffRequest {
-        session_id: "quiet".into(),
-        memory_file: mem_path.display().to_string(),
-        regions: vec![Region {
-            base: guest.base as u64,
-            size: guest.len as u64,
-            offset: 0,
-            page_size: 4096,
-        }],
-        vmm_pid: std::process::id(),
-        connected_at_ms: 1,
-        adopt: false,
-        removed: vec![],
-    };
+    let request = handoff_request("quiet", &guest, &mem_path);
     let fds = session_fds(&guest, &mem_path, &pager_end, None);
     send_session(&pager.handoff, &request, &fds, Duration::from_secs(10)).unwrap();
     for i in 0..pages {

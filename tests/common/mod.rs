@@ -203,3 +203,20 @@ pub async fn vm_cmd_within(
     tokio::task::block_in_place(|| vm.verified(cmd, limit))
         .unwrap_or_else(|e| panic!("{what}: `{cmd}` failed: {e}"))
 }
+
+/// Runs a grpcurl command line through `sh`; fails the test with its output unless it succeeds.
+pub fn grpcurl(args: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(args)
+        .output()
+        .expect("grpcurl runs (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{args}\nexit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
