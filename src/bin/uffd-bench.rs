@@ -123,39 +123,20 @@ fn main() -> ExitCode {
 
 /// Rebuilds the project's binaries when running under `cargo run`, with this build's profile.
 fn rebuild(cli: &Cli) -> anyhow::Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else { return Ok(()) };
     if cli.no_build {
         return Ok(());
     }
-    let exe = std::env::current_exe().context("locating uffd-bench")?;
-    let profile = exe.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("");
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.arg("build").arg("--quiet");
-    match profile {
-        "release" => {
-            cmd.arg("--release");
-        }
-        "debug" => {}
-        other => {
-            eprintln!("uffd-bench: unknown profile directory {other:?}: not rebuilding");
-            return Ok(());
-        }
-    }
-    cmd.arg("--manifest-path").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+    let mut bins = Vec::new();
     if cli.supervisor_binary.is_none() {
-        cmd.args(["--bin", "uffd-supervisor"]);
+        bins.push("uffd-supervisor");
     }
     if cli.pager_binary.is_none() {
-        cmd.args(["--bin", "uffd-pager"]);
+        bins.push("uffd-pager");
     }
-    if cli.supervisor_binary.is_some() && cli.pager_binary.is_some() {
-        return Ok(());
+    if !bins.is_empty() && std::env::var_os("CARGO").is_some() {
+        eprintln!("uffd-bench: building {}", bins.join(" and "));
     }
-    eprintln!("uffd-bench: building the supervisor and pager ({profile})");
-    let status = cmd.status().context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build of the supervisor and pager failed ({status})");
-    }
+    uffdpager::harness::build_sibling_binaries(&bins).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

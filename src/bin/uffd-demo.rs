@@ -90,9 +90,11 @@ async fn restore(
     let read = vm.verified(&format!("read-random {}", pages / 8), STEP)?;
     vm.command(&format!("write {} 64 1", pages / 3), STEP)?;
     vm.command(&format!("balloon 1 0 {}", 4 << 20), STEP)?;
-    vm.command("reader-start 42", STEP)?;
+    // A reader keeps touching a working set (the first eighth) while the VM runs and graduates;
+    // the rest stays missing until graduation copies it.
+    vm.command(&format!("reader-start 42 0 {}", pages / 8), STEP)?;
     println!(
-        "  {id}: restored (vmm pid {}), read {} random pages, wrote 64, ballooned 4 MiB; a reader keeps touching memory",
+        "  {id}: restored (vmm pid {}), read {} random pages, wrote 64, ballooned 4 MiB; a reader keeps touching its working set",
         vm.pid, read["pages_verified"]
     );
     Ok(DemoVm { id: id.into(), vm })
@@ -134,6 +136,14 @@ async fn print_versions(client: &mut SupervisorClient<Channel>) -> anyhow::Resul
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Under `cargo run`, build the processes the demo starts (a fresh checkout has none).
+    uffdpager::harness::build_sibling_binaries(&[
+        "uffd-supervisor",
+        "uffd-pager",
+        "uffd-vmsim",
+        "uffd-controller",
+    ])
+    .map_err(anyhow::Error::msg)?;
     if !cli.logs && std::env::var_os("RUST_LOG").is_none() {
         // The children log at warn: the demo's own lines tell the story.
         std::env::set_var("RUST_LOG", "warn");
@@ -271,7 +281,7 @@ async fn main() -> anyhow::Result<()> {
             bail!("{id}: guest memory still registered with userfaultfd after graduation: {smaps}");
         }
         println!(
-            "  {id}: reader verified {} pages while it graduated (max stall {:.2} ms), all {} pages right after, no uffd left",
+            "  {id}: its reader verified {} pages, before, during and after graduation (longest read {:.2} ms on 2 busy CPUs); all {} pages right after; no uffd left",
             reader["pages_verified"],
             reader["stall_max_us"].as_f64().unwrap_or(0.0) / 1000.0,
             all["pages_verified"]

@@ -3,11 +3,13 @@
 //! their stdin/stdout (one command, one JSON answer); what processes hold ([`procfs`]) and
 //! what the page cache holds ([`pagecache`]), read from the kernel.
 
+mod build;
 pub mod pagecache;
 pub mod procfs;
 mod supervisor;
 mod vm;
 
+pub use build::build_sibling_binaries;
 pub use supervisor::{pager_pids, SupervisorOptions, SupervisorProcess};
 pub use vm::{VmProcess, VmProcessError};
 
