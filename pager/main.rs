@@ -6,6 +6,7 @@ mod complete;
 mod handoff;
 mod memory_file;
 mod pagemap;
+mod region_pages;
 mod registry;
 mod service;
 mod session;

@@ -1,0 +1,95 @@
+//! Page state of one region (present, discarded) and the source of zero bytes: the
+//! bookkeeping a session keeps per region, apart from the fault loop that uses it.
+
+use uffdpager::firecracker::Region;
+use uffdpager::pages::{PageBitmap, RangeSet};
+
+/// Page state of one region.
+#[derive(Debug)]
+pub struct RegionPages {
+    pub region: Region,
+    pub present: PageBitmap,
+    pub removed: RangeSet,
+    /// Pages in `removed` that are not present.
+    removed_missing: u64,
+}
+
+impl RegionPages {
+    pub fn new(region: Region) -> Self {
+        Self {
+            region,
+            present: PageBitmap::new(region.pages()),
+            removed: RangeSet::new(),
+            removed_missing: 0,
+        }
+    }
+
+    /// Pages the VMM discarded that have not been faulted in again.
+    pub fn removed_missing(&self) -> u64 {
+        self.removed_missing
+    }
+
+    /// Marks `[first, end)` present; returns how many pages became present.
+    pub fn mark_present(&mut self, first: u64, end: u64) -> u64 {
+        let mut n = 0;
+        for p in first..end {
+            if self.present.set(p) {
+                n += 1;
+                if self.removed.contains(p) {
+                    self.removed_missing -= 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Applies a REMOVE of pages `[first, end)`.
+    pub fn remove(&mut self, first: u64, end: u64) {
+        for p in first..end {
+            let was_present = self.present.clear(p);
+            if was_present || !self.removed.contains(p) {
+                self.removed_missing += 1;
+            }
+        }
+        self.removed.insert(first..end);
+    }
+}
+
+/// A source of zero bytes for hugepage zero-fills (`UFFDIO_ZEROPAGE` does not work on hugetlbfs):
+/// an anonymous mapping never written, so reading it allocates nothing.
+#[derive(Debug)]
+pub struct ZeroSource {
+    map: memmap2::Mmap,
+}
+
+impl ZeroSource {
+    pub fn new(len: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len(len).map_anon()?.make_read_only()?;
+        Ok(Self { map })
+    }
+
+    pub fn bytes(&self, len: u64) -> &[u8] {
+        &self.map[..usize::try_from(len).expect("len fits")]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_present_page_counts_as_removed_once() {
+        let mut r =
+            RegionPages::new(Region { base: 0, size: 16 * 4096, offset: 0, page_size: 4096 });
+        r.mark_present(0, 4);
+        r.remove(2, 6);
+        assert_eq!(r.present.count_ones(), 2);
+        assert_eq!(r.removed_missing, 4);
+        r.remove(3, 8);
+        assert_eq!(r.removed_missing, 6);
+        r.mark_present(5, 6);
+        assert_eq!(r.removed_missing, 5);
+        r.remove(5, 6);
+        assert_eq!(r.removed_missing, 6);
+    }
+}
