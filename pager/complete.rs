@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::memory_file::is_zero;
 use crate::session::{FillMode, Session, SessionError};
 
 /// What a finished completion did.
@@ -142,19 +141,17 @@ impl Completion {
         let data = file.next_data(off).unwrap_or(u64::MAX);
         let hole_pages = (data.saturating_sub(off) / ps).min(end - first);
         self.report.skipped_zero_bytes += hole_pages * ps;
-        let page_bytes = |i: u64| {
-            let o = usize::try_from(r.offset + i * ps).expect("offset fits");
-            &file.bytes()[o..o + usize::try_from(ps).expect("page fits")]
-        };
         let mut q = first + hole_pages;
+        let zero = file.zero_pages(r.offset + q * ps, end - q, ps);
+        let is_zero_page = |i: u64| zero[usize::try_from(i - (first + hole_pages)).expect("fits")];
         while q < end {
-            if is_zero(page_bytes(q)) {
+            if is_zero_page(q) {
                 self.report.skipped_zero_bytes += ps;
                 q += 1;
                 continue;
             }
             let mut run_end = q + 1;
-            while run_end < end && !is_zero(page_bytes(run_end)) {
+            while run_end < end && !is_zero_page(run_end) {
                 run_end += 1;
             }
             let filled = s.fill(ri, q, run_end, FillMode::Populate)?;

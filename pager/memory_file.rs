@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use memmap2::Mmap;
 use nix::unistd::{lseek, Whence};
+use uffdpager::pages::PageBitmap;
 
 /// A memory file mapped read-only (`MAP_SHARED`: its pages are the page cache's).
 #[derive(Debug)]
@@ -18,6 +19,10 @@ pub struct MappedFile {
     file: File,
     map: Mmap,
     key: (u64, u64),
+    /// Which 4 KiB pages of the file hold only zeros, learned once and shared by every session
+    /// restored from this file (a zero page is read in full to know it; a hole maps a page-cache
+    /// page): `(known, zero)` bitmaps, allocated at the first completion.
+    zero_map: Mutex<Option<(PageBitmap, PageBitmap)>>,
 }
 
 impl MappedFile {
@@ -45,6 +50,34 @@ impl MappedFile {
             Ok(pos) => u64::try_from(pos).ok(),
             Err(_) => None,
         }
+    }
+
+    /// For each page of `page_size` bytes at file offsets `offset + i * page_size`, `i < pages`:
+    /// true if the page holds only zeros. Answers from the shared zero map where it can, reads
+    /// the mapping where it must (after checking the file is still long enough), and records
+    /// what it read.
+    pub fn zero_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
+        let sub = page_size / 4096;
+        let mut guard = self.zero_map.lock().expect("zero map");
+        let (known, zero) = guard.get_or_insert_with(|| {
+            let n = self.mapped_len().div_ceil(4096);
+            (PageBitmap::new(n), PageBitmap::new(n))
+        });
+        (0..pages)
+            .map(|i| {
+                let first = (offset + i * page_size) / 4096;
+                (first..first + sub).all(|fp| {
+                    if !known.get(fp) {
+                        let o = usize::try_from(fp * 4096).expect("offset fits");
+                        if is_zero(&self.map[o..o + 4096]) {
+                            zero.set(fp);
+                        }
+                        known.set(fp);
+                    }
+                    zero.get(fp)
+                })
+            })
+            .collect()
     }
 
     /// The start of the next hole at or after `offset` (`SEEK_HOLE`; the file's end counts).
@@ -83,7 +116,7 @@ impl MemoryFiles {
         // truncate the file under it; reads then fault with SIGBUS. Callers read it only through
         // UFFDIO_COPY (the kernel turns that into EFAULT) or after checking `current_len`.
         let map = unsafe { Mmap::map(&file)? };
-        let mapped = Arc::new(MappedFile { file, map, key });
+        let mapped = Arc::new(MappedFile { file, map, key, zero_map: Mutex::new(None) });
         open.insert(mapped.key, Arc::downgrade(&mapped));
         Ok(mapped)
     }
@@ -136,6 +169,19 @@ mod tests {
         assert_eq!(files.count(), 1);
         drop((a, b));
         assert_eq!(files.count(), 0);
+    }
+
+    #[test]
+    fn zero_pages_are_learned_once_and_answered_for_any_page_size() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut data = vec![0u8; 8 * 4096];
+        data[4096 + 7] = 1; // page 1 is data, the rest zero
+        f.write_all(&data).unwrap();
+        let files = MemoryFiles::default();
+        let m = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        assert_eq!(m.zero_pages(0, 4, 4096), vec![true, false, true, true]);
+        assert_eq!(m.zero_pages(4096, 2, 4096), vec![false, true]);
+        assert_eq!(m.zero_pages(0, 2, 4 * 4096), vec![false, true]);
     }
 
     #[test]
