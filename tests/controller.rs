@@ -7,6 +7,8 @@
 
 mod common;
 
+use uffdpager::harness::health_ok;
+
 use common::grpcurl;
 
 use std::collections::BTreeSet;
@@ -19,8 +21,8 @@ use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use uffdpager::api::controller_client::ControllerClient;
 use uffdpager::api::{
-    ConnectionState, ControllerStatus, DeployVersionRequest, GetStatusRequest, ListSessionsRequest,
-    ListVersionsRequest, OutcomeResult, PlanRequest, PlanResponse, SessionState, VersionState,
+    ConnectionState, ControllerStatus, GetStatusRequest, ListSessionsRequest, ListVersionsRequest,
+    OutcomeResult, PlanRequest, PlanResponse, SessionState, VersionState,
 };
 use uffdpager::grpc::uds_channel;
 use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
@@ -113,15 +115,6 @@ impl Controller {
     }
 }
 
-async fn health_ok(socket: &Path) -> bool {
-    let mut client = tonic_health::pb::health_client::HealthClient::new(uds_channel(socket));
-    let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), client.check(req)).await,
-        Ok(Ok(r)) if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    )
-}
-
 fn counters(s: &ControllerStatus) -> uffdpager::api::ControllerCounters {
     s.counters.unwrap_or_default()
 }
@@ -158,15 +151,8 @@ async fn env_v1() -> Env {
 
 /// Makes `v2` (the same pager binary under another label) active; v1 drains.
 async fn deploy_v2(env: &Env) {
-    let v = env
-        .client()
-        .deploy_version(DeployVersionRequest {
-            binary_path: env!("CARGO_BIN_EXE_uffd-pager").into(),
-            version: "v2".into(),
-        })
-        .await
-        .expect("DeployVersion v2")
-        .into_inner();
+    let pager = Path::new(env!("CARGO_BIN_EXE_uffd-pager"));
+    let v = common::deploy(env, pager, "v2").await.expect("DeployVersion v2");
     assert_eq!(v.state(), VersionState::Active);
 }
 

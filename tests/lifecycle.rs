@@ -16,8 +16,8 @@ use common::{
     SUPERVISOR_THREAD_SLACK as SLACK,
 };
 use uffdpager::api::{
-    CompleteSessionRequest, CompleteSessionResponse, DeleteSessionRequest, DeployVersionRequest,
-    ListVersionsRequest, PagerVersion, SessionState, VersionState,
+    CompleteSessionRequest, CompleteSessionResponse, DeleteSessionRequest, ListVersionsRequest,
+    PagerVersion, SessionState, VersionState,
 };
 use uffdpager::harness::{SupervisorOptions, VmProcess};
 use uffdpager::vmsim::expect::pattern_word;
@@ -258,15 +258,8 @@ async fn the_whole_life(guest: Guest) {
     eprintln!("after VM A: pager v1 {v1_after:?} (before {v1_before:?})");
 
     // 6. A new pager version; v1, serving nothing, drains and exits.
-    let v2 = env
-        .client()
-        .deploy_version(DeployVersionRequest {
-            binary_path: env!("CARGO_BIN_EXE_uffd-pager").into(),
-            version: "v2".into(),
-        })
-        .await
-        .expect("DeployVersion v2")
-        .into_inner();
+    let pager = std::path::Path::new(env!("CARGO_BIN_EXE_uffd-pager"));
+    let v2 = common::deploy(&env, pager, "v2").await.expect("DeployVersion v2");
     assert_eq!(v2.state(), VersionState::Active);
     let deadline = Instant::now() + STEP;
     while version(&env, "v1").await.state() != VersionState::Exited {

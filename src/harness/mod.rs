@@ -10,7 +10,7 @@ mod supervisor;
 mod vm;
 
 pub use build::build_sibling_binaries;
-pub use supervisor::{pager_pids, SupervisorOptions, SupervisorProcess};
+pub use supervisor::{health_ok, pager_pids, SupervisorOptions, SupervisorProcess};
 pub use vm::{VmProcess, VmProcessError};
 
 use std::path::PathBuf;

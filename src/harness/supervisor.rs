@@ -106,7 +106,8 @@ pub fn pager_pids(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-async fn health_ok(socket: &Path) -> bool {
+/// True when the gRPC server on `socket` answers health `SERVING` within two seconds.
+pub async fn health_ok(socket: &Path) -> bool {
     let mut client = tonic_health::pb::health_client::HealthClient::new(uds_channel(socket));
     let req = tonic_health::pb::HealthCheckRequest { service: String::new() };
     matches!(

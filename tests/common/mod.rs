@@ -220,3 +220,18 @@ pub fn grpcurl(args: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// DeployVersion of `binary` as `label`.
+pub async fn deploy(
+    env: &Env,
+    binary: &Path,
+    label: &str,
+) -> Result<uffdpager::api::PagerVersion, tonic::Status> {
+    env.client()
+        .deploy_version(uffdpager::api::DeployVersionRequest {
+            binary_path: binary.display().to_string(),
+            version: label.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use uffdpager::api::{
-    DeployVersionRequest, ListSessionsRequest, ListSessionsResponse, ListVersionsRequest,
-    ListVersionsResponse, PagerVersion,
+    ListSessionsRequest, ListSessionsResponse, ListVersionsRequest, ListVersionsResponse,
+    PagerVersion,
 };
 use uffdpager::harness::SupervisorOptions;
 
+pub use crate::common::deploy;
 use crate::common::{Env, STEP};
 
 /// The pager binary of this build.
@@ -77,17 +78,6 @@ pub async fn wait_sessions(
         assert!(Instant::now() < deadline, "never true: {what}: {list:#?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// DeployVersion of `binary` as `label`.
-pub async fn deploy(env: &Env, binary: &Path, label: &str) -> Result<PagerVersion, tonic::Status> {
-    env.client()
-        .deploy_version(DeployVersionRequest {
-            binary_path: binary.display().to_string(),
-            version: label.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 /// kill -9.
