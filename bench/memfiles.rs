@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
 use uffdpager::vmsim::{write_memory_file, MemoryFileSpec};
-use userfaultfd::{FeatureFlags, UffdBuilder};
 
 use super::Group;
 
@@ -107,20 +106,13 @@ pub fn warm(path: &Path) -> anyhow::Result<u64> {
 /// Fails with a clear message where this process cannot create a userfaultfd the way
 /// Firecracker does (kernel faults included: root, or access to `/dev/userfaultfd`).
 pub fn check_userfaultfd() -> anyhow::Result<()> {
-    UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE)
-        .create()
-        .map(drop)
-        .map_err(|e| {
-            anyhow!(
-                "this process cannot create a userfaultfd ({e}); uffd-bench restores VMs the way \
+    uffdpager::uffd_ops::firecracker_uffd(false).map(drop).map_err(|e| {
+        anyhow!(
+            "this process cannot create a userfaultfd ({e}); uffd-bench restores VMs the way \
                  Firecracker does and needs root, or read-write access to /dev/userfaultfd \
                  (Linux 6.1+), or vm.unprivileged_userfaultfd=1"
-            )
-        })
+        )
+    })
 }
 
 /// True when `path` is on tmpfs (memory, not a disk's page cache).

@@ -22,6 +22,18 @@ use std::ffi::c_void;
 use nix::errno::Errno;
 use userfaultfd::Uffd;
 
+/// Creates a userfaultfd the way Firecracker does: close-on-exec, non-blocking, with
+/// `UFFD_FEATURE_EVENT_REMOVE`. `user_mode_only(false)` lets kernel-mode accesses fault too
+/// (root, or access to `/dev/userfaultfd`).
+pub fn firecracker_uffd(user_mode_only: bool) -> userfaultfd::Result<Uffd> {
+    userfaultfd::UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(user_mode_only)
+        .require_features(userfaultfd::FeatureFlags::EVENT_REMOVE)
+        .create()
+}
+
 /// What one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FillOutcome {

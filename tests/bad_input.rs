@@ -17,16 +17,9 @@ use uffdpager::api::{
     SessionState,
 };
 use uffdpager::scm::send_with_fds;
-use userfaultfd::{FeatureFlags, UffdBuilder};
 
 fn a_uffd() -> userfaultfd::Uffd {
-    UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(false)
-        .require_features(FeatureFlags::EVENT_REMOVE)
-        .create()
-        .unwrap()
+    uffdpager::uffd_ops::firecracker_uffd(false).unwrap()
 }
 
 enum Send {

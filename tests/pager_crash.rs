@@ -86,13 +86,7 @@ async fn eight_busy_vms_survive_a_sigkill_of_their_pager_and_ballooned_ranges_st
 
     // All eight graduate, on the fresh process.
     for (id, vm) in ids.iter().zip(vms.iter_mut()) {
-        let done = env
-            .client()
-            .complete_session(CompleteSessionRequest { session_id: id.clone() })
-            .await
-            .unwrap_or_else(|e| panic!("CompleteSession {id}: {e:?}"))
-            .into_inner();
-        assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated, "{done:?}");
+        let done = env.graduate(id).await;
         assert!(done.message.contains(&format!("(pid {new_pid})")), "{}", done.message);
         vm_cmd(vm, "verify").await;
     }

@@ -13,7 +13,6 @@ use uffdpager::api::pager_client::PagerClient;
 use uffdpager::api::{CompleteSessionRequest, GetSessionRequest, SessionState};
 use uffdpager::firecracker::Region;
 use uffdpager::handoff::{send_session, HandoffRequest, SessionFds};
-use userfaultfd::{FeatureFlags, UffdBuilder};
 
 fn session_fds(guest: &Guest, mem: &Path, vmm: &UnixStream, log: Option<&OwnedFd>) -> SessionFds {
     SessionFds {
@@ -102,13 +101,7 @@ impl Guest {
             )
         };
         assert_ne!(base, libc::MAP_FAILED);
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .require_features(FeatureFlags::EVENT_REMOVE)
-            .create()
-            .unwrap();
+        let uffd = uffdpager::uffd_ops::firecracker_uffd(false).unwrap();
         uffd.register(base, len).unwrap();
         Self { base: base.cast(), len, uffd }
     }

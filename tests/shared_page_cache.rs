@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::{holdings, vm_cmd, wait_holdings_within, Env, MIB, SUPERVISOR_THREAD_SLACK};
-use uffdpager::api::{CompleteSessionRequest, DeleteSessionRequest, SessionState};
+use uffdpager::api::DeleteSessionRequest;
 use uffdpager::harness::pagecache::{evict, residency};
 use uffdpager::harness::procfs::{resident, storage_read_bytes, Resident};
 use uffdpager::harness::VmProcess;
@@ -100,13 +100,7 @@ async fn twenty_vms_of_one_snapshot_share_the_page_cache_and_graduate_without_re
     let (mut populated, started) = (0, Instant::now());
     for (i, mut vm) in vms.into_iter().enumerate() {
         let id = format!("vm-{i}");
-        let done = env
-            .client()
-            .complete_session(CompleteSessionRequest { session_id: id.clone() })
-            .await
-            .unwrap_or_else(|e| panic!("CompleteSession {id}: {e:?}"))
-            .into_inner();
-        assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated, "{done:?}");
+        let done = env.graduate(&id).await;
         populated += done.populated_bytes;
         vm_cmd(&mut vm, "read-random 1%").await;
         tokio::task::block_in_place(|| vm.exit()).expect("the VM exits");

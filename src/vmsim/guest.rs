@@ -19,7 +19,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
+use userfaultfd::Uffd;
+
+use crate::uffd_ops::firecracker_uffd;
 
 use crate::firecracker::{self, Region, PAGE_2M, PAGE_4K};
 
@@ -133,17 +135,9 @@ pub struct Vm {
 /// Creates the uffd the way Firecracker does. `user_mode_only(false)` lets kernel-mode accesses
 /// fault too (root, or `/dev/userfaultfd`); where that is refused, fall back to user-mode only.
 fn create_uffd() -> Result<Uffd, VmError> {
-    let build = |user_mode_only: bool| {
-        UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(user_mode_only)
-            .require_features(FeatureFlags::EVENT_REMOVE)
-            .create()
-    };
-    build(false).or_else(|e| {
+    firecracker_uffd(false).or_else(|e| {
         tracing::warn!(%e, "userfaultfd with kernel faults refused; retrying user-mode only");
-        build(true).map_err(VmError::CreateUffd)
+        firecracker_uffd(true).map_err(VmError::CreateUffd)
     })
 }
 

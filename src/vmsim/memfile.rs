@@ -162,7 +162,7 @@ pub fn write_memory_file(path: &Path, spec: &MemoryFileSpec) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::fd::AsRawFd;
 
     use nix::unistd::{lseek, Whence};
@@ -174,7 +174,7 @@ mod tests {
     }
 
     /// True when the 4 KiB page at `offset` holds data (is not inside a hole).
-    fn is_data(file: &File, offset: u64) -> bool {
+    pub(crate) fn is_data(file: &File, offset: u64) -> bool {
         let off = i64::try_from(offset).unwrap();
         match lseek(file.as_raw_fd(), off, Whence::SeekData) {
             Ok(next) => next == off,

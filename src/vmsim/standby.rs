@@ -256,20 +256,9 @@ fn is_zero(block: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
-
-    use nix::unistd::{lseek, Whence};
 
     use super::*;
-
-    fn is_data(file: &File, offset: u64) -> bool {
-        let off = i64::try_from(offset).unwrap();
-        match lseek(file.as_raw_fd(), off, Whence::SeekData) {
-            Ok(next) => next == off,
-            Err(nix::errno::Errno::ENXIO) => false,
-            Err(e) => panic!("SEEK_DATA: {e}"),
-        }
-    }
+    use crate::vmsim::memfile::tests::is_data;
 
     #[test]
     fn zero_blocks_become_holes_and_data_is_written_in_runs() {

@@ -96,6 +96,18 @@ impl Env {
         vm
     }
 
+    /// CompleteSession, which must graduate the session; returns the answer.
+    pub async fn graduate(&self, id: &str) -> uffdpager::api::CompleteSessionResponse {
+        let done = self
+            .client()
+            .complete_session(uffdpager::api::CompleteSessionRequest { session_id: id.into() })
+            .await
+            .unwrap_or_else(|e| panic!("CompleteSession {id}: {e:?}"))
+            .into_inner();
+        assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated, "{done:?}");
+        done
+    }
+
     pub async fn get(&self, id: &str) -> Session {
         self.client()
             .get_session(GetSessionRequest { session_id: id.into() })
