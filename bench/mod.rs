@@ -63,7 +63,7 @@ pub enum Group {
     /// min_fault_us (+ p99, pinned variants), min_touch_all_gbps, touch_resident_gbps
     #[value(name = "min_handler")]
     MinHandler,
-    /// fault_p50_us, fault_p99_us
+    /// fault_p50_us, fault_p99_us (VM and pager on min_fault_us's CPU), fault_free_* (unpinned)
     Fault,
     /// touch_all_gbps
     #[value(name = "touch_all")]
@@ -265,15 +265,13 @@ async fn min_handler_figures(
     f: &mut Figures,
 ) -> anyhow::Result<()> {
     let dense = files.dense.clone().context("no dense memory file")?;
-    let cpus = placement::cpus();
     // On one CPU everything is on one CPU: "pinned" and "free" are the same run.
-    let (same, cross) = if cpus >= 2 {
-        (
-            Placement { vm_cpu: Some(1), handler_cpu: Some(1) },
-            Some(Placement { vm_cpu: Some(0), handler_cpu: Some(1) }),
-        )
-    } else {
-        (Placement::FREE, None)
+    let (same, cross) = match placement::one_cpu() {
+        Some(cpu) => (
+            Placement { vm_cpu: Some(cpu), handler_cpu: Some(cpu) },
+            Some(Placement { vm_cpu: Some(0), handler_cpu: Some(cpu) }),
+        ),
+        None => (Placement::FREE, None),
     };
     for rep in 0..plan.reps {
         let (dir, size, touches) = (dir.to_path_buf(), plan.size, plan.fault_touches);
@@ -346,7 +344,8 @@ async fn project(
             let f = &mut *figures;
             let r = match (g, &files.dense, &files.sparse, &files.small) {
                 (Fault, Some(d), _, _) => {
-                    project::faults(&p, f, rep, d, size, plan.fault_touches).await
+                    let cpu = placement::one_cpu().unwrap_or(0);
+                    project::faults(&p, f, rep, d, size, plan.fault_touches, cpu).await
                 }
                 (TouchAll, Some(d), _, _) => project::touch_all(&p, f, rep, d, size).await,
                 (CompleteDense, Some(d), _, _) => {
@@ -382,7 +381,7 @@ fn unique_suffix() -> u64 {
 /// The figures a group just measured, for progress lines.
 fn latest(f: &Figures, g: Group) -> String {
     let names: &[&str] = match g {
-        Group::Fault => &["fault_p50_us", "fault_p99_us"],
+        Group::Fault => &["fault_p50_us", "fault_p99_us", "fault_free_p50_us", "fault_free_p99_us"],
         Group::TouchAll => &["touch_all_gbps"],
         Group::CompleteDense => &["complete_dense_gbps"],
         Group::CompleteSparse => &["complete_sparse_gbps"],

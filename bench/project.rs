@@ -1,6 +1,8 @@
 //! The project's single-VM figures, through the real supervisor and pager:
 //!
-//! - `fault_p50_us` / `fault_p99_us`: distinct random 4 KiB touches on a fresh VM.
+//! - `fault_p50_us` / `fault_p99_us`: distinct random 4 KiB touches on a fresh VM, its thread
+//!   and every thread of the pager process pinned to the one CPU of `min_fault_us` (so the ratio
+//!   compares code, not placement); `fault_free_p50_us` / `fault_free_p99_us`: the same unpinned.
 //! - `touch_all_gbps`: a fresh VM reading (and verifying) all its memory once, in order.
 //! - `complete_dense_gbps` / `complete_sparse_gbps`: CompleteSession of an untouched VM, timed
 //!   by the client; sparse counts logical bytes (the VM's size) per second.
@@ -17,6 +19,7 @@ use std::time::Duration;
 use anyhow::bail;
 use uffdpager::vmsim::{Amount, Report, Vm};
 
+use super::placement::{pin_current_thread, PinnedProcess};
 use super::stats::{gbps, median};
 use super::supervisor::{on_vm, Project};
 use super::Figures;
@@ -31,7 +34,9 @@ fn clean(report: &Report, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fault_p50_us` / `fault_p99_us` of one repetition.
+/// `fault_p50_us` / `fault_p99_us` (the VM's thread and every pager thread on CPU `cpu`, the
+/// placement of `min_fault_us`) and `fault_free_p50_us` / `fault_free_p99_us` (unpinned) of one
+/// repetition: a fresh VM each, the same touches.
 pub async fn faults(
     p: &Project,
     f: &mut Figures,
@@ -39,14 +44,28 @@ pub async fn faults(
     file: &Path,
     size: u64,
     pages: u64,
+    cpu: usize,
 ) -> anyhow::Result<()> {
-    let vm = p.restore(&format!("bench-fault-{rep}"), file, size).await?;
     let seed = 1000 + rep as u64;
+    let vm = p.restore(&format!("bench-fault-{rep}"), file, size).await?;
+    // Pinned once the session is served; given back on every path (the guard's drop).
+    let pager = PinnedProcess::pin(p.pager_pid().await?, cpu)?;
+    let report = on_vm("random touches on one CPU", move || {
+        pin_current_thread(cpu)?;
+        anyhow::Ok(vm.read_random(Amount::Pages(pages), seed))
+    })
+    .await??;
+    pager.release()?;
+    clean(&report, "random touches on one CPU")?;
+    f.add("fault_p50_us", report.stall_p50_us);
+    f.add("fault_p99_us", report.stall_p99_us);
+
+    let vm = p.restore(&format!("bench-fault-free-{rep}"), file, size).await?;
     let report =
         on_vm("random touches", move || vm.read_random(Amount::Pages(pages), seed)).await?;
     clean(&report, "random touches")?;
-    f.add("fault_p50_us", report.stall_p50_us);
-    f.add("fault_p99_us", report.stall_p99_us);
+    f.add("fault_free_p50_us", report.stall_p50_us);
+    f.add("fault_free_p99_us", report.stall_p99_us);
     Ok(())
 }
 

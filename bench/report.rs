@@ -68,15 +68,18 @@ const fn row(
 pub const ROWS: &[Row] = &[
     row("memcpy_gbps", None, None, "baseline: memcpy of the mapped warm file into pre-faulted memory"),
     row("raw_copy_gbps", None, None, "baseline: in-process UFFDIO_COPY, 2 MiB chunks"),
-    row("min_fault_us", None, None, "baseline: p50 first touch, 1-page handler (own process), VM and handler on one CPU"),
+    row("min_fault_us", None, None, "baseline: p50 first touch, 1-page handler (own process), VM thread and handler pinned to one CPU"),
     row("min_fault_p99_us", None, None, "baseline: p99 of the same"),
     row("min_fault_free_us", None, None, "baseline: p50, the same unpinned (lands on one CPU or two)"),
+    row("min_fault_free_p99_us", None, None, "baseline: p99, the same unpinned"),
     row("min_fault_cross_cpu_us", None, None, "baseline: p50, VM and handler pinned to different CPUs"),
     row("min_touch_all_gbps", None, None, "baseline: read-seq of a fresh VM, 1-page handler, one CPU"),
     row("min_touch_all_free_gbps", None, None, "baseline: the same unpinned"),
     row("touch_resident_gbps", None, None, "ceiling: read-seq of a VM already resident (vmsim verify speed)"),
-    row("fault_p50_us", Some("min_fault_us"), Some(Target::RatioAtMost(1.25)), "p50 random first touch, fresh VM"),
-    row("fault_p99_us", Some("min_fault_p99_us"), None, "p99 of the same"),
+    row("fault_p50_us", Some("min_fault_us"), Some(Target::RatioAtMost(1.25)), "p50 random first touch, fresh VM; VM thread and every pager thread pinned to min_fault_us's CPU"),
+    row("fault_p99_us", Some("min_fault_p99_us"), None, "p99 of the same, same placement"),
+    row("fault_free_p50_us", Some("min_fault_free_us"), None, "p50 random first touch, fresh VM, VM and pager unpinned"),
+    row("fault_free_p99_us", Some("min_fault_free_p99_us"), None, "p99 of the same, unpinned"),
     row("touch_all_gbps", Some("min_touch_all_gbps"), Some(Target::RatioAtLeast(5.0)), "read-seq of a fresh VM"),
     row("complete_dense_gbps", Some("raw_copy_gbps"), Some(Target::RatioAtLeast(0.9)), "CompleteSession, untouched dense VM"),
     row("complete_sparse_gbps", Some("raw_copy_gbps"), Some(Target::RatioAtLeast(1.6)), "the same, 25% zero pages + 25% holes (logical bytes)"),
@@ -339,6 +342,27 @@ mod tests {
         assert!(!line.contains('\n'));
         assert!(table(&rows, 3, 1).contains("FAIL"));
         assert!(markdown(&rows, 3, 1).contains("| `stall_max_ms` | 7.00 | 7.00 |"));
+    }
+
+    #[test]
+    fn the_pinned_fault_figure_has_the_target_and_the_unpinned_one_only_a_ratio() {
+        let mut f = Figures::default();
+        f.add("min_fault_us", 10.0);
+        f.add("fault_p50_us", 12.0);
+        f.add("min_fault_free_us", 40.0);
+        f.add("fault_free_p50_us", 60.0);
+        let rows = evaluate(std::slice::from_ref(&f));
+        let row = |name: &str| rows.iter().find(|e| e.row.name == name).unwrap().clone();
+        let pinned = row("fault_p50_us");
+        assert_eq!(pinned.row.baseline, Some("min_fault_us"));
+        assert_eq!(pinned.ratio, Some(1.2));
+        assert_eq!(pinned.pass, Some(true));
+        let free = row("fault_free_p50_us");
+        assert_eq!(free.row.baseline, Some("min_fault_free_us"));
+        assert_eq!(free.ratio, Some(1.5));
+        assert!(free.row.target.is_none() && free.pass.is_none());
+        assert!(ROWS.iter().all(|r| r.name != "fault_free_p50_us" || r.about.contains("unpinned")));
+        assert!(ROWS.iter().any(|r| r.name == "fault_p50_us" && r.about.contains("pinned")));
     }
 
     #[test]
