@@ -2,8 +2,10 @@
 //! once so that every baseline and the project read the same bytes from a warm page cache.
 //!
 //! - dense: every page random (the baselines, faults, touch-all, dense completion, stalls);
-//! - sparse: 25% written zero pages + 25% holes (sparse completion);
-//! - small: one VM of the sessions scenario, 25% zero pages + 25% holes.
+//! - sparse: 25% written zero pages + 25% holes in runs of 1-63 pages (mean 32 pages, 128 KiB),
+//!   each run all data, all zero or all hole (sparse completion);
+//! - scattered: 25% written zero pages + 25% holes chosen page by page (scattered completion);
+//! - small: one VM of the sessions scenario, 25% zero pages + 25% holes, page by page.
 //!
 //! Removing a big file can take a minute on a disk mounted with `discard` (this machine's root
 //! is): the files are removed after the results are printed, and `--files-dir` keeps them for
@@ -14,15 +16,19 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use uffdpager::vmsim::{write_memory_file, MemoryFileSpec};
+use uffdpager::vmsim::{write_memory_file_layout, MemoryFileLayout, MemoryFileSpec};
 
 use super::Group;
+
+/// Mean run length of the sparse file, in pages: runs of 1..=63 pages (mean 128 KiB).
+pub const SPARSE_RUN_PAGES: u64 = 32;
 
 /// The files this run needs (`None`: no group selected needs it). Removed on drop unless kept.
 #[derive(Debug)]
 pub struct MemoryFiles {
     pub dense: Option<PathBuf>,
     pub sparse: Option<PathBuf>,
+    pub scattered: Option<PathBuf>,
     pub small: Option<PathBuf>,
     /// Kept for later runs (`--files-dir`): not removed on drop.
     keep: bool,
@@ -40,22 +46,26 @@ impl MemoryFiles {
         use Group::*;
         let needs = |gs: &[Group]| gs.iter().any(|g| groups.contains(g));
         let dense_spec = MemoryFileSpec { size, seed: 1, zero_fraction: 0.0, hole_fraction: 0.0 };
+        // Sparse and scattered: the same spec, in runs of 1..=63 pages and page by page.
         let sparse_spec =
             MemoryFileSpec { size, seed: 2, zero_fraction: 0.25, hole_fraction: 0.25 };
         let small_spec =
             MemoryFileSpec { size: small, seed: 3, zero_fraction: 0.25, hole_fraction: 0.25 };
-        let make = |name: &str, spec: &MemoryFileSpec, wanted: bool| -> anyhow::Result<_> {
+        // A page-by-page layout describes itself as its spec alone did: files kept from runs
+        // before layouts existed are reused; the sparse file, now in runs, is rewritten.
+        let make = |name: &str, layout: MemoryFileLayout, wanted: bool| -> anyhow::Result<_> {
             if !wanted {
                 return Ok(None);
             }
+            let spec = &layout.spec;
             let path = dir.join(format!("{name}-{}M-{}.mem", spec.size >> 20, spec.seed));
             let stamp = path.with_extension("spec.json");
-            let described = serde_json::to_string(spec).context("describing a memory file")?;
+            let described = serde_json::to_string(&layout).context("describing a memory file")?;
             let reusable = keep
                 && std::fs::read_to_string(&stamp).is_ok_and(|s| s == described)
                 && std::fs::metadata(&path).is_ok_and(|m| m.len() == spec.size);
             if !reusable {
-                write_memory_file(&path, spec)
+                write_memory_file_layout(&path, &layout)
                     .with_context(|| format!("writing {}", path.display()))?;
                 if keep {
                     std::fs::write(&stamp, described)
@@ -68,11 +78,16 @@ impl MemoryFiles {
         Ok(Self {
             dense: make(
                 "dense",
-                &dense_spec,
+                dense_spec.into(),
                 needs(&[Memcpy, RawCopy, MinHandler, Fault, TouchAll, CompleteDense, Stall]),
             )?,
-            sparse: make("sparse", &sparse_spec, needs(&[CompleteSparse]))?,
-            small: make("small", &small_spec, needs(&[Rpc, Sessions]))?,
+            sparse: make(
+                "sparse",
+                sparse_spec.in_runs(SPARSE_RUN_PAGES),
+                needs(&[CompleteSparse]),
+            )?,
+            scattered: make("scattered", sparse_spec.in_runs(1), needs(&[CompleteScattered]))?,
+            small: make("small", small_spec.into(), needs(&[Rpc, Sessions]))?,
             keep,
         })
     }
@@ -83,7 +98,7 @@ impl Drop for MemoryFiles {
         if self.keep {
             return;
         }
-        for p in [&self.dense, &self.sparse, &self.small].into_iter().flatten() {
+        for p in [&self.dense, &self.sparse, &self.scattered, &self.small].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
         }
     }

@@ -71,9 +71,12 @@ pub enum Group {
     /// complete_dense_gbps
     #[value(name = "complete_dense")]
     CompleteDense,
-    /// complete_sparse_gbps
+    /// complete_sparse_gbps (25% zero + 25% holes, in runs of 1-63 pages)
     #[value(name = "complete_sparse")]
     CompleteSparse,
+    /// complete_scattered_gbps (25% zero + 25% holes, page by page)
+    #[value(name = "complete_scattered")]
+    CompleteScattered,
     /// stall_max_ms, stall_p99_ms
     Stall,
     /// rpc_complete_p50_ms
@@ -89,7 +92,7 @@ impl Group {
         self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
     }
 
-    pub const ALL: [Group; 10] = [
+    pub const ALL: [Group; 11] = [
         Group::Memcpy,
         Group::RawCopy,
         Group::MinHandler,
@@ -97,6 +100,7 @@ impl Group {
         Group::TouchAll,
         Group::CompleteDense,
         Group::CompleteSparse,
+        Group::CompleteScattered,
         Group::Stall,
         Group::Rpc,
         Group::Sessions,
@@ -325,10 +329,11 @@ async fn project(
     errors: &mut Vec<String>,
 ) {
     use Group::*;
-    let wanted: Vec<Group> = [Fault, TouchAll, CompleteDense, CompleteSparse, Stall, Rpc]
-        .into_iter()
-        .filter(|g| plan.has(*g))
-        .collect();
+    let wanted: Vec<Group> =
+        [Fault, TouchAll, CompleteDense, CompleteSparse, CompleteScattered, Stall, Rpc]
+            .into_iter()
+            .filter(|g| plan.has(*g))
+            .collect();
     if wanted.is_empty() {
         return;
     }
@@ -342,23 +347,29 @@ async fn project(
     for rep in 0..plan.reps {
         for &g in &wanted {
             let f = &mut *figures;
-            let r = match (g, &files.dense, &files.sparse, &files.small) {
-                (Fault, Some(d), _, _) => {
+            let r = match (g, &files.dense) {
+                (Fault, Some(d)) => {
                     let cpu = placement::one_cpu().unwrap_or(0);
                     project::faults(&p, f, rep, d, size, plan.fault_touches, cpu).await
                 }
-                (TouchAll, Some(d), _, _) => project::touch_all(&p, f, rep, d, size).await,
-                (CompleteDense, Some(d), _, _) => {
-                    project::complete(&p, f, rep, "dense", d, size).await
-                }
-                (CompleteSparse, _, Some(s), _) => {
-                    project::complete(&p, f, rep, "sparse", s, size).await
-                }
-                (Stall, Some(d), _, _) => project::stall(&p, f, rep, d, size).await,
-                (Rpc, _, _, Some(s)) => {
-                    project::rpc_complete(&p, f, rep, s, plan.sessions.size, plan.rpc_sessions)
-                        .await
-                }
+                (TouchAll, Some(d)) => project::touch_all(&p, f, rep, d, size).await,
+                (CompleteDense, Some(d)) => project::complete(&p, f, rep, "dense", d, size).await,
+                (CompleteSparse, _) => match &files.sparse {
+                    Some(s) => project::complete(&p, f, rep, "sparse", s, size).await,
+                    None => Ok(()),
+                },
+                (CompleteScattered, _) => match &files.scattered {
+                    Some(s) => project::complete(&p, f, rep, "scattered", s, size).await,
+                    None => Ok(()),
+                },
+                (Stall, Some(d)) => project::stall(&p, f, rep, d, size).await,
+                (Rpc, _) => match &files.small {
+                    Some(s) => {
+                        let (small, n) = (plan.sessions.size, plan.rpc_sessions);
+                        project::rpc_complete(&p, f, rep, s, small, n).await
+                    }
+                    None => Ok(()),
+                },
                 _ => Ok(()),
             };
             let name = format!("{} rep {rep}", g.name());
@@ -385,6 +396,7 @@ fn latest(f: &Figures, g: Group) -> String {
         Group::TouchAll => &["touch_all_gbps"],
         Group::CompleteDense => &["complete_dense_gbps"],
         Group::CompleteSparse => &["complete_sparse_gbps"],
+        Group::CompleteScattered => &["complete_scattered_gbps"],
         Group::Stall => &["stall_max_ms", "stall_p99_ms", "complete_with_reader_gbps"],
         Group::Rpc => &["rpc_complete_p50_ms"],
         _ => &[],

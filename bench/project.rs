@@ -4,8 +4,9 @@
 //!   and every thread of the pager process pinned to the one CPU of `min_fault_us` (so the ratio
 //!   compares code, not placement); `fault_free_p50_us` / `fault_free_p99_us`: the same unpinned.
 //! - `touch_all_gbps`: a fresh VM reading (and verifying) all its memory once, in order.
-//! - `complete_dense_gbps` / `complete_sparse_gbps`: CompleteSession of an untouched VM, timed
-//!   by the client; sparse counts logical bytes (the VM's size) per second.
+//! - `complete_dense_gbps` / `complete_sparse_gbps` / `complete_scattered_gbps`: CompleteSession
+//!   of an untouched VM, timed by the client; sparse (zero pages and holes in runs of 1-63 pages)
+//!   and scattered (the same shares page by page) count logical bytes (the VM's size) per second.
 //! - `stall_max_ms` / `stall_p99_ms`: a background reader's page reads inside a fresh VM while
 //!   CompleteSession runs.
 //! - `rpc_complete_p50_ms`: CompleteSession of a small, already fully resident session.
@@ -92,7 +93,8 @@ async fn sample_after_complete(vm: Vm, seed: u64) -> anyhow::Result<()> {
     clean(&report, "read-back after graduation")
 }
 
-/// `complete_{kind}_gbps` of one repetition (`kind`: dense or sparse).
+/// `complete_{kind}_gbps`, `complete_{kind}_pager_ms` and `complete_{kind}_copied_share` of one
+/// repetition (`kind`: dense, sparse or scattered).
 pub async fn complete(
     p: &Project,
     f: &mut Figures,

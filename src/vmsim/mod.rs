@@ -43,7 +43,10 @@ pub use deadline::{run_with_deadline, DeadlineError};
 pub use expect::{PageState, MAX_GENERATION};
 pub use guest::{GuestRegionSpec, Vm, VmError};
 pub use hugepages::hugepages_available;
-pub use memfile::{write_memory_file, MemoryFileSpec, PageCounts, PageKind};
+pub use memfile::{
+    write_memory_file, write_memory_file_layout, MemoryFileLayout, MemoryFileSpec, PageCounts,
+    PageKind,
+};
 pub use parse::{parse_size, Amount};
 pub use reader::ReaderHandle;
 pub use report::Report;
