@@ -1,10 +1,10 @@
 //! Graduation (CompleteSession): populate every page that is neither present nor removed from
 //! the memory file, in large runs, serving faults between runs; then unregister every region.
 //!
-//! The sweep is a cursor over (region, page) that the worker advances one budget at a time, so a
-//! vCPU never waits for the whole sweep. Pages behind the cursor are present, removed, or hold
-//! only zeros in the snapshot (file holes and zero pages are not copied: after unregister the
-//! kernel supplies zero pages for them). Nothing is unregistered unless the sweep finished; on any
+//! The sweep (`crate::sweep`) is a cursor over (region, page) that the worker advances one
+//! budget at a time, so a vCPU never waits for the whole sweep. Pages behind the cursor are
+//! present, removed, or hold only zeros in the snapshot (file holes and zero pages are not
+//! copied: after unregister the kernel supplies zero pages for them). Nothing is unregistered unless the sweep finished; on any
 //! failure the session keeps serving faults and a later call may succeed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::session::{FillMode, Session, SessionError};
+use crate::session::{Session, SessionError};
+use crate::sweep::{Sweep, ZeroTest};
 
 /// What a finished completion did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,8 +49,7 @@ pub struct Completion {
     deadline: Option<Instant>,
     cancel: Arc<AtomicBool>,
     done: watch::Sender<Option<CompletionResult>>,
-    region: usize,
-    page: u64,
+    sweep: Sweep,
     report: CompletionReport,
     faults_at_start: Option<u64>,
 }
@@ -65,8 +65,7 @@ impl Completion {
             deadline,
             cancel,
             done,
-            region: 0,
-            page: 0,
+            sweep: Sweep::all_regions(ZeroTest::HolesAndZeroPages),
             report: CompletionReport::default(),
             faults_at_start: None,
         }
@@ -90,75 +89,11 @@ impl Completion {
             self.report.already_resident_bytes = s.resident_bytes();
         }
         self.check_time()?;
-        // Reading the mapping past the file's end raises SIGBUS: check the length first.
-        let need = s.regions.iter().map(|r| r.region.offset + r.region.size).max().unwrap_or(0);
-        let len = s
-            .file
-            .current_len()
-            .map_err(|e| CompleteError::Failed(format!("stat memory file: {e}")))?;
-        if len < need || s.file.mapped_len() < need {
-            return Err(CompleteError::Failed(format!(
-                "memory file {} is {len} bytes now, shorter than the {need} bytes the regions need (truncated?)",
-                s.shared.memory_file
-            )));
-        }
-        let mut left = budget;
-        while left > 0 {
-            let Some(r) = s.regions.get(self.region) else { return Ok(true) };
-            let (ps, pages) = (r.region.page_size, r.region.pages());
-            let Some(p) = r.present.next_clear(self.page) else {
-                self.region += 1;
-                self.page = 0;
-                continue;
-            };
-            if let Some(end) = r.removed.span_end(p) {
-                self.page = end;
-                continue;
-            }
-            let max_pages = (left / ps).max(1);
-            let limit = (p + max_pages).min(pages);
-            let end = r
-                .present
-                .next_set_before(p, limit)
-                .min(r.removed.next_start_after(p).unwrap_or(u64::MAX));
-            self.populate_run(s, p, end).map_err(to_complete_error)?;
-            left = left.saturating_sub((end - p) * ps);
-            self.page = end;
-        }
-        Ok(false)
-    }
-
-    /// Copies the non-zero pages of the missing run `[first, end)` of the current region. Holes
-    /// at the run's start are skipped with one `SEEK_DATA` (no read at all); the rest is told
-    /// apart by content: a page of zeros (a written zero page, or a hole inside the run) is not
-    /// copied.
-    fn populate_run(&mut self, s: &mut Session, first: u64, end: u64) -> Result<(), SessionError> {
-        let ri = self.region;
-        let r = s.regions[ri].region;
-        let ps = r.page_size;
-        let file = Arc::clone(&s.file);
-        let off = r.offset + first * ps;
-        let data = file.next_data(off).unwrap_or(u64::MAX);
-        let hole_pages = (data.saturating_sub(off) / ps).min(end - first);
-        self.report.skipped_zero_bytes += hole_pages * ps;
-        let mut q = first + hole_pages;
-        let zero = file.zero_pages(r.offset + q * ps, end - q, ps);
-        let is_zero_page = |i: u64| zero[usize::try_from(i - (first + hole_pages)).expect("fits")];
-        while q < end {
-            if is_zero_page(q) {
-                self.report.skipped_zero_bytes += ps;
-                q += 1;
-                continue;
-            }
-            let mut run_end = q + 1;
-            while run_end < end && !is_zero_page(run_end) {
-                run_end += 1;
-            }
-            let filled = s.fill(ri, q, run_end, FillMode::Populate)?;
-            self.report.populated_bytes += filled * ps;
-            q = run_end;
-        }
-        Ok(())
+        let done = self.sweep.step(s, budget).map_err(to_complete_error)?;
+        let counts = self.sweep.counts();
+        self.report.populated_bytes = counts.populated_bytes;
+        self.report.skipped_zero_bytes = counts.skipped_zero_bytes;
+        Ok(done)
     }
 
     /// After a full sweep: serve what is queued, unregister every region, and release any event

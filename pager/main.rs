@@ -3,13 +3,16 @@
 //! version; sessions arrive from the supervisor over an SCM_RIGHTS handoff socket.
 
 mod complete;
+mod file_extents;
 mod handoff;
 mod memory_file;
 mod pagemap;
+mod read_ahead;
 mod region_pages;
 mod registry;
 mod service;
 mod session;
+mod sweep;
 mod worker;
 
 use std::path::PathBuf;

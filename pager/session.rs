@@ -21,8 +21,17 @@ use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use crate::memory_file::MappedFile;
+use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
+use crate::sweep::{Sweep, ZeroTest};
+
+/// Read-ahead in progress: a sweep over the window, and the size of its next chunk.
+#[derive(Debug)]
+struct Stream {
+    sweep: Sweep,
+    chunk: u64,
+}
 
 /// How long fills may keep answering `EAGAIN` with no event to read before the session is failed.
 /// (A REMOVE's `mmap_changing` window lasts until the VMM's madvise thread runs again: normally
@@ -32,10 +41,10 @@ const EAGAIN_GIVE_UP: Duration = Duration::from_secs(10);
 /// Events read per `read()` of the uffd.
 const EVENT_BATCH: usize = 64;
 
-/// Largest block served for one fault when access looks sequential (pages of 4 KiB).
-const MAX_FAULT_AROUND_PAGES: u64 = 512;
-/// First block once a fault follows the previous block: 64 KiB.
-const FIRST_FAULT_AROUND_PAGES: u64 = 16;
+/// Read-ahead chunks: the first after a sequential fault is small (the vCPU may reach it while
+/// it is copied, and waits for the whole ioctl), later ones double up to 1 MiB.
+const FIRST_STREAM_CHUNK: u64 = 64 << 10;
+const MAX_STREAM_CHUNK: u64 = 1 << 20;
 
 /// Why a session cannot go on being served.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,10 @@ pub enum SessionError {
     Stuck(Duration),
     #[error("UFFDIO_UNREGISTER of {len} bytes at {addr:#x} failed: {errno}")]
     Unregister { addr: u64, len: u64, errno: Errno },
+    #[error("memory file {file}: {error}")]
+    StatFile { file: String, error: String },
+    #[error("memory file {file} is {len} bytes now, shorter than the {need} bytes the regions need (truncated?)")]
+    Truncated { file: String, len: u64, need: u64 },
 }
 
 /// How a fill treats pages the VMM discarded.
@@ -70,10 +83,9 @@ pub struct Session {
     pub regions: Vec<RegionPages>,
     pending: VecDeque<u64>,
     events: EventBuffer,
-    /// Where the next fault lands if access is sequential: (region, page), and the block size
-    /// that served the previous one.
-    next_expected: (usize, u64),
-    block: u64,
+    /// Whether faults come in order, and the background read-ahead it started.
+    read_ahead: ReadAhead,
+    stream: Option<Stream>,
     faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
@@ -111,8 +123,8 @@ impl Session {
             regions,
             pending: VecDeque::new(),
             events: EventBuffer::new(EVENT_BATCH),
-            next_expected: (usize::MAX, 0),
-            block: 1,
+            read_ahead: ReadAhead::default(),
+            stream: None,
             faults: 0,
             unexpected_events: 0,
             zero,
@@ -239,39 +251,60 @@ impl Session {
                 self.fill(ri, page, page + 1, FillMode::OnFault)?;
                 continue;
             }
-            let block = self.fault_block(ri, page);
-            let end = page + block;
-            // `Populate` semantics past the faulting page: the block stops short of nothing but
-            // skips present and discarded pages (a discarded range is never given snapshot data).
-            self.fill(ri, page, end, FillMode::Populate)?;
-            let mut next = end;
-            if block >= FIRST_FAULT_AROUND_PAGES {
-                // Streaming: the vCPU was woken by the fill above and reads that block while we
-                // copy the next one, so copying and reading overlap instead of taking turns.
-                let ahead = (end + block).min(self.regions[ri].region.pages());
-                self.fill(ri, end, ahead, FillMode::Populate)?;
-                next = ahead;
+            let region_pages = r.region.pages();
+            let plan = if r.region.page_size == uffdpager::firecracker::PAGE_4K {
+                self.read_ahead.on_fault(ri, page, region_pages)
+            } else {
+                Plan::OnePage
+            };
+            match plan {
+                Plan::OnePage => {
+                    self.fill(ri, page, page + 1, FillMode::OnFault)?;
+                }
+                Plan::Sequential { now, stream } => {
+                    // `Populate` past the faulting page: present and discarded pages are
+                    // skipped (a discarded range is never given snapshot data).
+                    self.fill(ri, now.start, now.end, FillMode::Populate)?;
+                    if !stream.is_empty() {
+                        let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
+                        self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
+                    }
+                }
             }
-            self.next_expected = (ri, next);
         }
         Ok(())
     }
 
-    /// How many pages to serve for a fault at `page`: one, unless the fault lands where the
-    /// previous block ended (sequential access), in which case the block doubles from 64 KiB up
-    /// to 2 MiB. Never past the region, never over a present page.
-    fn fault_block(&mut self, ri: usize, page: u64) -> u64 {
-        let r = &self.regions[ri];
-        if r.region.page_size != uffdpager::firecracker::PAGE_4K {
-            return 1;
+    /// Whether read-ahead is in progress.
+    pub fn streaming(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Copies the next chunk of the read-ahead window (holes are left to fault).
+    /// Returns whether read-ahead goes on.
+    pub fn stream_step(&mut self) -> Result<bool, SessionError> {
+        let Some(mut stream) = self.stream.take() else { return Ok(false) };
+        if stream.sweep.step(self, stream.chunk)? {
+            return Ok(false);
         }
-        self.block = if self.next_expected == (ri, page) {
-            (self.block * 2).clamp(FIRST_FAULT_AROUND_PAGES, MAX_FAULT_AROUND_PAGES)
-        } else {
-            1
-        };
-        let limit = (page + self.block).min(r.region.pages());
-        r.present.next_set_before(page, limit) - page
+        stream.chunk = (stream.chunk * 2).min(MAX_STREAM_CHUNK);
+        self.stream = Some(stream);
+        Ok(true)
+    }
+
+    /// Fails with `Truncated` unless the memory file still covers every region: reading the
+    /// mapping past the file's end (zero detection does) would raise SIGBUS.
+    pub fn check_file_length(&self) -> Result<(), SessionError> {
+        let need = self.regions.iter().map(|r| r.region.offset + r.region.size).max().unwrap_or(0);
+        let file = || self.shared.memory_file.clone();
+        let len = self
+            .file
+            .current_len()
+            .map_err(|e| SessionError::StatFile { file: file(), error: e.to_string() })?;
+        if len < need || self.file.mapped_len() < need {
+            return Err(SessionError::Truncated { file: file(), len, need });
+        }
+        Ok(())
     }
 
     /// Handles a readable uffd: drain, then serve, then publish.

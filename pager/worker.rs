@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
 
 use crate::complete::{CompleteError, Completion};
-use crate::session::Session;
+use crate::session::{Session, SessionError};
 
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, as a multiple of the smallest.
@@ -68,6 +68,7 @@ impl WorkerHandle {
                     rx,
                     sessions: HashMap::new(),
                     completions: Vec::new(),
+                    streams: Vec::new(),
                     version,
                     budget,
                     step: budget,
@@ -106,6 +107,8 @@ struct Worker {
     sessions: HashMap<u64, Session>,
     /// Completions in progress, served round-robin one budget at a time.
     completions: Vec<(u64, Completion)>,
+    /// Sessions with read-ahead in progress, served round-robin one chunk at a time.
+    streams: Vec<u64>,
     version: String,
     budget: u64,
     /// The current completion step (adapts between `budget` and `MAX_STEP_FACTOR x budget`).
@@ -127,7 +130,7 @@ impl Worker {
             if spinning {
                 std::thread::yield_now();
             }
-            let timeout = if self.completions.is_empty() && !spinning {
+            let timeout = if self.completions.is_empty() && self.streams.is_empty() && !spinning {
                 EpollTimeout::NONE
             } else {
                 EpollTimeout::ZERO
@@ -167,6 +170,7 @@ impl Worker {
                 last_fault = Some(Instant::now());
             }
             self.step_completions(faulted);
+            self.step_streams();
         }
     }
 
@@ -219,12 +223,57 @@ impl Worker {
 
     fn on_uffd(&mut self, token: u64) {
         let Some(s) = self.sessions.get_mut(&token) else { return };
-        if let Err(e) = s.on_readable() {
-            let state = match e {
-                crate::session::SessionError::Gone(_) => SessionState::Ended,
-                _ => SessionState::Failed,
+        match s.on_readable() {
+            Ok(()) => {
+                if s.streaming() && !self.streams.contains(&token) {
+                    self.streams.push(token);
+                }
+            }
+            Err(e) => self.fail_session(token, e),
+        }
+    }
+
+    /// Ends a session whose fault serving failed.
+    fn fail_session(&mut self, token: u64, e: SessionError) {
+        let state = match e {
+            SessionError::Gone(_) => SessionState::Ended,
+            _ => SessionState::Failed,
+        };
+        self.end(token, state, e.to_string());
+    }
+
+    /// Serves faults that a bulk step read from the uffd while waiting out an `EAGAIN`: their
+    /// uffd will not turn readable again for them.
+    fn serve_queued(&mut self, token: u64) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        if s.has_pending() {
+            self.on_uffd(token);
+        }
+    }
+
+    /// One read-ahead chunk for each session streaming. A failed chunk stops its read-ahead
+    /// only: the faults that follow meet the same failure and decide the session's fate.
+    fn step_streams(&mut self) {
+        let mut i = 0;
+        while i < self.streams.len() {
+            let token = self.streams[i];
+            let Some(s) = self.sessions.get_mut(&token) else {
+                self.streams.swap_remove(i);
+                continue;
             };
-            self.end(token, state, e.to_string());
+            let going = match s.stream_step() {
+                Ok(going) => going,
+                Err(e) => {
+                    warn!(session = %s.id(), version = %self.version, error = %e, "read-ahead stopped");
+                    false
+                }
+            };
+            if going {
+                i += 1;
+            } else {
+                self.streams.swap_remove(i);
+            }
+            self.serve_queued(token);
         }
     }
 
@@ -246,7 +295,10 @@ impl Worker {
             };
             let step = self.completions[i].1.step(s, self.step);
             match step {
-                Ok(false) => i += 1,
+                Ok(false) => {
+                    i += 1;
+                    self.serve_queued(token);
+                }
                 Ok(true) => {
                     let (_, mut c) = self.completions.swap_remove(i);
                     let report = c.report().clone();
