@@ -8,8 +8,11 @@ use uffdpager::pages::{PageBitmap, RangeSet};
 #[derive(Debug)]
 pub struct RegionPages {
     pub region: Region,
-    pub present: PageBitmap,
+    /// Changed only through `mark_present` and `remove`, which keep `present_pages` with it.
+    present: PageBitmap,
     pub removed: RangeSet,
+    /// Set bits of `present`, counted as they change (published after every fault).
+    present_pages: u64,
     /// Pages in `removed` that are not present.
     removed_missing: u64,
 }
@@ -20,8 +23,19 @@ impl RegionPages {
             region,
             present: PageBitmap::new(region.pages()),
             removed: RangeSet::new(),
+            present_pages: 0,
             removed_missing: 0,
         }
+    }
+
+    /// Which pages are present in guest memory.
+    pub fn present(&self) -> &PageBitmap {
+        &self.present
+    }
+
+    /// How many pages are present.
+    pub fn present_pages(&self) -> u64 {
+        self.present_pages
     }
 
     /// Pages the VMM discarded that have not been faulted in again.
@@ -32,14 +46,16 @@ impl RegionPages {
     /// Marks `[first, end)` present; returns how many pages became present.
     pub fn mark_present(&mut self, first: u64, end: u64) -> u64 {
         let mut n = 0;
+        let any_removed = !self.removed.is_empty();
         for p in first..end {
             if self.present.set(p) {
                 n += 1;
-                if self.removed.contains(p) {
+                if any_removed && self.removed.contains(p) {
                     self.removed_missing -= 1;
                 }
             }
         }
+        self.present_pages += n;
         n
     }
 
@@ -47,6 +63,7 @@ impl RegionPages {
     pub fn remove(&mut self, first: u64, end: u64) {
         for p in first..end {
             let was_present = self.present.clear(p);
+            self.present_pages -= u64::from(was_present);
             if was_present || !self.removed.contains(p) {
                 self.removed_missing += 1;
             }
@@ -84,6 +101,7 @@ mod tests {
         r.mark_present(0, 4);
         r.remove(2, 6);
         assert_eq!(r.present.count_ones(), 2);
+        assert_eq!(r.present_pages(), 2);
         assert_eq!(r.removed_missing, 4);
         r.remove(3, 8);
         assert_eq!(r.removed_missing, 6);

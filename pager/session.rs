@@ -146,7 +146,7 @@ impl Session {
 
     /// Bytes present in guest memory.
     pub fn resident_bytes(&self) -> u64 {
-        self.regions.iter().map(|r| r.present.count_ones() * r.region.page_size).sum()
+        self.regions.iter().map(|r| r.present_pages() * r.region.page_size).sum()
     }
 
     /// Publishes the figures that gRPC reads.
@@ -240,7 +240,7 @@ impl Session {
                 continue;
             };
             let r = &self.regions[ri];
-            if r.present.get(page) {
+            if r.present().get(page) {
                 // Already served (two vCPUs faulted on one page, or a block covered it).
                 let ps = r.region.page_size;
                 self.wake(r.region.base + page * ps, ps)?;
@@ -347,8 +347,8 @@ impl Session {
         let mut eagain_since: Option<Instant> = None;
         while p < end {
             let r = &self.regions[ri];
-            if r.present.get(p) {
-                p = r.present.next_clear(p).unwrap_or(end).min(end);
+            if r.present().get(p) {
+                p = r.present().next_clear(p).unwrap_or(end).min(end);
                 continue;
             }
             let removed_end = r.removed.span_end(p);
@@ -362,7 +362,7 @@ impl Session {
             };
             let ps = r.region.page_size;
             // One run of missing pages of the same kind.
-            let mut run_end = r.present.next_set_before(p, end);
+            let mut run_end = r.present().next_set_before(p, end);
             run_end = match removed_end {
                 Some(e) => run_end.min(e),
                 None => run_end.min(r.removed.next_start_after(p).unwrap_or(u64::MAX)),
@@ -487,7 +487,7 @@ impl Session {
 
     /// Approximate heap bytes this session's bookkeeping holds.
     pub fn heap_bytes(&self) -> usize {
-        self.regions.iter().map(|r| r.present.heap_bytes()).sum::<usize>()
+        self.regions.iter().map(|r| r.present().heap_bytes()).sum::<usize>()
             + self.pending.capacity() * 8
             + 64 * 32
     }

@@ -85,7 +85,7 @@ impl Sweep {
                 Stop::AllRegions => region_pages,
                 Stop::Page(p) => p.min(region_pages),
             };
-            let next_missing = r.present.next_clear(self.page).filter(|&p| p < end);
+            let next_missing = r.present().next_clear(self.page).filter(|&p| p < end);
             let Some(p) = next_missing else {
                 if self.stop != Stop::AllRegions {
                     self.page = end;
@@ -101,7 +101,7 @@ impl Sweep {
             }
             let limit = (p + (left / ps).max(1)).min(end);
             let run_end = r
-                .present
+                .present()
                 .next_set_before(p, limit)
                 .min(r.removed.next_start_after(p).unwrap_or(u64::MAX));
             self.populate_run(s, p, run_end)?;
