@@ -14,6 +14,7 @@ mod service;
 mod session;
 mod sweep;
 mod worker;
+mod zero_scan;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -117,7 +118,8 @@ fn main() -> anyhow::Result<()> {
         started_at: SystemTime::now(),
         handoff_socket: handoff_socket.clone(),
         registry: Registry::default(),
-        memory_files: MemoryFiles::default(),
+        memory_files: MemoryFiles::with_background_scan()
+            .context("starting the zero scan thread")?,
         workers,
         zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
         shutdown,

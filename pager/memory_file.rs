@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, Weak};
 use memmap2::Mmap;
 use uffdpager::pages::PageBitmap;
 
+use crate::zero_scan::ZeroScanner;
+
 /// A memory file mapped read-only (`MAP_SHARED`: its pages are the page cache's).
 #[derive(Debug)]
 pub struct MappedFile {
@@ -40,6 +42,67 @@ impl MappedFile {
         Ok(self.file.metadata()?.len())
     }
 
+    /// Maps `[offset, offset + len)` of the file into this process's page tables in one call
+    /// (`MADV_POPULATE_READ`), instead of one page fault per 16 pages as the bulk copy or the
+    /// zero test first reads them. Best effort: an error (a file truncated under the range
+    /// answers `EFAULT`, where a read would raise SIGBUS) leaves the reads to find it.
+    pub fn populate(&self, offset: u64, len: u64) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.map.len()) & !4095;
+        let end =
+            usize::try_from(offset.saturating_add(len)).unwrap_or(usize::MAX).min(self.map.len());
+        if start >= end {
+            return;
+        }
+        // SAFETY: `[start, end)` lies inside this mapping (clipped above) and starts on a page
+        // boundary; MADV_POPULATE_READ only faults pages in and changes no data.
+        unsafe {
+            libc::madvise(
+                self.map.as_ptr().add(start) as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_READ,
+            );
+        }
+    }
+
+    /// Classifies the data pages of `[first, end)` (4 KiB pages) not yet known, reading them
+    /// without holding the zero map's lock, then records them. Fails, reading nothing, if the
+    /// file is now shorter than the range.
+    pub fn learn_zero_pages(&self, first: u64, end: u64) -> io::Result<()> {
+        let unknown: Vec<u64> = {
+            let mut guard = self.zero_map.lock().expect("zero map");
+            let map = guard.get_or_insert_with(|| ZeroMap::new(&self.file, self.mapped_len()));
+            (first..end.min(map.known.len())).filter(|&p| !map.known.get(p)).collect()
+        };
+        let Some(&last) = unknown.last() else { return Ok(()) };
+        let need = ((last + 1) * 4096).min(self.mapped_len());
+        let len = self.current_len()?;
+        if len < need {
+            return Err(io::Error::other(format!(
+                "the file is {len} bytes now, {need} expected (truncated?)"
+            )));
+        }
+        let zero: Vec<bool> = unknown
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                if let Some(&ahead) = unknown.get(i + PREFETCH_PAGES_AHEAD as usize) {
+                    prefetch_page(&self.map, ahead);
+                }
+                let o = usize::try_from(p * 4096).expect("offset fits");
+                is_zero(&self.map[o..(o + 4096).min(self.map.len())])
+            })
+            .collect();
+        let mut guard = self.zero_map.lock().expect("zero map");
+        let map = guard.as_mut().expect("made above");
+        for (&p, z) in unknown.iter().zip(zero) {
+            map.known.set(p);
+            if z {
+                map.zero.set(p);
+            }
+        }
+        Ok(())
+    }
+
     /// For each page of `page_size` bytes at file offsets `offset + i * page_size`, `i < pages`:
     /// true if the page holds only zeros. Answers from the shared zero map: holes are known from
     /// the file's extents without reading them; a data page is read once, the first time anyone
@@ -47,31 +110,25 @@ impl MappedFile {
     ///
     /// The map assumes what a snapshot is: a file nobody writes while VMs are restored from it.
     pub fn zero_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
-        self.classify(offset, pages, page_size, true)
+        let first = offset / 4096;
+        // A file now shorter than the range is not read: its unknown pages count as data, and
+        // copying them fails cleanly (UFFDIO_COPY answers EFAULT where a read raises SIGBUS).
+        let _ = self.learn_zero_pages(first, first + pages * (page_size / 4096));
+        self.classify(offset, pages, page_size)
     }
 
     /// Like [`Self::zero_pages`], but reads nothing: true for pages known to be zero (holes, and
     /// data pages some earlier call read).
     pub fn hole_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
-        self.classify(offset, pages, page_size, false)
+        self.classify(offset, pages, page_size)
     }
 
-    fn classify(&self, offset: u64, pages: u64, page_size: u64, read: bool) -> Vec<bool> {
+    /// The zero map's answer for each page (unknown pages count as data).
+    fn classify(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
         let sub = page_size / 4096;
         let mut guard = self.zero_map.lock().expect("zero map");
         let map = guard.get_or_insert_with(|| ZeroMap::new(&self.file, self.mapped_len()));
         let first = offset / 4096;
-        let end = (first + pages * sub).min(map.known.len());
-        for fp in (first..end).filter(|_| read) {
-            prefetch_page(&self.map, fp + PREFETCH_PAGES_AHEAD);
-            if !map.known.get(fp) {
-                let o = usize::try_from(fp * 4096).expect("offset fits");
-                if is_zero(&self.map[o..(o + 4096).min(self.map.len())]) {
-                    map.zero.set(fp);
-                }
-                map.known.set(fp);
-            }
-        }
         (0..pages)
             .map(|i| {
                 let fp = first + i * sub;
@@ -132,9 +189,17 @@ impl ZeroMap {
 #[derive(Debug, Default)]
 pub struct MemoryFiles {
     open: Mutex<HashMap<(u64, u64), Weak<MappedFile>>>,
+    /// Learns each new file's zero pages in the background (none: only on demand).
+    scanner: Option<ZeroScanner>,
 }
 
 impl MemoryFiles {
+    /// The table, with the background zero scan's thread started (a fixed thread from the
+    /// pager's start, like the fault workers).
+    pub fn with_background_scan() -> io::Result<Self> {
+        Ok(Self { open: Mutex::default(), scanner: Some(ZeroScanner::start()?) })
+    }
+
     /// The shared mapping of the file behind `fd` (mapping it if no session holds it yet).
     pub fn open(&self, fd: OwnedFd) -> io::Result<Arc<MappedFile>> {
         let file = File::from(fd);
@@ -156,6 +221,9 @@ impl MemoryFiles {
         let map = unsafe { Mmap::map(&file)? };
         let mapped = Arc::new(MappedFile { file, map, key, zero_map: Mutex::new(None) });
         open.insert(mapped.key, Arc::downgrade(&mapped));
+        if let Some(scanner) = &self.scanner {
+            scanner.enqueue(Arc::downgrade(&mapped));
+        }
         Ok(mapped)
     }
 
@@ -220,6 +288,20 @@ mod tests {
         assert_eq!(m.zero_pages(0, 4, 4096), vec![true, false, true, true]);
         assert_eq!(m.zero_pages(4096, 2, 4096), vec![false, true]);
         assert_eq!(m.zero_pages(0, 2, 4 * 4096), vec![false, true]);
+    }
+
+    #[test]
+    fn pages_learned_in_the_background_are_answered_without_reading() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let mut data = vec![0u8; 8 * 4096];
+        data[4096 + 7] = 1;
+        data[6 * 4096] = 1;
+        f.write_all(&data).unwrap();
+        let files = MemoryFiles::default();
+        let m = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        m.learn_zero_pages(0, 8).unwrap();
+        let zero = m.hole_pages(0, 8, 4096);
+        assert_eq!(zero, vec![true, false, true, true, true, true, false, true]);
     }
 
     #[test]

@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 use crate::session::{FillMode, Session, SessionError};
 
+/// Data runs at least this long have the memory file's pages mapped into the pager in one call
+/// before they are copied (shorter ones are not worth the call).
+const POPULATE_MIN_PAGES: u64 = 16;
+
 /// Where a sweep stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -134,6 +138,9 @@ impl Sweep {
                 continue;
             }
             let data = zero[i..].iter().take_while(|&&z| !z).count() as u64;
+            if data >= POPULATE_MIN_PAGES {
+                file.populate(r.offset + q * ps, data * ps);
+            }
             let filled = s.fill(ri, q, q + data, FillMode::Populate)?;
             self.counts.populated_bytes += filled * ps;
             q += data;

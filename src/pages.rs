@@ -19,10 +19,12 @@ impl PageBitmap {
     }
 
     /// Number of pages tracked.
+    #[inline]
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -32,10 +34,12 @@ impl PageBitmap {
         self.ones
     }
 
+    #[inline]
     fn at(i: u64) -> (usize, u64) {
         (usize::try_from(i / 64).expect("index fits"), 1u64 << (i % 64))
     }
 
+    #[inline]
     pub fn get(&self, i: u64) -> bool {
         debug_assert!(i < self.len);
         let (w, b) = Self::at(i);
@@ -43,6 +47,7 @@ impl PageBitmap {
     }
 
     /// Sets bit `i`; returns true if it was clear.
+    #[inline]
     pub fn set(&mut self, i: u64) -> bool {
         let (w, b) = Self::at(i);
         let was_clear = self.words[w] & b == 0;
@@ -52,6 +57,7 @@ impl PageBitmap {
     }
 
     /// Clears bit `i`; returns true if it was set.
+    #[inline]
     pub fn clear(&mut self, i: u64) -> bool {
         let (w, b) = Self::at(i);
         let was_set = self.words[w] & b != 0;

@@ -1,0 +1,89 @@
+//! The background zero scan: one thread per pager, at idle CPU and I/O priority, that learns
+//! which data pages of each newly opened memory file hold only zeros, so that a later
+//! graduation finds the answer in the file's zero map instead of reading every page first.
+//!
+//! It runs only when a CPU would otherwise idle (`SCHED_IDLE`) and its reads wait behind every
+//! other I/O (`IOPRIO_CLASS_IDLE`): it never takes time from a vCPU or from fault serving. A file
+//! is scanned in chunks, holding the file only for the chunk, so a file whose sessions all end
+//! is released mid-scan.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Mutex, Weak};
+
+use tracing::{debug, warn};
+
+use crate::memory_file::MappedFile;
+
+/// Pages classified per chunk (2 MiB).
+const CHUNK_PAGES: u64 = 512;
+
+/// The handle that queues files for the scan thread.
+#[derive(Debug)]
+pub struct ZeroScanner {
+    tx: Mutex<Sender<Weak<MappedFile>>>,
+}
+
+impl ZeroScanner {
+    /// Starts the scan thread.
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Weak<MappedFile>>();
+        std::thread::Builder::new().name("zero-scan".into()).spawn(move || {
+            lower_priority();
+            while let Ok(file) = rx.recv() {
+                scan(&file);
+            }
+        })?;
+        Ok(Self { tx: Mutex::new(tx) })
+    }
+
+    /// Queues a file (scanned after those queued before it).
+    pub fn enqueue(&self, file: Weak<MappedFile>) {
+        let _ = self.tx.lock().expect("zero scan queue").send(file);
+    }
+}
+
+/// Scans from the file's end backwards: a graduation that starts meanwhile reads from the start
+/// forwards, so the two meet instead of reading the same pages.
+fn scan(file: &Weak<MappedFile>) {
+    let mut end = None;
+    while let Some(f) = file.upgrade() {
+        let end_page = *end.get_or_insert_with(|| f.mapped_len().div_ceil(4096));
+        if end_page == 0 {
+            debug!("memory file zero scan finished");
+            return;
+        }
+        let first = end_page.saturating_sub(CHUNK_PAGES);
+        if let Err(e) = f.learn_zero_pages(first, end_page) {
+            warn!(error = %e, "memory file zero scan stopped");
+            return;
+        }
+        end = Some(first);
+    }
+}
+
+/// `SCHED_IDLE` and the idle I/O class for the calling thread. Best effort: without them the
+/// scan still runs, at normal priority.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param (priority 0 is the
+    // only one SCHED_IDLE accepts).
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "zero scan: SCHED_IDLE refused");
+    }
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: ioprio_set takes three integers; who = 0 is the calling thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "zero scan: idle I/O priority refused");
+    }
+}
