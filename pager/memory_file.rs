@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::{Arc, Mutex, Weak};
 
 use memmap2::Mmap;
@@ -65,21 +65,17 @@ impl MappedFile {
     }
 
     /// Classifies the data pages of `[first, end)` (4 KiB pages) not yet known, reading them
-    /// without holding the zero map's lock, then records them. Fails, reading nothing, if the
-    /// file is now shorter than the range.
+    /// through the mapping without holding the zero map's lock, then records them. Fails,
+    /// reading nothing, if the file is now shorter than the range. (A truncation racing this
+    /// check would raise SIGBUS: the foreground pays that risk for speed, see
+    /// [`Self::learn_zero_pages_by_pread`] for the background.)
     pub fn learn_zero_pages(&self, first: u64, end: u64) -> io::Result<()> {
-        let unknown: Vec<u64> = {
-            let mut guard = self.zero_map.lock().expect("zero map");
-            let map = guard.get_or_insert_with(|| ZeroMap::new(&self.file, self.mapped_len()));
-            (first..end.min(map.known.len())).filter(|&p| !map.known.get(p)).collect()
-        };
+        let unknown = self.unknown_pages(first, end);
         let Some(&last) = unknown.last() else { return Ok(()) };
         let need = ((last + 1) * 4096).min(self.mapped_len());
         let len = self.current_len()?;
         if len < need {
-            return Err(io::Error::other(format!(
-                "the file is {len} bytes now, {need} expected (truncated?)"
-            )));
+            return Err(truncated(len, need));
         }
         let zero: Vec<bool> = unknown
             .iter()
@@ -92,15 +88,71 @@ impl MappedFile {
                 is_zero(&self.map[o..(o + 4096).min(self.map.len())])
             })
             .collect();
+        self.record(&unknown, &zero);
+        Ok(())
+    }
+
+    /// Like [`Self::learn_zero_pages`], but reads with `pread` into `buf`: a file truncated
+    /// meanwhile makes a short read (an error here), never a signal. Each run of unknown pages
+    /// is read in one call; holes, known already, are not read (a read of a hole would fill the
+    /// page cache with zeros).
+    pub fn learn_zero_pages_by_pread(
+        &self,
+        first: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let unknown = self.unknown_pages(first, end);
+        let mut zero = Vec::with_capacity(unknown.len());
+        let mut i = 0;
+        while i < unknown.len() {
+            let run = unknown[i..].iter().zip(unknown[i]..).take_while(|(&p, q)| p == *q).count();
+            let (off, len) = (unknown[i] * 4096, run * 4096);
+            buf.resize(len, 0);
+            self.file.read_exact_at(buf, off).map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    truncated(self.current_len().unwrap_or(0), off + len as u64)
+                }
+                _ => e,
+            })?;
+            zero.extend(buf.chunks(4096).map(is_zero));
+            i += run;
+        }
+        self.record(&unknown, &zero);
+        Ok(())
+    }
+
+    /// Maps the non-zero pages of `[first, end)` (4 KiB pages, as the zero map knows them) into
+    /// this process's page tables, one call per run: holes are left unmapped (mapping one would
+    /// fill the page cache with zeros).
+    pub fn populate_data(&self, first: u64, end: u64) {
+        let zero = self.classify(first * 4096, end - first, 4096);
+        let mut i = 0;
+        while i < zero.len() {
+            let run = zero[i..].iter().take_while(|&&z| z == zero[i]).count();
+            if !zero[i] {
+                self.populate((first + i as u64) * 4096, run as u64 * 4096);
+            }
+            i += run;
+        }
+    }
+
+    /// The pages of `[first, end)` the zero map does not know yet (making the map if need be).
+    fn unknown_pages(&self, first: u64, end: u64) -> Vec<u64> {
         let mut guard = self.zero_map.lock().expect("zero map");
-        let map = guard.as_mut().expect("made above");
-        for (&p, z) in unknown.iter().zip(zero) {
+        let map = guard.get_or_insert_with(|| ZeroMap::new(&self.file, self.mapped_len()));
+        (first..end.min(map.known.len())).filter(|&p| !map.known.get(p)).collect()
+    }
+
+    fn record(&self, pages: &[u64], zero: &[bool]) {
+        let mut guard = self.zero_map.lock().expect("zero map");
+        let map = guard.as_mut().expect("made by unknown_pages");
+        for (&p, &z) in pages.iter().zip(zero) {
             map.known.set(p);
             if z {
                 map.zero.set(p);
             }
         }
-        Ok(())
     }
 
     /// For each page of `page_size` bytes at file offsets `offset + i * page_size`, `i < pages`:
@@ -136,6 +188,10 @@ impl MappedFile {
             })
             .collect()
     }
+}
+
+fn truncated(len: u64, need: u64) -> io::Error {
+    io::Error::other(format!("the file is {len} bytes now, {need} expected (truncated?)"))
 }
 
 /// How far ahead of the page it tests the zero scan asks the CPU to load the next page's first
@@ -302,6 +358,20 @@ mod tests {
         m.learn_zero_pages(0, 8).unwrap();
         let zero = m.hole_pages(0, 8, 4096);
         assert_eq!(zero, vec![true, false, true, true, true, true, false, true]);
+    }
+
+    #[test]
+    fn the_background_read_of_a_truncated_file_fails_without_a_signal() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[3u8; 64 * 4096]).unwrap();
+        let files = MemoryFiles::default();
+        let m = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        let mut buf = Vec::new();
+        m.learn_zero_pages_by_pread(0, 8, &mut buf).unwrap();
+        f.as_file().set_len(16 * 4096).unwrap();
+        let e = m.learn_zero_pages_by_pread(8, 64, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        assert_eq!(m.hole_pages(0, 8, 4096), vec![false; 8]);
     }
 
     #[test]

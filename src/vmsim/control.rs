@@ -8,7 +8,8 @@
 //! write FIRST COUNT GEN         write generation GEN into COUNT pages from FIRST on
 //! balloon REGION OFFSET LEN     MADV_DONTNEED (sizes accept K/M/G)
 //! verify                        verify every page
-//! reader-start [SEED [FIRST COUNT]]  start the background reader (on pages FIRST.. only)
+//! reader-start [SEED [FIRST COUNT]]  start the background reader (on pages FIRST.. only);
+//!                               answered once it has verified its first page (10 s at most)
 //! reader-stop                   stop it; its report
 //! smaps                         guest VMAs still uffd-registered (`registered_vmas`; 0 after graduation)
 //! standby PATH                  stop the reader (its report: `reader`), write guest memory to the
@@ -27,6 +28,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +39,9 @@ use super::parse::{parse_number, parse_size, Amount, ParseError};
 use super::reader::ReaderHandle;
 use super::report::Report;
 use super::standby::SnapshotInfo;
+
+/// How long `reader-start` waits for the reader's first verified page before answering anyway.
+const READER_START_WAIT: Duration = Duration::from_secs(10);
 
 /// One command of the line protocol (`ReaderStart::pages`: the reader's working set
 /// `(first, count)`; `None`: every page).
@@ -309,6 +314,9 @@ impl CommandRunner {
                 let (first, count) = pages.unwrap_or((0, self.vm.pages()));
                 return match self.vm.spawn_reader_in(seed, first, count) {
                     Ok(handle) => {
+                        // Answer once it reads: a caller that starts work "while a reader
+                        // runs" next must find it running, however busy the machine is.
+                        handle.wait_for_pages(1, READER_START_WAIT);
                         self.reader = Some(handle);
                         Reply::ok(name)
                     }
