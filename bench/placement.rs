@@ -66,6 +66,13 @@ fn threads(pid: i32) -> anyhow::Result<Vec<i32>> {
     Ok(tids)
 }
 
+/// The name of thread `tid` of process `pid` (empty if it is gone).
+fn thread_name(pid: i32, tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_default()
+}
+
 /// Every thread of another process pinned to one CPU, until [`PinnedProcess::release`] or drop,
 /// which give each thread back the affinity it had (a thread started meanwhile gets the
 /// process's main thread's): so the figures measured afterwards see the process as it was, also
@@ -86,9 +93,10 @@ fn gone(e: &std::io::Error) -> bool {
 }
 
 impl PinnedProcess {
-    /// Pins every thread of process `pid` to CPU `cpu` (listing its threads again until no new
-    /// one shows up: a thread may start while the others are pinned).
-    pub fn pin(pid: i32, cpu: usize) -> anyhow::Result<Self> {
+    /// Pins the threads of process `pid` whose name (`comm`) starts with `prefix` (every thread:
+    /// `""`) to CPU `cpu`, listing its threads again until no new one shows up (a thread may
+    /// start while the others are pinned).
+    pub fn pin_named(pid: i32, cpu: usize, prefix: &str) -> anyhow::Result<Self> {
         let set = only(cpu)?;
         let main =
             get_affinity(pid).with_context(|| format!("sched_getaffinity of process {pid}"))?;
@@ -97,6 +105,7 @@ impl PinnedProcess {
             let new: Vec<i32> = threads(pid)?
                 .into_iter()
                 .filter(|tid| pinned.before.iter().all(|(t, _)| t != tid))
+                .filter(|tid| prefix.is_empty() || thread_name(pid, *tid).starts_with(prefix))
                 .collect();
             if new.is_empty() {
                 return Ok(pinned);
@@ -170,7 +179,7 @@ mod tests {
         let before = get_affinity(mine).unwrap();
         let cpu = one_cpu().unwrap_or(0);
         for release in [true, false] {
-            let pinned = PinnedProcess::pin(pid, cpu).unwrap();
+            let pinned = PinnedProcess::pin_named(pid, cpu, "").unwrap();
             assert!(pinned.before.iter().any(|(t, _)| *t == mine));
             let now = get_affinity(mine).unwrap();
             // SAFETY: CPU_COUNT only reads the set.

@@ -49,8 +49,11 @@ pub async fn faults(
 ) -> anyhow::Result<()> {
     let seed = 1000 + rep as u64;
     let vm = p.restore(&format!("bench-fault-{rep}"), file, size).await?;
-    // Pinned once the session is served; given back on every path (the guard's drop).
-    let pager = PinnedProcess::pin(p.pager_pid().await?, cpu)?;
+    // The pager's fault workers (the threads that serve faults, as the handler's one thread
+    // does) pinned once the session is served; given back on every path (the guard's drop). Its
+    // other threads (gRPC, handoff, the idle-priority zero scan) stay where the kernel puts
+    // them, as the handler has no such threads to place.
+    let pager = PinnedProcess::pin_named(p.pager_pid().await?, cpu, "fault-")?;
     let report = on_vm("random touches on one CPU", move || {
         pin_current_thread(cpu)?;
         anyhow::Ok(vm.read_random(Amount::Pages(pages), seed))

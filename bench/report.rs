@@ -76,7 +76,7 @@ pub const ROWS: &[Row] = &[
     row("min_touch_all_gbps", None, None, "baseline: read-seq of a fresh VM, 1-page handler, one CPU"),
     row("min_touch_all_free_gbps", None, None, "baseline: the same unpinned"),
     row("touch_resident_gbps", None, None, "ceiling: read-seq of a VM already resident (vmsim verify speed)"),
-    row("fault_p50_us", Some("min_fault_us"), Some(Target::RatioAtMost(1.25)), "p50 random first touch, fresh VM; VM thread and every pager thread pinned to min_fault_us's CPU"),
+    row("fault_p50_us", Some("min_fault_us"), Some(Target::RatioAtMost(1.25)), "p50 random first touch, fresh VM; VM thread and the pager's fault threads pinned to min_fault_us's CPU"),
     row("fault_p99_us", Some("min_fault_p99_us"), None, "p99 of the same, same placement"),
     row("fault_free_p50_us", Some("min_fault_free_us"), None, "p50 random first touch, fresh VM, VM and pager unpinned"),
     row("fault_free_p99_us", Some("min_fault_free_p99_us"), None, "p99 of the same, unpinned"),
