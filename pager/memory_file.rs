@@ -126,7 +126,7 @@ impl MappedFile {
     /// this process's page tables, one call per run: holes are left unmapped (mapping one would
     /// fill the page cache with zeros).
     pub fn populate_data(&self, first: u64, end: u64) {
-        let zero = self.classify(first * 4096, end - first, 4096);
+        let zero = self.hole_pages(first * 4096, end - first, 4096);
         let mut i = 0;
         while i < zero.len() {
             let run = zero[i..].iter().take_while(|&&z| z == zero[i]).count();
@@ -158,7 +158,7 @@ impl MappedFile {
     /// For each page of `page_size` bytes at file offsets `offset + i * page_size`, `i < pages`:
     /// true if the page holds only zeros. Answers from the shared zero map: holes are known from
     /// the file's extents without reading them; a data page is read once, the first time anyone
-    /// asks, and remembered. The caller has checked that the file is still long enough.
+    /// asks, and remembered (after checking that the file still covers it).
     ///
     /// The map assumes what a snapshot is: a file nobody writes while VMs are restored from it.
     pub fn zero_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
@@ -166,17 +166,12 @@ impl MappedFile {
         // A file now shorter than the range is not read: its unknown pages count as data, and
         // copying them fails cleanly (UFFDIO_COPY answers EFAULT where a read raises SIGBUS).
         let _ = self.learn_zero_pages(first, first + pages * (page_size / 4096));
-        self.classify(offset, pages, page_size)
+        self.hole_pages(offset, pages, page_size)
     }
 
     /// Like [`Self::zero_pages`], but reads nothing: true for pages known to be zero (holes, and
-    /// data pages some earlier call read).
+    /// data pages some earlier call read); pages not known yet count as data.
     pub fn hole_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
-        self.classify(offset, pages, page_size)
-    }
-
-    /// The zero map's answer for each page (unknown pages count as data).
-    fn classify(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
         let sub = page_size / 4096;
         let mut guard = self.zero_map.lock().expect("zero map");
         let map = guard.get_or_insert_with(|| ZeroMap::new(&self.file, self.mapped_len()));
