@@ -3,6 +3,7 @@
 //! version; sessions arrive from the supervisor over an SCM_RIGHTS handoff socket.
 
 mod complete;
+mod copy_threads;
 mod file_extents;
 mod handoff;
 mod memory_file;
@@ -10,6 +11,7 @@ mod pagemap;
 mod read_ahead;
 mod region_pages;
 mod registry;
+mod remove_gate;
 mod service;
 mod session;
 mod sweep;
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uffdpager::api::pager_server::PagerServer;
 
+use crate::copy_threads::CopyThreads;
 use crate::memory_file::MemoryFiles;
 use crate::registry::Registry;
 use crate::session::ZeroSource;
@@ -63,6 +66,10 @@ struct Cli {
     /// Microseconds a fault worker keeps polling after a fault before it sleeps (0: never).
     #[arg(long, default_value_t = 50)]
     fault_spin_us: u64,
+    /// Threads that help graduate quiet VMs by copying beside the fault workers (0: none).
+    /// Default: one fewer than the CPUs this process may use, at most 4.
+    #[arg(long)]
+    copy_threads: Option<usize>,
 }
 
 /// Everything the gRPC service and the handoff listener share.
@@ -101,6 +108,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(cli.fault_threads > 0, "--fault-threads must be at least 1");
     anyhow::ensure!(cli.complete_step_bytes >= 4096, "--complete-step-bytes must be at least 4096");
 
+    let copy_threads = cli.copy_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1)).min(4)
+    });
+    let copies = CopyThreads::spawn(copy_threads).context("starting copy threads")?;
     let workers = (0..cli.fault_threads)
         .map(|i| {
             WorkerHandle::spawn(
@@ -108,10 +119,13 @@ fn main() -> anyhow::Result<()> {
                 cli.version_label.clone(),
                 cli.complete_step_bytes,
                 Duration::from_micros(cli.fault_spin_us),
+                copies.clone(),
             )
         })
         .collect::<Result<Vec<_>, _>>()
         .context("starting fault workers")?;
+    // Copy threads stop once every worker (each holds a handle) has stopped.
+    drop(copies);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let pager = Arc::new(Pager {
         version: cli.version_label.clone(),
@@ -151,7 +165,7 @@ fn main() -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         info!(version = %version, pid = std::process::id(), grpc = %grpc_socket.display(),
-            handoff = %handoff_socket.display(), fault_threads = pager.workers.len(), "pager serving");
+            handoff = %handoff_socket.display(), fault_threads = pager.workers.len(), copy_threads, "pager serving");
         let stop = async move {
             let why = tokio::select! {
                 _ = sigterm.recv() => "SIGTERM",

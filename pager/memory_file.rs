@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::{Arc, Mutex, Weak};
 
 use memmap2::Mmap;
-use uffdpager::pages::PageBitmap;
+use uffdpager::pages::{flag_runs, PageBitmap};
 
 use crate::zero_scan::ZeroScanner;
 
@@ -127,13 +127,10 @@ impl MappedFile {
     /// fill the page cache with zeros).
     pub fn populate_data(&self, first: u64, end: u64) {
         let zero = self.hole_pages(first * 4096, end - first, 4096);
-        let mut i = 0;
-        while i < zero.len() {
-            let run = zero[i..].iter().take_while(|&&z| z == zero[i]).count();
-            if !zero[i] {
-                self.populate((first + i as u64) * 4096, run as u64 * 4096);
+        for (run, is_zero) in flag_runs(first, &zero) {
+            if !is_zero {
+                self.populate(run.start * 4096, (run.end - run.start) * 4096);
             }
-            i += run;
         }
     }
 

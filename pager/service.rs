@@ -141,9 +141,10 @@ impl pager_server::Pager for PagerService {
                     };
                     shared.set_state(SessionState::Completing);
                     let completion = Completion::new(deadline, cancel, tx);
-                    if let Err(e) = self.pager.workers[entry.worker]
-                        .send(Command::Complete { token: entry.token, completion })
-                    {
+                    if let Err(e) = self.pager.workers[entry.worker].send(Command::Complete {
+                        token: entry.token,
+                        completion: Box::new(completion),
+                    }) {
                         shared.set_state(SessionState::Serving);
                         return Err(Status::unavailable(e));
                     }

@@ -9,6 +9,7 @@
 //! * `EEXIST`: the page is present already; wake its waiters, since our call woke nobody.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use crate::memory_file::MappedFile;
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
+use crate::remove_gate::RemoveGate;
 use crate::sweep::{Sweep, ZeroTest};
 
 /// Read-ahead in progress: a sweep over the window, and the size of its next chunk.
@@ -77,7 +79,9 @@ pub enum FillMode {
 /// One served session, owned by one worker thread.
 pub struct Session {
     pub shared: Arc<SessionShared>,
-    pub uffd: Uffd,
+    pub uffd: Arc<Uffd>,
+    /// Orders this worker's event reads with copy threads' copies (see `crate::remove_gate`).
+    pub gate: Arc<RemoveGate>,
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
     pub regions: Vec<RegionPages>,
@@ -117,7 +121,8 @@ impl Session {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
         let mut s = Self {
             shared,
-            uffd,
+            uffd: Arc::new(uffd),
+            gate: Arc::default(),
             vmm_stream,
             file,
             regions,
@@ -157,6 +162,8 @@ impl Session {
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
     pub fn drain_events(&mut self) -> Result<usize, SessionError> {
+        let gate = Arc::clone(&self.gate);
+        let _held = gate.lock();
         let mut total = 0;
         loop {
             let batch: Vec<userfaultfd::Result<Event>> = self
@@ -184,6 +191,7 @@ impl Session {
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
             Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
+                self.gate.removed();
                 self.log_remove(start as u64, end as u64);
                 self.apply_remove(start as u64, end as u64);
             }
@@ -403,6 +411,27 @@ impl Session {
             }
         }
         Ok(filled)
+    }
+
+    /// Marks pages a copy thread made present, for a claim planned under gate epoch `epoch`.
+    /// If memory was discarded since, discarded pages are not marked: a copy made before the
+    /// REMOVE was read was zapped with it (see `crate::remove_gate`). Returns the pages marked.
+    pub fn mark_copied(&mut self, ri: usize, runs: &[Range<u64>], epoch: u64) -> u64 {
+        let removed_since = self.gate.epoch() != epoch;
+        let Some(r) = self.regions.get_mut(ri) else { return 0 };
+        let mut marked = 0;
+        for run in runs {
+            if !removed_since {
+                marked += r.mark_present(run.start, run.end);
+                continue;
+            }
+            for p in run.clone() {
+                if !r.removed.contains(p) {
+                    marked += r.mark_present(p, p + 1);
+                }
+            }
+        }
+        marked
     }
 
     /// After an `EAGAIN`: read and apply pending events. If there were none (the VMM's madvise

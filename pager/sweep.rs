@@ -6,13 +6,16 @@
 //! Two users: graduation sweeps every region once; sequential read-ahead sweeps a window ahead
 //! of a vCPU that reads memory in order.
 
+use std::ops::Range;
 use std::sync::Arc;
+
+use uffdpager::pages::flag_runs;
 
 use crate::session::{FillMode, Session, SessionError};
 
 /// Data runs at least this long have the memory file's pages mapped into the pager in one call
 /// before they are copied (shorter ones are not worth the call).
-const POPULATE_MIN_PAGES: u64 = 16;
+pub const POPULATE_MIN_PAGES: u64 = 16;
 
 /// Where a sweep stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,17 +86,58 @@ impl Sweep {
         s.check_file_length()?;
         let mut left = budget;
         while left > 0 {
-            let Some(r) = s.regions.get(self.region) else { return Ok(true) };
+            let Some((ri, run)) = self.next_run(s, left) else { return Ok(true) };
+            self.populate_run(s, ri, run.start, run.end)?;
+            left = left.saturating_sub((run.end - run.start) * s.regions[ri].region.page_size);
+        }
+        Ok(false)
+    }
+
+    /// Takes up to `budget` bytes of runs of missing, not discarded pages off the front of the
+    /// span without copying them, all in one region and at most `max_runs` runs: a span for a
+    /// copy thread ([`crate::copy_threads`]). `None` once every page is behind the cursor.
+    pub fn claim(
+        &mut self,
+        s: &Session,
+        budget: u64,
+        max_runs: usize,
+    ) -> Option<(usize, Vec<Range<u64>>)> {
+        let (region, first) = self.next_run(s, budget)?;
+        let ps = s.regions[region].region.page_size;
+        let mut left = budget.saturating_sub((first.end - first.start) * ps);
+        let mut runs = vec![first];
+        while left > 0 && runs.len() < max_runs {
+            let before = (self.region, self.page);
+            match self.next_run(s, left) {
+                Some((ri, run)) if ri == region => {
+                    left = left.saturating_sub((run.end - run.start) * ps);
+                    runs.push(run);
+                }
+                Some(_) => {
+                    // The next region's first run: leave it for the next claim.
+                    (self.region, self.page) = before;
+                    break;
+                }
+                None => break,
+            }
+        }
+        Some((region, runs))
+    }
+
+    /// The next run of missing, not discarded pages (at most `budget` bytes, at least one page),
+    /// with the cursor moved past it. `None` once every page of the span is behind the cursor.
+    fn next_run(&mut self, s: &Session, budget: u64) -> Option<(usize, Range<u64>)> {
+        loop {
+            let r = s.regions.get(self.region)?;
             let (ps, region_pages) = (r.region.page_size, r.region.pages());
             let end = match self.stop {
                 Stop::AllRegions => region_pages,
                 Stop::Page(p) => p.min(region_pages),
             };
-            let next_missing = r.present().next_clear(self.page).filter(|&p| p < end);
-            let Some(p) = next_missing else {
+            let Some(p) = r.present().next_clear(self.page).filter(|&p| p < end) else {
                 if self.stop != Stop::AllRegions {
                     self.page = end;
-                    return Ok(true);
+                    return None;
                 }
                 self.region += 1;
                 self.page = 0;
@@ -103,23 +147,26 @@ impl Sweep {
                 self.page = removed_end.min(end);
                 continue;
             }
-            let limit = (p + (left / ps).max(1)).min(end);
+            let limit = (p + (budget / ps).max(1)).min(end);
             let run_end = r
                 .present()
                 .next_set_before(p, limit)
                 .min(r.removed.next_start_after(p).unwrap_or(u64::MAX));
-            self.populate_run(s, p, run_end)?;
-            left = left.saturating_sub((run_end - p) * ps);
             self.page = run_end;
+            return Some((self.region, p..run_end));
         }
-        Ok(false)
     }
 
     /// Copies the non-zero pages of the missing run `[first, end)` of the current region. Holes
     /// are known from the file's extents (never read); within data, zero pages are told apart by
     /// content (the memory file's shared zero map) if the sweep tests for them.
-    fn populate_run(&mut self, s: &mut Session, first: u64, end: u64) -> Result<(), SessionError> {
-        let ri = self.region;
+    fn populate_run(
+        &mut self,
+        s: &mut Session,
+        ri: usize,
+        first: u64,
+        end: u64,
+    ) -> Result<(), SessionError> {
         let r = s.regions[ri].region;
         let ps = r.page_size;
         let file = Arc::clone(&s.file);
@@ -128,22 +175,17 @@ impl Sweep {
             ZeroTest::HolesAndZeroPages => file.zero_pages(offset, pages, ps),
             ZeroTest::Holes => file.hole_pages(offset, pages, ps),
         };
-        let mut q = first;
-        while q < end {
-            let i = usize::try_from(q - first).expect("run fits");
-            if zero[i] {
-                let zeros = zero[i..].iter().take_while(|&&z| z).count() as u64;
-                self.counts.skipped_zero_bytes += zeros * ps;
-                q += zeros;
+        for (run, is_zero) in flag_runs(first, &zero) {
+            let pages = run.end - run.start;
+            if is_zero {
+                self.counts.skipped_zero_bytes += pages * ps;
                 continue;
             }
-            let data = zero[i..].iter().take_while(|&&z| !z).count() as u64;
-            if data >= POPULATE_MIN_PAGES {
-                file.populate(r.offset + q * ps, data * ps);
+            if pages >= POPULATE_MIN_PAGES {
+                file.populate(r.offset + run.start * ps, pages * ps);
             }
-            let filled = s.fill(ri, q, q + data, FillMode::Populate)?;
+            let filled = s.fill(ri, run.start, run.end, FillMode::Populate)?;
             self.counts.populated_bytes += filled * ps;
-            q += data;
         }
         Ok(())
     }

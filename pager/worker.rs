@@ -19,7 +19,8 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
 
-use crate::complete::{CompleteError, Completion};
+use crate::complete::{CompleteError, Completion, Progress};
+use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
 
 const WAKE: u64 = u64::MAX;
@@ -32,7 +33,7 @@ pub enum Command {
     /// Start serving a session; answer once its fds are in the epoll set.
     Add { token: u64, session: Box<Session>, adopt: bool, reply: Sender<Result<(), String>> },
     /// Start graduating a session.
-    Complete { token: u64, completion: Completion },
+    Complete { token: u64, completion: Box<Completion> },
     /// Stop serving a session and release it (operator's forced end).
     Drop { token: u64, reason: String },
     /// Release every session and exit the thread.
@@ -48,17 +49,21 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts a worker thread. `budget` is the completion step in bytes.
+    /// Starts a worker thread. `budget` is the completion step in bytes; `copies`, if any, take
+    /// claims of completions while their VM is quiet.
     pub fn spawn(
         index: usize,
         version: String,
         budget: u64,
         spin: Duration,
+        copies: Option<CopyThreads>,
     ) -> std::io::Result<Self> {
         let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
         let (tx, rx) = mpsc::channel();
+        let (claims_tx, claims_rx) = mpsc::channel();
+        let reply = Reply { tx: claims_tx, wake: Arc::clone(&wake) };
         let worker_wake = Arc::clone(&wake);
         let thread =
             std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
@@ -68,6 +73,10 @@ impl WorkerHandle {
                     rx,
                     sessions: HashMap::new(),
                     completions: Vec::new(),
+                    working: false,
+                    copies,
+                    reply,
+                    claims_rx,
                     streams: Vec::new(),
                     version,
                     budget,
@@ -107,6 +116,13 @@ struct Worker {
     sessions: HashMap<u64, Session>,
     /// Completions in progress, served round-robin one budget at a time.
     completions: Vec<(u64, Completion)>,
+    /// Whether some completion has pages for this worker to copy (else they wait for copy
+    /// threads, or there are none).
+    working: bool,
+    copies: Option<CopyThreads>,
+    /// Where copy threads answer this worker's claims.
+    reply: Reply,
+    claims_rx: Receiver<ClaimDone>,
     /// Sessions with read-ahead in progress, served round-robin one chunk at a time.
     streams: Vec<u64>,
     version: String,
@@ -134,7 +150,7 @@ impl Worker {
             if spinning {
                 std::thread::yield_now();
             }
-            let timeout = if self.completions.is_empty() && self.streams.is_empty() && !spinning {
+            let timeout = if !self.working && self.streams.is_empty() && !spinning {
                 EpollTimeout::NONE
             } else {
                 EpollTimeout::ZERO
@@ -173,6 +189,7 @@ impl Worker {
             if faulted {
                 last_fault = Some(Instant::now());
             }
+            self.take_claims_done();
             self.step_completions(faulted);
             self.step_streams();
         }
@@ -187,7 +204,7 @@ impl Worker {
                 }
                 Command::Complete { token, completion } => {
                     if self.sessions.contains_key(&token) {
-                        self.completions.push((token, completion));
+                        self.completions.push((token, *completion));
                     } else {
                         completion.fail(CompleteError::SessionEnded(
                             "the session is no longer served".into(),
@@ -281,14 +298,37 @@ impl Worker {
         }
     }
 
+    /// Applies copy threads' answers: present pages into the session, the rest into the claim's
+    /// completion (a late answer for a completion that ended only marks pages present).
+    fn take_claims_done(&mut self) {
+        while let Ok(done) = self.claims_rx.try_recv() {
+            let token = done.token;
+            let Some(s) = self.sessions.get_mut(&token) else { continue };
+            s.mark_copied(done.region_index, &done.present, done.epoch);
+            s.publish();
+            let Some(i) =
+                self.completions.iter().position(|(t, c)| *t == token && c.id() == done.completion)
+            else {
+                continue;
+            };
+            if let Err(e) = self.completions[i].1.on_claim_done(done) {
+                let (_, c) = self.completions.swap_remove(i);
+                self.fail_completion(token, c, e);
+            }
+        }
+    }
+
     /// One step for each completion in progress, then finish or fail those that are done.
     ///
     /// The step adapts: `budget` bytes while faults are coming in (a fault waits at most one
     /// step: ~0.3 ms for 1 MiB), doubling up to `MAX_STEP_FACTOR x budget` while none do, so a
-    /// quiet VM graduates at bulk-copy speed with few step overheads.
+    /// quiet VM graduates at bulk-copy speed with few step overheads. Once the step has grown to
+    /// its largest (no fault for three steps), copy threads get claims too.
     fn step_completions(&mut self, faulted: bool) {
         self.step =
             if faulted { self.budget } else { (self.step * 2).min(self.budget * MAX_STEP_FACTOR) };
+        let quiet = !faulted && self.step == self.budget * MAX_STEP_FACTOR;
+        self.working = false;
         let mut i = 0;
         while i < self.completions.len() {
             let token = self.completions[i].0;
@@ -297,20 +337,25 @@ impl Worker {
                 c.fail(CompleteError::SessionEnded("the session is no longer served".into()));
                 continue;
             };
-            let step = self.completions[i].1.step(s, self.step);
+            let helpers = match &self.copies {
+                Some(copies) if quiet => Some((copies, &self.reply, token)),
+                _ => None,
+            };
+            let step = self.completions[i].1.step(s, self.step, helpers);
             match step {
-                Ok(false) => {
+                Ok(progress @ (Progress::Working | Progress::AwaitingCopies)) => {
+                    self.working |= progress == Progress::Working;
                     i += 1;
                     self.serve_queued(token);
                 }
-                Ok(true) => {
+                Ok(Progress::Swept) => {
                     let (_, mut c) = self.completions.swap_remove(i);
                     let report = c.report().clone();
-                    let elapsed = c.elapsed();
+                    let (elapsed, assisted_bytes) = (c.elapsed(), c.assisted_bytes());
                     match c.finish(s) {
                         Ok(()) => {
                             info!(session = %s.id(), version = %self.version, populated_bytes = report.populated_bytes,
-                                skipped_zero_bytes = report.skipped_zero_bytes, ms = elapsed.as_millis() as u64, "session graduated");
+                                assisted_bytes, skipped_zero_bytes = report.skipped_zero_bytes, ms = elapsed.as_millis() as u64, "session graduated");
                             self.end(token, SessionState::Graduated, String::new());
                         }
                         Err(e) => self.fail_completion(token, c, e),

@@ -179,6 +179,19 @@ impl RangeSet {
     }
 }
 
+/// Splits the items `first..first + flags.len()` into maximal runs of equal flags, in order:
+/// `(range, flag)`.
+pub fn flag_runs(first: u64, flags: &[bool]) -> impl Iterator<Item = (Range<u64>, bool)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let flag = *flags.get(i)?;
+        let len = flags[i..].iter().take_while(|&&f| f == flag).count();
+        let start = first + i as u64;
+        i += len;
+        Some((start..start + len as u64, flag))
+    })
+}
+
 /// Splits `range` into runs of at most `max_len` indices.
 pub fn chunks(range: Range<u64>, max_len: u64) -> impl Iterator<Item = Range<u64>> {
     assert!(max_len > 0);
@@ -258,6 +271,14 @@ mod tests {
         assert_eq!(s.span_end(20), None);
         assert_eq!(s.next_start_after(0), Some(10));
         assert_eq!(s.next_start_after(10), None);
+    }
+
+    #[test]
+    fn flag_runs_split_items_into_maximal_runs_in_order() {
+        let flags = [true, true, false, false, false, true, false];
+        let runs: Vec<_> = flag_runs(10, &flags).collect();
+        assert_eq!(runs, vec![(10..12, true), (12..15, false), (15..16, true), (16..17, false)]);
+        assert_eq!(flag_runs(0, &[]).count(), 0);
     }
 
     #[test]
