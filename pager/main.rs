@@ -15,6 +15,7 @@ mod remove_gate;
 mod service;
 mod session;
 mod sweep;
+mod thread_priority;
 mod worker;
 mod zero_scan;
 
@@ -60,8 +61,9 @@ struct Cli {
     /// Threads serving faults (fixed: it does not grow with sessions).
     #[arg(long, default_value_t = 2)]
     fault_threads: usize,
-    /// Bytes a completion populates between two checks for faults.
-    #[arg(long, default_value_t = 1 << 20)]
+    /// Bytes a completion populates between two checks for faults while faults come in (it
+    /// grows to 8 MiB while none do): the longest a fault waits behind a completion.
+    #[arg(long, default_value_t = 256 << 10)]
     complete_step_bytes: u64,
     /// Microseconds a fault worker keeps polling after a fault before it sleeps (0: never).
     #[arg(long, default_value_t = 50)]

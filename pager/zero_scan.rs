@@ -32,7 +32,7 @@ impl ZeroScanner {
     pub fn start() -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Weak<MappedFile>>();
         std::thread::Builder::new().name("zero-scan".into()).spawn(move || {
-            lower_priority();
+            crate::thread_priority::idle();
             while let Ok(file) = rx.recv() {
                 scan(&file);
             }
@@ -67,32 +67,5 @@ fn scan(file: &Weak<MappedFile>) {
         // (`MADV_POPULATE_READ` answers EFAULT, never a signal, past a truncated end).
         f.populate_data(page, end);
         page = end;
-    }
-}
-
-/// `SCHED_IDLE` and the idle I/O class for the calling thread. Best effort: without them the
-/// scan still runs, at normal priority.
-fn lower_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param (priority 0 is the
-    // only one SCHED_IDLE accepts).
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if rc != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "zero scan: SCHED_IDLE refused");
-    }
-    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
-    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-    // SAFETY: ioprio_set takes three integers; who = 0 is the calling thread.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_ioprio_set,
-            IOPRIO_WHO_PROCESS,
-            0,
-            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
-        )
-    };
-    if rc != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "zero scan: idle I/O priority refused");
     }
 }
