@@ -14,6 +14,9 @@ use uffdpager::pages::{flag_runs, PageBitmap};
 
 use crate::zero_scan::ZeroScanner;
 
+/// Runs shorter than this are not worth a [`MappedFile::map_ahead`] call.
+const MAP_AHEAD_MIN_BYTES: u64 = 64 << 10;
+
 /// A memory file mapped read-only (`MAP_SHARED`: its pages are the page cache's).
 #[derive(Debug)]
 pub struct MappedFile {
@@ -120,6 +123,16 @@ impl MappedFile {
         }
         self.record(&unknown, &zero);
         Ok(())
+    }
+
+    /// Before a run is tested for zeros and copied: maps its data pages (not its holes) into this
+    /// process's page tables in a few calls, so that neither the zero test nor the copy takes a
+    /// page fault per 16 pages on the way. Runs under [`MAP_AHEAD_MIN_BYTES`] are left to
+    /// those faults.
+    pub fn map_ahead(&self, offset: u64, len: u64) {
+        if len >= MAP_AHEAD_MIN_BYTES {
+            self.populate_data(offset / 4096, (offset + len).div_ceil(4096));
+        }
     }
 
     /// Maps the non-zero pages of `[first, end)` (4 KiB pages, as the zero map knows them) into

@@ -13,10 +13,6 @@ use uffdpager::pages::flag_runs;
 
 use crate::session::{FillMode, Session, SessionError};
 
-/// Data runs at least this long have the memory file's pages mapped into the pager in one call
-/// before they are copied (shorter ones are not worth the call).
-pub const POPULATE_MIN_PAGES: u64 = 16;
-
 /// Where a sweep stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -171,6 +167,7 @@ impl Sweep {
         let ps = r.page_size;
         let file = Arc::clone(&s.file);
         let (offset, pages) = (r.offset + first * ps, end - first);
+        file.map_ahead(offset, pages * ps);
         let zero = match self.zero_test {
             ZeroTest::HolesAndZeroPages => file.zero_pages(offset, pages, ps),
             ZeroTest::Holes => file.hole_pages(offset, pages, ps),
@@ -180,9 +177,6 @@ impl Sweep {
             if is_zero {
                 self.counts.skipped_zero_bytes += pages * ps;
                 continue;
-            }
-            if pages >= POPULATE_MIN_PAGES {
-                file.populate(r.offset + run.start * ps, pages * ps);
             }
             let filled = s.fill(ri, run.start, run.end, FillMode::Populate)?;
             self.counts.populated_bytes += filled * ps;
