@@ -161,6 +161,8 @@ impl Completion {
         } else if !self.swept {
             self.swept = self.sweep.step(s, budget).map_err(to_complete_error)?;
         }
+        // `resident_bytes` in GetSession grows while the completion runs.
+        s.publish();
         self.update_report();
         Ok(self.progress())
     }

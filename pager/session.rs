@@ -292,7 +292,10 @@ impl Session {
     /// Returns whether read-ahead goes on.
     pub fn stream_step(&mut self) -> Result<bool, SessionError> {
         let Some(mut stream) = self.stream.take() else { return Ok(false) };
-        if stream.sweep.step(self, stream.chunk)? {
+        let done = stream.sweep.step(self, stream.chunk);
+        // What GetSession shows follows the stream, not just the faults.
+        self.publish();
+        if done? {
             return Ok(false);
         }
         stream.chunk = (stream.chunk * 2).min(MAX_STREAM_CHUNK);
