@@ -253,8 +253,9 @@ mod tests {
     const PAGES: u64 = 64;
     const PS: u64 = 4096;
 
-    /// A memory file whose every fourth page is zeros (the rest: page index + 1), and a
-    /// registered anonymous region of the same size in this process.
+    /// A memory file of `pages` pages of `ps` bytes whose every fourth page is zeros (the rest:
+    /// page index + 1), and a registered anonymous region of the same size in this process
+    /// (hugetlb for 2 MiB pages).
     struct Fixture {
         _file: tempfile::NamedTempFile,
         mapped: Arc<MappedFile>,
@@ -271,17 +272,22 @@ mod tests {
         }
     }
 
-    fn fixture() -> Fixture {
+    fn fixture(pages: u64, ps: u64) -> Fixture {
         let mut file = tempfile::NamedTempFile::new().unwrap();
-        for p in 0..PAGES {
-            file.write_all(&[page_byte(p); PS as usize]).unwrap();
+        for p in 0..pages {
+            file.write_all(&vec![page_byte(p); ps as usize]).unwrap();
         }
         let mapped = MemoryFiles::default().open(File::open(file.path()).unwrap().into()).unwrap();
         let uffd = uffd_ops::firecracker_uffd(false).expect("userfaultfd");
-        let dst = MmapMut::map_anon((PAGES * PS) as usize).unwrap();
+        let mut options = memmap2::MmapOptions::new();
+        options.len((pages * ps) as usize);
+        if ps != PS {
+            options.huge(Some(ps.trailing_zeros() as u8));
+        }
+        let dst = options.map_anon().expect("destination region");
         uffd.register(dst.as_ptr() as *mut _, dst.len()).unwrap();
         let region =
-            Region { base: dst.as_ptr() as u64, size: PAGES * PS, offset: 0, page_size: PS };
+            Region { base: dst.as_ptr() as u64, size: pages * ps, offset: 0, page_size: ps };
         Fixture { _file: file, mapped, uffd: Arc::new(uffd), dst, region }
     }
 
@@ -306,17 +312,18 @@ mod tests {
     /// Pages of the region backed in this process (never reads a missing page: that would
     /// block on a fault nobody serves).
     fn backed(f: &Fixture) -> Vec<u64> {
-        let mut pages = Vec::new();
-        crate::pagemap::for_each_backed(std::process::id(), f.region.base, PAGES, PS, |p| {
-            pages.push(p)
+        let (pages, ps) = (f.region.pages(), f.region.page_size);
+        let mut backed = Vec::new();
+        crate::pagemap::for_each_backed(std::process::id(), f.region.base, pages, ps, |p| {
+            backed.push(p)
         })
         .unwrap();
-        pages
+        backed
     }
 
     #[test]
     fn a_claim_copies_its_data_pages_and_leaves_zero_pages_missing() {
-        let f = fixture();
+        let f = fixture(PAGES, PS);
         let gate = Arc::new(RemoveGate::default());
         let done = copy_claim(claim(&f, &gate, vec![0..20, 40..PAGES]));
         assert!(done.error.is_none() && done.undone.is_empty(), "{done:?}");
@@ -334,7 +341,7 @@ mod tests {
 
     #[test]
     fn a_claim_planned_before_a_removal_copies_nothing_and_hands_its_runs_back() {
-        let f = fixture();
+        let f = fixture(PAGES, PS);
         let gate = Arc::new(RemoveGate::default());
         let c = claim(&f, &gate, vec![1..4, 5..8]);
         {
@@ -351,7 +358,7 @@ mod tests {
 
     #[test]
     fn a_claim_of_an_ended_completion_stops() {
-        let f = fixture();
+        let f = fixture(PAGES, PS);
         let gate = Arc::new(RemoveGate::default());
         let c = claim(&f, &gate, vec![1..4]);
         c.stop.store(true, Ordering::Release);
@@ -362,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_page_the_worker_filled_meanwhile_is_passed_over() {
-        let f = fixture();
+        let f = fixture(PAGES, PS);
         let src = vec![0xeeu8; PS as usize];
         let at = f.region.base + 2 * PS;
         assert_eq!(uffd_ops::copy(&f.uffd, &src, at, false), Ok(FillOutcome::Done));
@@ -373,5 +380,25 @@ mod tests {
         assert_eq!(done.populated_bytes, 2 * PS, "pages 1 and 3 were copied; 2 was present");
         assert_eq!(backed(&f), vec![1, 2, 3]);
         assert_eq!(f.dst[(2 * PS) as usize], 0xee, "the present page was left as it was");
+    }
+
+    #[test]
+    fn a_claim_of_2m_pages_copies_whole_hugepages_and_leaves_zero_ones_missing() {
+        const HUGE: u64 = 2 << 20;
+        if !uffdpager::vmsim::hugepages::hugepages_available(4) {
+            eprintln!("SKIPPED: this host cannot reserve 4 2 MiB hugepages");
+            return;
+        }
+        let f = fixture(4, HUGE);
+        let gate = Arc::new(RemoveGate::default());
+        let done = copy_claim(claim(&f, &gate, vec![0..4]));
+        assert!(done.error.is_none() && done.undone.is_empty(), "{done:?}");
+        assert_eq!(backed(&f), vec![1, 2, 3], "page 0 is zeros in the file");
+        assert_eq!(done.populated_bytes, 3 * HUGE);
+        assert_eq!(done.skipped_zero_bytes, HUGE);
+        for p in 1..4u64 {
+            let (first, last) = ((p * HUGE) as usize, ((p + 1) * HUGE) as usize - 1);
+            assert_eq!((f.dst[first], f.dst[last]), (page_byte(p), page_byte(p)), "page {p}");
+        }
     }
 }
