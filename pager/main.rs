@@ -5,6 +5,7 @@
 mod complete;
 mod copy_threads;
 mod file_extents;
+mod guarded_read;
 mod handoff;
 mod memory_file;
 mod pagemap;

@@ -39,8 +39,7 @@ impl MappedFile {
         self.map.len() as u64
     }
 
-    /// The file's length now. Reading the mapping past it would raise SIGBUS, so callers that
-    /// read the mapping from user space (zero detection) check this first.
+    /// The file's length now (a session whose regions it no longer covers cannot be served).
     pub fn current_len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
@@ -68,31 +67,24 @@ impl MappedFile {
     }
 
     /// Classifies the data pages of `[first, end)` (4 KiB pages) not yet known, reading them
-    /// through the mapping without holding the zero map's lock, then records them. Fails,
-    /// reading nothing, if the file is now shorter than the range. (A truncation racing this
-    /// check would raise SIGBUS: the foreground pays that risk for speed, see
-    /// [`Self::learn_zero_pages_by_pread`] for the background.)
+    /// through the mapping without holding the zero map's lock, then records them. The read is
+    /// guarded (`crate::guarded_read`): a file truncated under the mapping makes it fail, never
+    /// raise SIGBUS.
     pub fn learn_zero_pages(&self, first: u64, end: u64) -> io::Result<()> {
         let unknown = self.unknown_pages(first, end);
-        let Some(&last) = unknown.last() else { return Ok(()) };
-        let need = ((last + 1) * 4096).min(self.mapped_len());
-        let len = self.current_len()?;
-        if len < need {
-            return Err(truncated(len, need));
+        if unknown.is_empty() {
+            return Ok(());
         }
-        let zero: Vec<bool> = unknown
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| {
-                if let Some(&ahead) = unknown.get(i + PREFETCH_PAGES_AHEAD as usize) {
-                    prefetch_page(&self.map, ahead);
-                }
-                let o = usize::try_from(p * 4096).expect("offset fits");
-                is_zero(&self.map[o..(o + 4096).min(self.map.len())])
-            })
-            .collect();
-        self.record(&unknown, &zero);
-        Ok(())
+        match crate::guarded_read::classify_pages(&self.map, &unknown) {
+            Ok(zero) => {
+                self.record(&unknown, &zero);
+                Ok(())
+            }
+            Err(i) => {
+                let need = ((unknown[i] + 1) * 4096).min(self.mapped_len());
+                Err(truncated(self.current_len().unwrap_or(0), need))
+            }
+        }
     }
 
     /// Like [`Self::learn_zero_pages`], but reads with `pread` into `buf`: a file truncated
@@ -168,13 +160,13 @@ impl MappedFile {
     /// For each page of `page_size` bytes at file offsets `offset + i * page_size`, `i < pages`:
     /// true if the page holds only zeros. Answers from the shared zero map: holes are known from
     /// the file's extents without reading them; a data page is read once, the first time anyone
-    /// asks, and remembered (after checking that the file still covers it).
+    /// asks, and remembered.
     ///
     /// The map assumes what a snapshot is: a file nobody writes while VMs are restored from it.
     pub fn zero_pages(&self, offset: u64, pages: u64, page_size: u64) -> Vec<bool> {
         let first = offset / 4096;
-        // A file now shorter than the range is not read: its unknown pages count as data, and
-        // copying them fails cleanly (UFFDIO_COPY answers EFAULT where a read raises SIGBUS).
+        // In a file now shorter than the range, unknown pages count as data, and copying them
+        // fails cleanly (UFFDIO_COPY answers EFAULT past the end).
         let _ = self.learn_zero_pages(first, first + pages * (page_size / 4096));
         self.hole_pages(offset, pages, page_size)
     }
@@ -197,26 +189,6 @@ impl MappedFile {
 
 fn truncated(len: u64, need: u64) -> io::Error {
     io::Error::other(format!("the file is {len} bytes now, {need} expected (truncated?)"))
-}
-
-/// How far ahead of the page it tests the zero scan asks the CPU to load the next page's first
-/// bytes: a dense page is told apart by its first word, so the scan is one cache miss per page,
-/// and these overlap instead of coming one after the other.
-const PREFETCH_PAGES_AHEAD: u64 = 8;
-
-fn prefetch_page(map: &[u8], page: u64) {
-    let Ok(at) = usize::try_from(page * 4096) else { return };
-    if at >= map.len() {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it never faults (not even past a truncated file's end) and
-    // changes no memory; `at` is inside the mapping.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            map.as_ptr().add(at).cast(),
-        );
-    }
 }
 
 /// Which 4 KiB pages of a memory file hold only zeros: `known` pages have been classified, and
@@ -277,8 +249,9 @@ impl MemoryFiles {
             }
         }
         // SAFETY: the mapping is read-only and shared with the page cache. Another process could
-        // truncate the file under it; reads then fault with SIGBUS. Callers read it only through
-        // UFFDIO_COPY (the kernel turns that into EFAULT) or after checking `current_len`.
+        // truncate the file under it; reads then fault with SIGBUS. It is read only through
+        // UFFDIO_COPY (the kernel turns that into EFAULT) and `crate::guarded_read` (which turns
+        // the SIGBUS into an error).
         let map = unsafe { Mmap::map(&file)? };
         let mapped = Arc::new(MappedFile { file, map, key, zero_map: Mutex::new(None) });
         open.insert(mapped.key, Arc::downgrade(&mapped));

@@ -303,8 +303,8 @@ impl Session {
         Ok(true)
     }
 
-    /// Fails with `Truncated` unless the memory file still covers every region: reading the
-    /// mapping past the file's end (zero detection does) would raise SIGBUS.
+    /// Fails with `Truncated` unless the memory file still covers every region: a sweep over a
+    /// truncated file fails here at once, rather than page by page as its copies meet the end.
     pub fn check_file_length(&self) -> Result<(), SessionError> {
         let need = self.regions.iter().map(|r| r.region.offset + r.region.size).max().unwrap_or(0);
         let file = || self.shared.memory_file.clone();
