@@ -53,17 +53,23 @@ int uffdpager_guard_install(void)
     return sigaction(SIGBUS, &action, &previous);
 }
 
-/* True when the `len` bytes at `p` (8-byte aligned) are all zero. A page of data usually says so
- * in its first word. */
+/* True when the `len` bytes at `p` are all zero. A page of data usually says so in its first
+ * word. (Words are loaded with memcpy: `p` need not be aligned; the compiler makes plain loads.) */
+static uint64_t word_at(const uint8_t *p)
+{
+    uint64_t w;
+    memcpy(&w, p, sizeof w);
+    return w;
+}
+
 static int is_zero(const uint8_t *p, size_t len)
 {
-    const uint64_t *w = (const uint64_t *)p;
     size_t words = len / 8;
-    if (words > 0 && w[0] != 0)
+    if (words > 0 && word_at(p) != 0)
         return 0;
     uint64_t any = 0;
     for (size_t i = 0; i < words; i++)
-        any |= w[i];
+        any |= word_at(p + i * 8);
     for (size_t i = words * 8; i < len; i++)
         any |= p[i];
     return any == 0;

@@ -21,7 +21,8 @@ extern "C" {
 static INSTALL: Once = Once::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-/// Which of `pages` (4 KiB pages of `map`, each starting inside it) hold only zeros. `Err(i)`
+/// Which of `pages` (4 KiB pages of `map`, each starting inside it; the last may be short)
+/// hold only zeros. `map` may be any memory, a memory file's mapping or a buffer. `Err(i)`
 /// if reading `pages[i]` raised SIGBUS: the file is shorter than the mapping now. Without the
 /// handler (its installation failed) nothing is read and every page answers `Err(0)`.
 pub fn classify_pages(map: &[u8], pages: &[u64]) -> Result<Vec<bool>, usize> {
@@ -85,6 +86,17 @@ mod tests {
         let zero = classify_pages(&map, &[0, 1, 2, 3, 4, 5]).unwrap();
         assert_eq!(zero, vec![true, false, false, true, true, false]);
         assert_eq!(classify_pages(&map, &[4, 0]).unwrap(), vec![true, true]);
+    }
+
+    #[test]
+    fn a_single_nonzero_byte_anywhere_makes_data_even_in_an_unaligned_buffer() {
+        let mut buf = vec![0u8; 4096 + 3];
+        assert_eq!(classify_pages(&buf[1..], &[0]), Ok(vec![true]));
+        for i in [1, 17, 2048, 4095, 4096] {
+            buf[i] = 1;
+            assert_eq!(classify_pages(&buf[1..], &[0]), Ok(vec![false]), "byte {i}");
+            buf[i] = 0;
+        }
     }
 
     #[test]
