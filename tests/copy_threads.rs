@@ -9,15 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use common::{vm_cmd, Env, MIB};
-use uffdpager::api::{CompleteSessionRequest, CompleteSessionResponse, SessionState};
-
-async fn complete(env: &Env, id: &str) -> CompleteSessionResponse {
-    env.client()
-        .complete_session(CompleteSessionRequest { session_id: id.into() })
-        .await
-        .unwrap_or_else(|e| panic!("CompleteSession {id}: {e:?}"))
-        .into_inner()
-}
+use uffdpager::api::{CompleteSessionRequest, SessionState};
 
 /// `assisted_bytes` of the pager's "session graduated" line for `id` (the line is written just
 /// after the answer goes out: waits a little for it).
@@ -45,8 +37,7 @@ async fn a_quiet_vm_is_graduated_by_its_worker_and_a_copy_thread_together_byte_f
     let size = 128 * MIB;
     let mem = env.memfile("mem", size, 0.25, 0.25);
     let mut vm = env.restore("quiet", &mem, &[]).await;
-    let done = complete(&env, "quiet").await;
-    assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated, "{done:?}");
+    let done = env.graduate("quiet").await;
     let pages = size / 4096;
     let all = vm_cmd(&mut vm, "verify").await;
     assert_eq!(all["pages_verified"], pages, "{all}");

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uffdpager::api::pager_client::PagerClient;
-use uffdpager::api::{CompleteSessionRequest, GetSessionRequest, SessionState};
+use uffdpager::api::{CompleteSessionRequest, GetSessionRequest, Session, SessionState};
 use uffdpager::firecracker::Region;
 use uffdpager::handoff::{send_session, HandoffRequest, SessionFds};
 
@@ -110,6 +110,31 @@ impl Guest {
         // SAFETY: within the mapping; a missing page blocks until the pager fills it.
         unsafe { std::slice::from_raw_parts(self.base.add(i * 4096), 4096).to_vec() }
     }
+}
+
+/// Polls the pager's GetSession for `id` until `done` holds or `within` passes; the last answer.
+fn wait_for_session(
+    grpc: &Path,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Session) -> bool,
+) -> Session {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(grpc));
+        let deadline = Instant::now() + within;
+        loop {
+            let s = client
+                .get_session(GetSessionRequest { session_id: id.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            if done(&s) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
 }
 
 fn memory_file(dir: &Path, pages: usize) -> (PathBuf, Vec<u8>) {
@@ -218,22 +243,9 @@ fn a_pager_that_adopts_a_session_after_a_crash_keeps_discarded_ranges_zero() {
     assert_eq!(rc, 0);
     // Kill the pager without warning once it has recorded the REMOVE. (madvise returns as soon
     // as the event is read; the append follows within microseconds: that window is documented.)
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(&first.grpc));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let s = client
-                .get_session(GetSessionRequest { session_id: "adopted".into() })
-                .await
-                .unwrap();
-            if s.into_inner().removed_bytes > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the pager never applied the REMOVE");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    });
+    let s =
+        wait_for_session(&first.grpc, "adopted", Duration::from_secs(10), |s| s.removed_bytes > 0);
+    assert!(s.removed_bytes > 0, "the pager never applied the REMOVE");
     first.child.kill().unwrap();
     first.child.wait().unwrap();
 
@@ -302,23 +314,10 @@ fn a_vm_reading_in_order_is_served_ahead_of_its_reads_in_few_faults() {
     for i in 0..pages {
         assert!(guest.page(i) == data[i * 4096..(i + 1) * 4096], "page {i}");
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let s = rt.block_on(async {
-        let mut client = PagerClient::new(uffdpager::grpc::uds_channel(&pager.grpc));
-        // Figures are published by the worker after each fault and read-ahead chunk: the last
-        // chunk's may land a moment after the reader has read it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let s = client
-                .get_session(GetSessionRequest { session_id: "reader".into() })
-                .await
-                .unwrap()
-                .into_inner();
-            if s.resident_bytes == (pages * 4096) as u64 || std::time::Instant::now() > deadline {
-                break s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    // Figures are published by the worker after each fault and read-ahead chunk: the last
+    // chunk's may land a moment after the reader has read it.
+    let s = wait_for_session(&pager.grpc, "reader", Duration::from_secs(5), |s| {
+        s.resident_bytes == (pages * 4096) as u64
     });
     // One page per fault would be 16,384 faults. Read-ahead serves windows that double up to
     // 32 MiB ahead of the reader; the faults left are the window ends and the times the reader
