@@ -6,7 +6,11 @@
 //! Firecrackers send only `page_size_kib`. See Firecracker's `docs/snapshotting/handling-page-faults-on-snapshot-resume.md`.
 //!
 //! Parsing and validation are pure functions, tested against the bytes a real Firecracker 1.16.1
-//! sent; [`recv_handshake`] is the one I/O step.
+//! sent. The message is one `sendmsg`, but a stream socket may deliver a large one in several
+//! reads (the kernel queues it in pieces of ~32 KiB, and the descriptors come with the first
+//! piece only): [`Partial`] gathers the pieces until the JSON is whole, the connection ends or
+//! the size limit is passed, and says which. [`recv_handshake`] is the blocking reader; the
+//! supervisor reads through the same [`Partial`] asynchronously.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -77,8 +81,15 @@ impl Region {
 pub enum HandshakeError {
     #[error("the VMM closed the connection without sending a handshake")]
     Empty,
-    #[error("handshake larger than {MAX_HANDSHAKE_BYTES} bytes")]
+    #[error(
+        "handshake larger than {MAX_HANDSHAKE_BYTES} bytes, the most accepted (at most \
+         {MAX_REGIONS} regions, ~110 bytes each)"
+    )]
     TooLarge,
+    #[error(
+        "the VMM closed the connection after {received} bytes of an unfinished handshake: {error}"
+    )]
+    Incomplete { received: usize, error: String },
     #[error("handshake is not a JSON array of GuestRegionUffdMapping: {0}")]
     Json(String),
     #[error("handshake lists no regions")]
@@ -197,29 +208,104 @@ pub struct Handshake {
     pub vmm_pid: u32,
 }
 
-/// Reads the one handshake message from a connected VMM stream and validates it against the memory
-/// file's length. Blocking: call it where blocking is fine (a blocking-pool thread).
+/// What has arrived of a handshake so far: its bytes and every descriptor that came with them
+/// (owned, so closed on drop whatever the outcome).
+#[derive(Debug, Default)]
+pub struct Partial {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+}
+
+/// Where a handshake stands after a read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// The JSON is not finished yet: read again.
+    More,
+    /// The JSON is whole: these are its mappings (see [`Partial::finish`]).
+    Complete(Vec<GuestRegionUffdMapping>),
+}
+
+impl Partial {
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// How many bytes the next read may take: enough to pass the limit by one, so that a
+    /// handshake too large is told from one that just fits.
+    pub fn next_read_len(&self) -> usize {
+        (MAX_HANDSHAKE_BYTES + 1).saturating_sub(self.bytes.len()).max(1)
+    }
+
+    /// Adds what one read returned. An empty read (no bytes, no descriptors) is the end of the
+    /// connection.
+    pub fn push(&mut self, read: scm::Received) -> Result<Progress, HandshakeError> {
+        let eof = read.bytes.is_empty() && read.fds.is_empty();
+        self.fds.extend(read.fds);
+        self.fds_truncated |= read.fds_truncated;
+        if read.truncated {
+            // A stream socket never truncates; a datagram larger than the buffer is too large.
+            return Err(HandshakeError::TooLarge);
+        }
+        self.bytes.extend_from_slice(&read.bytes);
+        if self.bytes.len() > MAX_HANDSHAKE_BYTES {
+            return Err(HandshakeError::TooLarge);
+        }
+        if self.bytes.is_empty() {
+            return if eof { Err(HandshakeError::Empty) } else { Ok(Progress::More) };
+        }
+        match serde_json::from_slice::<Vec<GuestRegionUffdMapping>>(&self.bytes) {
+            Ok(mappings) => Ok(Progress::Complete(mappings)),
+            Err(e) if e.is_eof() && eof => {
+                Err(HandshakeError::Incomplete { received: self.bytes.len(), error: e.to_string() })
+            }
+            Err(e) if e.is_eof() => Ok(Progress::More),
+            Err(e) => Err(HandshakeError::Json(e.to_string())),
+        }
+    }
+
+    /// The handshake, from the complete `mappings`: exactly one descriptor, a userfaultfd, and
+    /// regions valid against the memory file's length.
+    pub fn finish(
+        self,
+        mappings: &[GuestRegionUffdMapping],
+        file_len: u64,
+        vmm_pid: u32,
+    ) -> Result<Handshake, HandshakeError> {
+        let mut fds = self.fds;
+        if self.fds_truncated {
+            return Err(HandshakeError::TooManyFds(fds.len().max(scm::MAX_FDS) + 1));
+        }
+        let uffd = match fds.len() {
+            0 => return Err(HandshakeError::NoFd),
+            1 => fds.pop().expect("one fd"),
+            n => return Err(HandshakeError::TooManyFds(n)),
+        };
+        if !scm::is_userfaultfd(uffd.as_fd()) {
+            return Err(HandshakeError::NotUffd);
+        }
+        let regions = validate(mappings, file_len)?;
+        Ok(Handshake { regions, uffd, vmm_pid })
+    }
+}
+
+/// Reads the handshake from a connected VMM stream (every piece of it, see [`Partial`]) and
+/// validates it against the memory file's length. Blocking: call it where blocking is fine.
 pub fn recv_handshake(stream: BorrowedFd<'_>, file_len: u64) -> Result<Handshake, HandshakeError> {
     let vmm_pid = scm::peer_pid(stream).unwrap_or(0);
-    let msg = scm::recv_with_fds(stream, MAX_HANDSHAKE_BYTES + 1).map_err(HandshakeError::Recv)?;
-    if msg.truncated || msg.bytes.len() > MAX_HANDSHAKE_BYTES {
-        return Err(HandshakeError::TooLarge);
+    let mut partial = Partial::default();
+    loop {
+        let read =
+            scm::recv_with_fds(stream, partial.next_read_len()).map_err(HandshakeError::Recv)?;
+        if let Progress::Complete(mappings) = partial.push(read)? {
+            return partial.finish(&mappings, file_len, vmm_pid);
+        }
     }
-    let mappings = parse_mappings(&msg.bytes)?;
-    let mut fds = msg.fds;
-    let uffd = match fds.len() {
-        0 => return Err(HandshakeError::NoFd),
-        1 => fds.pop().expect("one fd"),
-        n => return Err(HandshakeError::TooManyFds(n)),
-    };
-    if msg.fds_truncated {
-        return Err(HandshakeError::TooManyFds(scm::MAX_FDS + 1));
-    }
-    if !scm::is_userfaultfd(uffd.as_fd()) {
-        return Err(HandshakeError::NotUffd);
-    }
-    let regions = validate(&mappings, file_len)?;
-    Ok(Handshake { regions, uffd, vmm_pid })
 }
 
 /// Sends a handshake the way Firecracker does: the JSON array and the uffd in one `sendmsg`.
@@ -248,6 +334,69 @@ mod tests {
             page_size: Some(ps),
             page_size_kib: None,
         }
+    }
+
+    fn piece(bytes: &[u8]) -> scm::Received {
+        scm::Received { bytes: bytes.to_vec(), fds: vec![], truncated: false, fds_truncated: false }
+    }
+
+    #[test]
+    fn a_handshake_arriving_in_pieces_is_gathered_until_its_json_is_whole() {
+        let text = format!("{}{FIRECRACKER_1_16_1}", " ".repeat(40_000));
+        let (a, b) = text.as_bytes().split_at(36_544);
+        let (b, c) = b.split_at(b.len() - 5);
+        let mut p = Partial::default();
+        assert_eq!(p.push(piece(a)).unwrap(), Progress::More);
+        assert_eq!(p.push(piece(b)).unwrap(), Progress::More);
+        let Progress::Complete(maps) = p.push(piece(c)).unwrap() else { panic!("complete") };
+        assert_eq!(maps[0].size, 536870912);
+        assert_eq!(p.len(), text.len());
+        assert_eq!(p.finish(&maps, 1 << 30, 1).unwrap_err(), HandshakeError::NoFd);
+    }
+
+    #[test]
+    fn a_handshake_past_the_limit_is_refused_as_too_large_saying_so() {
+        let mut p = Partial::default();
+        assert_eq!(p.next_read_len(), MAX_HANDSHAKE_BYTES + 1);
+        assert_eq!(p.push(piece(&vec![b' '; MAX_HANDSHAKE_BYTES])).unwrap(), Progress::More);
+        assert_eq!(p.next_read_len(), 1);
+        let err = p.push(piece(b"[")).unwrap_err();
+        assert_eq!(err, HandshakeError::TooLarge);
+        let text = err.to_string();
+        assert!(text.contains("larger than 65536 bytes") && text.contains("128 regions"), "{text}");
+    }
+
+    #[test]
+    fn the_end_of_the_connection_mid_message_is_named_as_such() {
+        let mut p = Partial::default();
+        assert_eq!(p.push(piece(&FIRECRACKER_1_16_1.as_bytes()[..50])).unwrap(), Progress::More);
+        let err = p.push(piece(b"")).unwrap_err();
+        assert!(
+            matches!(err, HandshakeError::Incomplete { received: 50, .. }),
+            "{err}: not a JSON error about column 50"
+        );
+        assert_eq!(Partial::default().push(piece(b"")).unwrap_err(), HandshakeError::Empty);
+    }
+
+    #[test]
+    fn malformed_json_is_refused_at_once_without_waiting_for_more() {
+        let mut p = Partial::default();
+        assert!(matches!(p.push(piece(b"[{nope")), Err(HandshakeError::Json(_))));
+        let mut p = Partial::default();
+        assert!(matches!(p.push(piece(b"[] trailing")), Err(HandshakeError::Json(_))));
+    }
+
+    #[test]
+    fn descriptors_from_every_piece_are_counted() {
+        let file = || OwnedFd::from(tempfile::tempfile().unwrap());
+        let mut p = Partial::default();
+        let mut first = piece(&FIRECRACKER_1_16_1.as_bytes()[..10]);
+        first.fds.push(file());
+        p.push(first).unwrap();
+        let mut second = piece(&FIRECRACKER_1_16_1.as_bytes()[10..]);
+        second.fds.push(file());
+        let Progress::Complete(maps) = p.push(second).unwrap() else { panic!("complete") };
+        assert_eq!(p.finish(&maps, 1 << 30, 1).unwrap_err(), HandshakeError::TooManyFds(2));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the grpcurl on PyPI speaks only v1alpha), Unix-socket listeners and channels.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -10,6 +10,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::accept_backoff::Backoff;
 
 /// The reflection services (v1 and v1alpha) describing `uffdpager.v1` and `grpc.health.v1`.
 pub fn reflection_services() -> (
@@ -31,17 +33,28 @@ pub fn reflection_services() -> (
     )
 }
 
+/// The stream of connections a gRPC server accepts on a Unix socket: pacing its retries when
+/// `accept` fails (out of descriptors), instead of spinning (see [`crate::accept_backoff`]).
+pub type UdsIncoming = Backoff<UnixListenerStream>;
+
 /// Binds a Unix-socket listener for a gRPC server at `path`, mode 0600, replacing a stale socket
-/// file left by a process that died.
-pub fn bind_uds(path: &Path) -> io::Result<UnixListenerStream> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+/// left by a process that died. Anything else in the way (a regular file, a directory, a symlink)
+/// is refused, never removed.
+pub fn bind_uds(path: &Path) -> io::Result<UdsIncoming> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket: refusing to replace it", path.display()),
+            ))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(UnixListenerStream::new(listener))
+    Ok(Backoff::new(UnixListenerStream::new(listener), path.display().to_string()))
 }
 
 /// A lazily connecting channel to a gRPC server on a Unix socket.
@@ -129,5 +142,23 @@ mod tests {
     fn timestamps_keep_milliseconds() {
         let t = timestamp_ms(1_500);
         assert_eq!((t.seconds, t.nanos), (1, 500_000_000));
+    }
+
+    #[tokio::test]
+    async fn binding_replaces_a_stale_socket_but_never_a_file_or_a_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("api.sock");
+        drop(bind_uds(&sock).unwrap());
+        assert!(sock.exists(), "a socket file outlives its listener");
+        drop(bind_uds(&sock).unwrap());
+        let file = d.path().join("precious");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = bind_uds(&file).unwrap_err();
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        let link = d.path().join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        assert!(bind_uds(&link).is_err());
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     }
 }

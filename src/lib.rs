@@ -2,6 +2,7 @@
 //! supervisor → pager handoff, userfaultfd operations, page-range bookkeeping, and the VM
 //! simulator used by tests, benchmarks and the demo.
 
+pub mod accept_backoff;
 pub mod api;
 pub mod firecracker;
 pub mod grpc;
