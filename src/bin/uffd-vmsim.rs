@@ -6,6 +6,8 @@
 //! uffd-vmsim run --socket /run/uffd-pager/s1.sock --memory-file /tmp/mem [--region 32M@0[:2M] ...]
 //! uffd-vmsim run ... --workload random:0.25,seq,verify [--hold]
 //! uffd-vmsim run ... --workload random:0.25,write:0:100:1,standby:/tmp/s1.mem   # a new snapshot
+//! uffd-vmsim run ... --handshake-padding 60K        # a large (still valid) handshake
+//! uffd-vmsim silent /run/uffd-pager/sessions/a.sock ...   # connect, say nothing, hold
 //! uffd-vmsim run --socket ... --memory-file /tmp/s1.mem --region ...            # restore from it
 //! ```
 //!
@@ -40,6 +42,16 @@ enum Cmd {
     MakeMemfile(MakeMemfile),
     /// Restore a VM against a pager socket and drive it from stdin (or run --workload).
     Run(Run),
+    /// A hostile VMM: connect to each socket and send nothing, holding the connections until
+    /// stdin closes. Prints `{"ok":true,"cmd":"silent","connected":N,"pid":P}` once connected.
+    Silent(Silent),
+}
+
+#[derive(Debug, Args)]
+struct Silent {
+    /// The sockets to connect to (a session's `socket_path`).
+    #[arg(required = true)]
+    sockets: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +91,10 @@ struct Run {
     /// stdin until it closes.
     #[arg(long)]
     hold: bool,
+    /// Put this many bytes of JSON whitespace before the handshake's array (a valid handshake,
+    /// as large as asked: a large one reaches the pager in several reads).
+    #[arg(long, value_parser = size_arg, default_value = "0")]
+    handshake_padding: u64,
     /// Give up on a command after this many seconds (a pager that never serves a fault blocks
     /// the VM forever): print an error line and exit with status 3.
     #[arg(long, value_name = "SECONDS")]
@@ -224,7 +240,8 @@ fn run(args: Run) -> anyhow::Result<ExitCode> {
     } else {
         args.regions
     };
-    let vm = match Vm::restore(&args.socket, &args.memory_file, &regions) {
+    let padding = usize::try_from(args.handshake_padding).context("--handshake-padding")?;
+    let vm = match Vm::restore_padded(&args.socket, &args.memory_file, &regions, padding) {
         Ok(vm) => vm,
         Err(e) => {
             let e = anyhow::Error::new(e);
@@ -274,6 +291,35 @@ fn run(args: Run) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn silent(args: &Silent) -> anyhow::Result<ExitCode> {
+    // A connection per socket: a thousand need more descriptors than a usual soft limit.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("reading RLIMIT_NOFILE")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("raising RLIMIT_NOFILE")?;
+    }
+    let mut held = Vec::with_capacity(args.sockets.len());
+    for path in &args.sockets {
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .with_context(|| format!("connecting to {}", path.display()))?;
+        held.push(stream);
+    }
+    let line = serde_json::json!({
+        "ok": true,
+        "cmd": "silent",
+        "connected": held.len(),
+        "pid": std::process::id(),
+    });
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|()| out.flush()).context("writing stdout")?;
+    }
+    // Hold every connection, saying nothing, until stdin closes.
+    std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink()).context("reading stdin")?;
+    drop(held);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
@@ -289,6 +335,7 @@ fn main() -> ExitCode {
     let name = match cli.command {
         Cmd::MakeMemfile(_) => "make-memfile",
         Cmd::Run(_) => "run",
+        Cmd::Silent(_) => "silent",
     };
     let result = match cli.command {
         Cmd::MakeMemfile(args) => make_memfile(&args).map(|line| {
@@ -297,6 +344,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Cmd::Run(args) => run(args),
+        Cmd::Silent(args) => silent(&args),
     };
     match result {
         Ok(code) => code,

@@ -45,11 +45,24 @@ impl VmProcess {
         regions: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
+        Self::restore_with_args(vmsim, socket, memory_file, regions, &[], timeout)
+    }
+
+    /// As [`VmProcess::restore`], with more `uffd-vmsim run` arguments (`--handshake-padding`).
+    pub fn restore_with_args(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Self, VmProcessError> {
         let mut cmd = Command::new(vmsim);
         cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
         for r in regions {
             cmd.arg("--region").arg(r);
         }
+        cmd.args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -112,6 +125,21 @@ impl VmProcess {
             });
         }
         Ok(report)
+    }
+
+    /// Waits (at most `timeout`, polling) for the simulator to exit on its own or be killed;
+    /// `None` if it still runs then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Ends the VM: closes stdin (the simulator exits, closing its socket) and reaps it.

@@ -176,6 +176,17 @@ impl Vm {
         memory_file: &Path,
         regions: &[GuestRegionSpec],
     ) -> Result<Vm, VmError> {
+        Self::restore_padded(socket, memory_file, regions, 0)
+    }
+
+    /// As [`Vm::restore`], with `padding` bytes of JSON whitespace before the handshake's array:
+    /// still one valid message, as large as a hostile (or a very many-region) VMM would send.
+    pub fn restore_padded(
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[GuestRegionSpec],
+        padding: usize,
+    ) -> Result<Vm, VmError> {
         if regions.is_empty() {
             return Err(VmError::NoRegions);
         }
@@ -241,8 +252,15 @@ impl Vm {
             })
             .collect();
         let mappings: Vec<_> = described.iter().map(Region::to_mapping).collect();
-        firecracker::send_handshake(stream.as_fd(), &mappings, uffd.as_fd())
-            .map_err(VmError::Handshake)?;
+        if padding == 0 {
+            firecracker::send_handshake(stream.as_fd(), &mappings, uffd.as_fd())
+                .map_err(VmError::Handshake)?;
+        } else {
+            let mut json = vec![b' '; padding];
+            json.extend(serde_json::to_vec(&mappings).expect("mappings serialise"));
+            crate::scm::send_with_fds(stream.as_fd(), &json, &[uffd.as_fd()])
+                .map_err(VmError::Handshake)?;
+        }
         tracing::info!(
             socket = %socket.display(),
             regions = described.len(),
