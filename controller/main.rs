@@ -183,10 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = tokio::task::JoinSet::new();
-    if let Some(dir) = config.listen.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the directory of {}", config.listen.display()))?;
-    }
+    check_listen_dir(&config.listen)?;
     let uds = uffdpager::grpc::bind_uds(&config.listen)
         .with_context(|| format!("listening on unix:{}", config.listen.display()))?;
     let uds_server =
@@ -244,6 +241,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     remove_socket(&config.listen);
     info!("uffd-controller stopped");
     Ok(())
+}
+
+/// The directory of the API socket must exist: the controller creates no directory (an
+/// operator's typo must not leave a stray one, owned by root, behind).
+fn check_listen_dir(socket: &Path) -> anyhow::Result<()> {
+    let dir = match socket.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!(
+            "--listen unix:{}: {} is not a directory",
+            socket.display(),
+            dir.display()
+        ),
+        Err(e) => anyhow::bail!(
+            "--listen unix:{}: its directory {} cannot be used ({e}); the controller creates no \
+             directory: create it first, or choose a socket path in an existing one",
+            socket.display(),
+            dir.display()
+        ),
+    }
 }
 
 fn remove_socket(path: &Path) {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::refused_vmm::RefusedVmm;
 use crate::startup::{parse_version_spec, VersionSpec};
 
 /// The one public entry point of a host's uffd pagers: creates sessions, owns their VMM sockets,
@@ -13,9 +14,22 @@ use crate::startup::{parse_version_spec, VersionSpec};
 #[derive(Debug, Parser)]
 #[command(name = "uffd-supervisor", version)]
 pub struct Cli {
-    /// Runtime directory (created mode 0700): supervisor.sock, sessions/, pagers/.
+    /// Runtime directory: supervisor.sock, sessions/, pagers/. Created (mode 0700) if missing;
+    /// an existing one must be a real directory owned by this user and not writable by group or
+    /// others (its mode is left as it is).
     #[arg(long, default_value = "/run/uffd-pager")]
     pub runtime_dir: PathBuf,
+
+    /// Most sessions not yet finished (PENDING, SERVING, COMPLETING) at once; CreateSession
+    /// answers RESOURCE_EXHAUSTED beyond it.
+    #[arg(long, default_value_t = crate::core::DEFAULT_MAX_SESSIONS, value_parser = parse_max_sessions)]
+    pub max_sessions: usize,
+
+    /// What becomes of a VMM whose session fails before it is served (its handshake refused, no
+    /// pager to take it): `kill` sends it SIGKILL through a pidfd (it would hang on its first
+    /// page fault for ever), `keep` leaves it to the operator.
+    #[arg(long, value_enum, default_value_t = RefusedVmm::Kill)]
+    pub refused_vmm: RefusedVmm,
 
     /// Also serve the Supervisor API on this TCP address (`IP:PORT` or `localhost:PORT`).
     /// Only loopback addresses, unless --allow-remote.
@@ -82,6 +96,15 @@ pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), Str
             "--listen-tcp {addr} is not a loopback address: the Supervisor API has no \
              authentication; pass --allow-remote to serve it on the network anyway"
         ))
+    }
+}
+
+/// Parses `--max-sessions`: a count of at least 1.
+fn parse_max_sessions(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("at least one session must be allowed".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?}: {e}")),
     }
 }
 
@@ -183,6 +206,8 @@ mod tests {
         assert_eq!(cli.finished_retention, Duration::from_secs(3600));
         assert_eq!(cli.log_format, LogFormat::Text);
         assert!(cli.listen_tcp.is_none() && !cli.allow_remote);
+        assert_eq!(cli.max_sessions, crate::core::DEFAULT_MAX_SESSIONS);
+        assert_eq!(cli.refused_vmm, RefusedVmm::Kill);
         let cli = Cli::try_parse_from([
             "uffd-supervisor",
             "--listen-tcp",
@@ -196,6 +221,21 @@ mod tests {
         assert_eq!(cli.listen_tcp, Some("127.0.0.1:9000".parse().unwrap()));
         assert_eq!(cli.log_format, LogFormat::Json);
         assert_eq!(cli.finished_retention, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_session_cap_and_the_refused_vmm_policy_are_flags() {
+        let cli = Cli::try_parse_from([
+            "uffd-supervisor",
+            "--max-sessions",
+            "8",
+            "--refused-vmm",
+            "keep",
+        ])
+        .unwrap();
+        assert_eq!((cli.max_sessions, cli.refused_vmm), (8, RefusedVmm::Keep));
+        assert!(Cli::try_parse_from(["uffd-supervisor", "--max-sessions", "0"]).is_err());
+        assert!(Cli::try_parse_from(["uffd-supervisor", "--refused-vmm", "maybe"]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use uffdpager::api::{EndSessionRequest, SessionState};
 use uffdpager::handoff::{HandoffRequest, SessionFds};
 
 use crate::inventory::{is_terminal, Inventory};
+use crate::refused_vmm::RefusedVmm;
 use crate::versions::Versions;
 
 /// Settings and timeouts.
@@ -46,7 +47,15 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Deadline of the supervisor's own short calls to a pager (list, get, end session).
     pub pager_call_timeout: Duration,
+    /// Most sessions not yet finished (PENDING, SERVING, COMPLETING) at once.
+    pub max_sessions: usize,
+    /// What becomes of a VMM whose session fails before it is served.
+    pub refused_vmm: RefusedVmm,
 }
+
+/// Default of `--max-sessions`: far more VMs than a host runs, far fewer descriptors (a few per
+/// session) than the raised `RLIMIT_NOFILE` allows.
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
 
 impl Config {
     pub fn new(runtime_dir: PathBuf, finished_retention: Duration) -> Self {
@@ -63,6 +72,8 @@ impl Config {
             stop_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             pager_call_timeout: Duration::from_secs(2),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            refused_vmm: RefusedVmm::Kill,
         }
     }
 }
@@ -219,14 +230,7 @@ fn close_socket(h: &mut Held) {
     }
     if h.socket_open {
         h.socket_open = false;
-        if let Err(e) = std::fs::remove_file(&h.socket_path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                debug!(
-                    path = %h.socket_path.display(),
-                    error = %e,
-                    "cannot remove the session socket",
-                );
-            }
-        }
+        // Only a socket is removed: never a file someone put in its place.
+        crate::session_socket::unlink(&h.socket_path);
     }
 }

@@ -63,6 +63,10 @@ pub fn is_live(state: SessionState) -> bool {
 #[derive(Debug)]
 pub enum InsertError<E> {
     Exists,
+    /// `live` sessions (not yet finished) are listed already: the cap is reached.
+    Full {
+        live: usize,
+    },
     Make(E),
 }
 
@@ -133,9 +137,27 @@ impl Inventory {
         id: &str,
         make: impl FnOnce() -> Result<Session, E>,
     ) -> Result<Session, InsertError<E>> {
+        self.insert_capped(id, usize::MAX, make)
+    }
+
+    /// As [`Inventory::insert_with`], unless `cap` sessions that have not finished (PENDING,
+    /// SERVING, COMPLETING) are listed already: counted under the same lock as the insertion, so
+    /// that concurrent creations never pass the cap together.
+    pub fn insert_capped<E>(
+        &self,
+        id: &str,
+        cap: usize,
+        make: impl FnOnce() -> Result<Session, E>,
+    ) -> Result<Session, InsertError<E>> {
         let mut st = self.lock();
         if st.sessions.contains_key(id) {
             return Err(InsertError::Exists);
+        }
+        if cap != usize::MAX {
+            let live = st.sessions.values().filter(|e| !is_terminal(e.record.state())).count();
+            if live >= cap {
+                return Err(InsertError::Full { live });
+            }
         }
         let mut session = make().map_err(InsertError::Make)?;
         session.id = id.to_string();

@@ -260,3 +260,19 @@ async fn live_counts_follow_the_owning_version() {
     assert_eq!(inv.live_count("v2"), 1);
     assert_eq!(inv.records_of_version("v1").len(), 2);
 }
+
+#[test]
+fn the_session_cap_counts_unfinished_sessions_only() {
+    let inv = Inventory::default();
+    let make = |id: &str| {
+        let s = pending(id);
+        move || Ok::<_, ()>(s)
+    };
+    inv.insert_capped("a", 2, make("a")).unwrap();
+    inv.insert_capped("b", 2, make("b")).unwrap();
+    let r = inv.insert_capped("c", 2, make("c"));
+    assert!(matches!(r, Err(InsertError::Full { live: 2 })), "{r:?}");
+    inv.modify("a", |r| r.session.state = SessionState::Failed as i32);
+    inv.insert_capped("c", 2, make("c")).unwrap();
+    assert!(matches!(inv.insert_capped("a", 9, make("a")), Err(InsertError::Exists)));
+}

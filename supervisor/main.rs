@@ -8,6 +8,8 @@
 //! - `cli`: command line; `shutdown`: signals and the order of shutdown;
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
+//!   `refused_vmm`: what becomes of a VMM that will not be served;
+//! - `runtime_dir`: the runtime directory's rules; `fd_limit`: descriptors and their limit;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
 //! - `pagers`: one pager process, `pager_stderr` its log lines, `pidfd` how it is watched and
 //!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
@@ -22,6 +24,7 @@ mod cli;
 mod complete;
 mod core;
 mod deploy;
+mod fd_limit;
 mod inventory;
 mod memory_file;
 mod monitor;
@@ -29,8 +32,11 @@ mod pager_binary;
 mod pager_stderr;
 mod pagers;
 mod pidfd;
+mod process_group;
 mod readopt;
 mod recover;
+mod refused_vmm;
+mod runtime_dir;
 mod runtime_state;
 mod service;
 mod session_id;
@@ -43,7 +49,7 @@ mod versions;
 
 use std::future::Future;
 use std::io::IsTerminal;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -103,7 +109,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.listen_tcp {
         cli::check_listen_addr(addr, cli.allow_remote).map_err(anyhow::Error::msg)?;
     }
-    let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    match fd_limit::raise_nofile() {
+        Ok(r) if r.before < r.now => {
+            info!(before = r.before, now = r.now, "raised RLIMIT_NOFILE to its hard limit")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
+    let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    config.max_sessions = cli.max_sessions;
+    config.refused_vmm = cli.refused_vmm;
+    let fds = fd_limit::nofile_limit();
+    let per_session = 6u64;
+    if fds < u64::try_from(config.max_sessions).unwrap_or(u64::MAX).saturating_mul(per_session) {
+        warn!(
+            rlimit_nofile = fds,
+            max_sessions = config.max_sessions,
+            "RLIMIT_NOFILE may run out before --max-sessions is reached (~{per_session} \
+             descriptors per session); CreateSession then answers RESOURCE_EXHAUSTED",
+        );
+    }
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 
@@ -164,18 +189,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates `DIR`, `DIR/sessions` and `DIR/pagers` (mode 0700), refuses a runtime directory that
-/// another supervisor serves, and removes session sockets left by an earlier run.
+/// Creates `DIR`, `DIR/sessions` and `DIR/pagers` (mode 0700) or checks them (see
+/// `runtime_dir.rs`), refuses a runtime directory that another supervisor serves, and removes
+/// session sockets left by an earlier run.
 fn prepare_runtime_dir(config: &Config, uds_path: &Path) -> anyhow::Result<()> {
-    for dir in [&config.runtime_dir, &config.sessions_dir, &config.pagers_dir] {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("setting the mode of {}", dir.display()))?;
-    }
+    runtime_dir::prepare(&config.runtime_dir, &[&config.sessions_dir, &config.pagers_dir])?;
     let len = uds_path.as_os_str().len();
     if len > session_socket::MAX_SOCKET_PATH {
         bail!(
@@ -240,6 +258,7 @@ async fn serve(
     tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(uds, stopped(stop.clone()))));
     if let Some(addr) = tcp {
         let incoming = TcpIncoming::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let incoming = uffdpager::accept_backoff::Backoff::new(incoming, format!("tcp {addr}"));
         tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(incoming, stopped(stop))));
     }
     Ok((health, tasks))

@@ -27,6 +27,9 @@ pub enum MemoryFileError {
     NotAbsolute(String),
     #[error("memory file {path}: {source}")]
     Open { path: String, source: io::Error },
+    /// Not the file's fault: the supervisor (or the host) has no descriptor left to open it.
+    #[error("cannot open memory file {path}: {detail}")]
+    OutOfDescriptors { path: String, detail: String },
     #[error("memory file {path}: cannot stat it: {source}")]
     Stat { path: String, source: io::Error },
     #[error("memory file {path} is not a regular file (it is a {kind})")]
@@ -46,11 +49,16 @@ pub fn open(path: &str) -> Result<MemoryFile, MemoryFileError> {
     }
     // O_NONBLOCK so that a FIFO (or a device) cannot block the open: the type is checked on the
     // opened descriptor below (no check-then-open race), and a regular file ignores the flag.
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|source| MemoryFileError::Open { path: path.to_string(), source })?;
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(
+        |source| {
+            if crate::fd_limit::is_out_of_fds(&source) {
+                let detail = crate::fd_limit::describe(&source);
+                MemoryFileError::OutOfDescriptors { path: path.to_string(), detail }
+            } else {
+                MemoryFileError::Open { path: path.to_string(), source }
+            }
+        },
+    )?;
     let meta = file
         .metadata()
         .map_err(|source| MemoryFileError::Stat { path: path.to_string(), source })?;

@@ -14,6 +14,12 @@
 //! exits, to read its last words). Once it has read [`MAX_LOG_BYTES`], it truncates the file: the
 //! pager writes in append mode and goes on at the new end. Lines written between the follower's
 //! last read and the truncation are lost — a window of microseconds per 8 MiB of log.
+//!
+//! The reads are plain `read(2)`s of a local file on the async task, not `tokio::fs`: those go
+//! through tokio's blocking pool, and one every [`LOG_POLL`] per pager wakes the pool's idle
+//! threads in turn, so none ever reaches its idle timeout: every thread a burst of work had
+//! added (a thousand handshakes once) stayed for good. A read of the end of a file in the page
+//! cache takes microseconds.
 
 use std::collections::VecDeque;
 use std::io::SeekFrom;
@@ -21,7 +27,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use std::io::{Read, Seek};
+use std::os::unix::fs::OpenOptionsExt;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
@@ -94,7 +101,11 @@ pub async fn follow_log(
     source: LogSource,
     mut gone: watch::Receiver<bool>,
 ) {
-    let mut file = match tokio::fs::File::open(&path).await {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path);
+    let mut file = match opened {
         Ok(f) => f,
         Err(e) => {
             warn!(version = %source.version, path = %path.display(), error = %e, "cannot read the pager's log");
@@ -102,7 +113,7 @@ pub async fn follow_log(
         }
     };
     let mut offset = from;
-    if let Err(e) = file.seek(SeekFrom::Start(from)).await {
+    if let Err(e) = file.seek(SeekFrom::Start(from)) {
         debug!(version = %source.version, error = %e, "seeking in the pager's log failed");
     }
     let mut pending: Vec<u8> = Vec::new();
@@ -112,7 +123,7 @@ pub async fn follow_log(
         // Read before looking: once the pager is gone, one more pass to the end gets its last
         // words.
         let finishing = gone_seen || *gone.borrow();
-        let n = match file.read(&mut chunk).await {
+        let n = match file.read(&mut chunk) {
             Ok(n) => n,
             Err(e) => {
                 debug!(version = %source.version, error = %e, "reading the pager's log failed");
@@ -138,18 +149,21 @@ pub async fn follow_log(
             }
             return;
         }
-        let len = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
+        let len = file.metadata().map(|m| m.len()).unwrap_or(offset);
         if offset >= MAX_LOG_BYTES || len < offset {
             // Ours to truncate (read in full), or truncated already: go on from its start.
             if offset >= MAX_LOG_BYTES {
-                if let Err(e) =
-                    std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(0))
-                {
+                let truncated = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&path)
+                    .and_then(|f| f.set_len(0));
+                if let Err(e) = truncated {
                     debug!(version = %source.version, error = %e, "truncating the pager's log failed");
                 }
             }
             offset = 0;
-            if file.seek(SeekFrom::Start(0)).await.is_err() {
+            if file.seek(SeekFrom::Start(0)).is_err() {
                 return;
             }
             continue;

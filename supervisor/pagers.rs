@@ -5,11 +5,12 @@
 //!
 //! Children are started in their own process group with `kill_on_drop(false)`: a Ctrl-C to the
 //! supervisor's terminal or the supervisor's own exit must not take the pagers down with it, since
-//! every VM they serve would freeze on its next page fault.
+//! every VM they serve would freeze on its next page fault. Once a pager exits, whatever is left
+//! of its group is stopped too (`process_group.rs`): a failed deploy or a stopped version leaves
+//! no process behind.
 
 use std::fmt;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,11 +135,8 @@ impl PagerProcess {
             let path = path.display().to_string();
             move |source| PagerError::Prepare { path, source }
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&paths.dir)
-            .map_err(prepare(&paths.dir))?;
+        crate::runtime_dir::ensure_private_dir(&paths.dir)
+            .map_err(|e| prepare(&paths.dir)(io::Error::other(e.to_string())))?;
         // A stale socket would answer the health check for a process that is not this one.
         for p in [&paths.grpc_socket, &paths.handoff_socket] {
             match std::fs::remove_file(p) {
@@ -181,7 +179,14 @@ impl PagerProcess {
         let reaped = Arc::new(AtomicBool::new(false));
         {
             let (last_words, reaped) = (last_words.clone(), reaped.clone());
+            let (watched, version) = (pidfd.clone(), version.to_string());
             tokio::spawn(async move {
+                // Seen exited through its pidfd but not yet reaped (a zombie keeps its pid, the
+                // group's id, from being reused): the rest of its group is stopped first.
+                if let Some(pidfd) = watched {
+                    pidfd.wait_exit().await;
+                    crate::process_group::sweep(&version, pid).await;
+                }
                 let status = child.wait().await;
                 reaped.store(true, Ordering::SeqCst);
                 gone_tx.send_replace(true);
@@ -207,7 +212,9 @@ impl PagerProcess {
             reaped,
             pidfd,
         });
-        if let Err(e) = std::fs::write(&process.paths.pid_file, format!("{pid}\n")) {
+        let written = crate::runtime_dir::create_private_file(&process.paths.pid_file, false)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()));
+        if let Err(e) = written {
             warn!(
                 version = %version,
                 pid,
@@ -246,8 +253,12 @@ impl PagerProcess {
         let reaped = Arc::new(AtomicBool::new(false));
         {
             let (last_words, reaped, pidfd) = (last_words.clone(), reaped.clone(), pidfd.clone());
+            let version = version.to_string();
             tokio::spawn(async move {
                 pidfd.wait_exit().await;
+                // Not our child: init may have reaped it already; what is left of its group still
+                // keeps the group's id from being reused.
+                crate::process_group::sweep(&version, pid).await;
                 reaped.store(true, Ordering::SeqCst);
                 gone_tx.send_replace(true);
                 let _ = tokio::time::timeout(CALL_TIMEOUT, follower).await;
@@ -403,14 +414,13 @@ impl PagerProcess {
     }
 }
 
-/// Opens (afresh) the pager's log file, in append mode, for its stderr.
+/// Opens (afresh) the pager's log file, in append mode, for its stderr; never through a symlink.
 fn open_log(path: &Path) -> io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)
+    crate::runtime_dir::create_private_file(path, true)
 }
 
 #[cfg(test)]

@@ -14,12 +14,15 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+
+/// `SO_PEERPIDFD` from `asm-generic/socket.h` (x86-64 and arm64; not exported by libc 0.2).
+const SO_PEERPIDFD: libc::c_int = 77;
 
 /// A pidfd, registered with tokio so that its exit can be awaited.
 #[derive(Debug)]
@@ -46,6 +49,48 @@ impl PidFd {
         // SAFETY: `raw` is a file descriptor the kernel just returned to us and that nothing
         // else owns; OwnedFd closes it once.
         let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        Self::register(pid, owned)
+    }
+
+    /// A pidfd of the process at the other end of a connected Unix socket, whose
+    /// `SO_PEERCRED` pid is `pid`: `SO_PEERPIDFD` (Linux 6.5+) names the very process that
+    /// connected, even if it has exited and its pid was given to another process since; on an
+    /// older kernel, `pidfd_open(pid)`. Must run inside a tokio runtime.
+    pub fn of_peer(sock: BorrowedFd<'_>, pid: u32) -> io::Result<Self> {
+        let mut raw: libc::c_int = -1;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+            .expect("an int's size fits a socklen_t");
+        // SAFETY: getsockopt writes at most `len` bytes (one int) into `raw`, which lives on
+        // this stack frame for the call, and updates `len`; the socket fd is borrowed, valid.
+        let ret = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&raw mut raw).cast::<libc::c_void>(),
+                &mut len,
+            )
+        };
+        if ret != 0 || raw < 0 {
+            let err = io::Error::last_os_error();
+            // ENOPROTOOPT: a kernel without SO_PEERPIDFD. Anything else: the peer is gone.
+            if ret != 0 && err.raw_os_error() != Some(libc::ENOPROTOOPT) {
+                return Err(err);
+            }
+            return Self::open(pid);
+        }
+        // SAFETY: the kernel just installed `raw` in our table for this call; nothing else
+        // owns it, so OwnedFd takes it over and closes it once.
+        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        nix::fcntl::fcntl(
+            owned.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(io::Error::from)?;
+        Self::register(pid, owned)
+    }
+
+    fn register(pid: u32, owned: OwnedFd) -> io::Result<Self> {
         // SAFETY: the AsyncFd takes ownership of the OwnedFd and is the only holder of that
         // descriptor: it stays open, and names the same pidfd, until the AsyncFd is dropped.
         let fd = unsafe { AsyncFd::register_with_interest(owned, Interest::READABLE) }
@@ -119,6 +164,15 @@ mod tests {
         assert!(pidfd.has_exited());
         child.wait().unwrap();
         assert!(!pidfd.send_signal(Signal::SIGTERM).unwrap(), "no process to signal");
+    }
+
+    #[tokio::test]
+    async fn the_peer_of_a_socket_is_the_process_that_connected() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pidfd = PidFd::of_peer(b.as_fd(), std::process::id()).unwrap();
+        assert_eq!(pidfd.pid(), std::process::id());
+        assert!(!pidfd.has_exited(), "this process runs");
+        drop(a);
     }
 
     #[tokio::test]

@@ -167,7 +167,7 @@ impl Core {
         paths: PagerPaths,
         metas: &mut HashMap<String, SessionMeta>,
     ) -> Result<usize, RecoverError> {
-        let pid: u32 = std::fs::read_to_string(&paths.pid_file)
+        let pid: u32 = crate::runtime_dir::read_private_file(&paths.pid_file)
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or(RecoverError::NoPid)?;

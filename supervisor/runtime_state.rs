@@ -70,12 +70,13 @@ fn meta_path(sessions_dir: &Path, id: &str) -> PathBuf {
     sessions_dir.join(format!("{id}.json"))
 }
 
-/// Writes `contents` to `path` through a temporary file and a rename.
+/// Writes `contents` to `path` through a temporary file (never opened through a symlink) and a
+/// rename.
 fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, contents)?;
+    io::Write::write_all(&mut crate::runtime_dir::create_private_file(&tmp, false)?, contents)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })

@@ -1,7 +1,12 @@
 //! A session's VMM socket (`DIR/sessions/<id>.sock`, Firecracker's `backend_path`): bound at
-//! CreateSession, it takes exactly ONE VMM connection, whose handshake (a JSON array of regions
-//! with the uffd attached) is read and validated on a blocking-pool thread. Any later connection
-//! is accepted and closed at once, without disturbing the first.
+//! CreateSession, it takes exactly ONE VMM connection, and then stops listening (the listener is
+//! closed and the socket file removed), so that a second VMM restored onto it fails at connect
+//! instead of hanging on its first page fault.
+//!
+//! The handshake (a JSON array of regions with the uffd attached) is read asynchronously, on
+//! the socket's readiness (no thread per pending connection: a thousand VMMs that connect and
+//! say nothing cost a thousand idle sockets, not a thousand threads), piece by piece until the
+//! JSON is whole (see `uffdpager::firecracker::Partial`), under one deadline.
 
 use std::fmt;
 use std::io;
@@ -11,9 +16,11 @@ use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixS
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
-use tracing::warn;
-use uffdpager::firecracker::{self, Handshake, HandshakeError};
+use tracing::{info, warn};
+use uffdpager::accept_backoff::{is_resource_exhaustion, Pacing};
+use uffdpager::firecracker::{Handshake, HandshakeError, Partial, Progress};
 
 use crate::status::ServiceError;
 
@@ -50,92 +57,136 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     UnixListener::from_std(listener)
 }
 
-/// Accepts the first connection and gives it to `on_first`, then accepts and closes every later
-/// one with a warning, until the task running this is aborted (which closes the listener).
-pub async fn accept_one(
+/// Removes the socket file at `path` if it is still a socket (never anything else).
+pub fn unlink(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Accepts the first connection and gives it to `on_first`, after closing the listener and
+/// removing its socket file: nobody else can connect from then on. A failed accept (out of
+/// descriptors) is retried after a pause that grows while the failures go on, logged once per
+/// burst. Ends when the task running it is aborted (which closes the listener).
+pub async fn accept_first(
     listener: UnixListener,
+    path: PathBuf,
     session: String,
     on_first: impl FnOnce(UnixStream) + Send + 'static,
 ) {
-    let mut on_first = Some(on_first);
-    loop {
+    let mut pacing = Pacing::default();
+    let stream = loop {
         match listener.accept().await {
-            Ok((stream, _)) => match on_first.take() {
-                Some(f) => f(stream),
-                None => {
-                    let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
+            Ok((stream, _)) => break stream,
+            Err(e) => {
+                let next = pacing.failed();
+                if next.log {
                     warn!(
                         session = %session,
-                        peer_pid = ?peer_pid,
-                        "refused a second VMM connection: a session socket takes exactly one"
+                        error = %e,
+                        out_of_descriptors = is_resource_exhaustion(&e),
+                        "accepting on the session socket failed; backing off until it works",
                     );
-                    drop(stream);
                 }
-            },
-            Err(e) => {
-                // EMFILE and the like: do not spin; the next accept may succeed.
-                warn!(session = %session, error = %e, "accepting on the session socket failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(next.pause).await;
             }
         }
+    };
+    let failed = pacing.succeeded();
+    if failed > 0 {
+        info!(session = %session, failed, "accepted the VMM after failed attempts");
     }
+    drop(listener);
+    unlink(&path);
+    on_first(stream);
 }
 
 /// Why a handshake failed.
 #[derive(Debug)]
 pub enum HandshakeFailure {
-    /// The connection could not be prepared for a blocking read.
+    /// The connection could not be read or handed on.
     Setup(io::Error),
-    /// Nothing arrived within the timeout.
-    TimedOut(Duration),
+    /// The VMM did not finish its handshake within the deadline.
+    TimedOut { timeout: Duration, received: usize },
     /// What the VMM sent was not a valid handshake.
     Invalid(HandshakeError),
-    /// The blocking task did not finish.
-    Join(String),
+}
+
+impl HandshakeFailure {
+    /// The VMM closed the connection without sending anything: nothing of it waits for this
+    /// supervisor (a probe, or a VMM that gave up).
+    pub fn sent_nothing(&self) -> bool {
+        matches!(self, Self::Invalid(HandshakeError::Empty))
+    }
 }
 
 impl fmt::Display for HandshakeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Setup(e) => write!(f, "preparing the VMM connection: {e}"),
-            Self::TimedOut(t) => write!(f, "the VMM sent no handshake within {t:?}"),
+            Self::Setup(e) => write!(f, "reading the VMM connection: {e}"),
+            Self::TimedOut { timeout, received: 0 } => {
+                write!(f, "the VMM sent no handshake within {timeout:?}")
+            }
+            Self::TimedOut { timeout, received } => write!(
+                f,
+                "the VMM did not finish its handshake within {timeout:?} ({received} bytes \
+                 received)"
+            ),
             Self::Invalid(e) => write!(f, "{e}"),
-            Self::Join(e) => write!(f, "the handshake task failed: {e}"),
         }
     }
 }
 
-/// Reads and validates the VMM's handshake against the memory file's length. Returns it with
-/// the VMM stream, now a blocking std stream (the pager takes it over).
-pub async fn handshake(
-    stream: UnixStream,
+/// Reads the VMM's handshake from `stream` (readiness-driven: no thread waits on it) within
+/// `timeout`, and validates it against the memory file's length.
+pub async fn read_handshake(
+    stream: &UnixStream,
     file_len: u64,
+    vmm_pid: u32,
     timeout: Duration,
-) -> Result<(Handshake, StdUnixStream), HandshakeFailure> {
-    let stream = stream.into_std().map_err(HandshakeFailure::Setup)?;
-    stream.set_nonblocking(false).map_err(HandshakeFailure::Setup)?;
-    stream.set_read_timeout(Some(timeout)).map_err(HandshakeFailure::Setup)?;
-    let (stream, result) = tokio::task::spawn_blocking(move || {
-        let r = firecracker::recv_handshake(stream.as_fd(), file_len);
-        (stream, r)
-    })
-    .await
-    .map_err(|e| HandshakeFailure::Join(e.to_string()))?;
-    // The pager sets its own mode; no timeout stays on a stream it will read.
-    stream.set_read_timeout(None).map_err(HandshakeFailure::Setup)?;
-    match result {
-        Ok(h) => Ok((h, stream)),
-        Err(HandshakeError::Recv(nix::errno::Errno::EAGAIN)) => {
-            Err(HandshakeFailure::TimedOut(timeout))
+) -> Result<Handshake, HandshakeFailure> {
+    let mut partial = Partial::default();
+    let read = async {
+        loop {
+            stream.readable().await.map_err(HandshakeFailure::Setup)?;
+            let len = partial.next_read_len();
+            let got = stream.try_io(Interest::READABLE, || {
+                uffdpager::scm::recv_with_fds(stream.as_fd(), len).map_err(io::Error::from)
+            });
+            let received = match got {
+                Ok(r) => r,
+                // Readiness was stale: wait for the next wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    let errno = nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+                    return Err(HandshakeFailure::Invalid(HandshakeError::Recv(errno)));
+                }
+            };
+            match partial.push(received).map_err(HandshakeFailure::Invalid)? {
+                Progress::More => {}
+                Progress::Complete(mappings) => return Ok(mappings),
+            }
         }
-        Err(e) => Err(HandshakeFailure::Invalid(e)),
-    }
+    };
+    let outcome = tokio::time::timeout(timeout, read).await;
+    let mappings = match outcome {
+        Ok(result) => result?,
+        Err(_) => return Err(HandshakeFailure::TimedOut { timeout, received: partial.len() }),
+    };
+    partial.finish(&mappings, file_len, vmm_pid).map_err(HandshakeFailure::Invalid)
+}
+
+/// The VMM stream as a blocking std stream, for the pager (which sets its own mode).
+pub fn into_blocking(stream: UnixStream) -> io::Result<StdUnixStream> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firecracker::GuestRegionUffdMapping;
+    use uffdpager::firecracker::GuestRegionUffdMapping;
 
     fn mapping(page_size: u64) -> GuestRegionUffdMapping {
         GuestRegionUffdMapping {
@@ -145,6 +196,18 @@ mod tests {
             page_size: Some(page_size),
             page_size_kib: Some(page_size),
         }
+    }
+
+    fn a_uffd() -> Option<userfaultfd::Uffd> {
+        let uffd = userfaultfd::UffdBuilder::new().close_on_exec(true).create();
+        if uffd.is_err() {
+            eprintln!("no userfaultfd on this machine: skipped");
+        }
+        uffd.ok()
+    }
+
+    async fn handshake(ours: &UnixStream, len: u64, t: Duration) -> Result<Handshake, String> {
+        read_handshake(ours, len, 42, t).await.map_err(|e| e.to_string())
     }
 
     #[test]
@@ -166,25 +229,26 @@ mod tests {
         let f = d.path().join("file");
         std::fs::write(&f, b"x").unwrap();
         assert_eq!(bind(&f).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        unlink(&f);
+        assert!(f.exists(), "unlink removes sockets only");
     }
 
     #[tokio::test]
-    async fn a_second_connection_is_closed_and_the_first_kept() {
+    async fn after_the_first_connection_the_socket_is_gone_and_a_second_connect_fails() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.sock");
         let listener = bind(&p).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(accept_one(listener, "t".into(), move |s| {
+        let task = tokio::spawn(accept_first(listener, p.clone(), "t".into(), move |s| {
             let _ = tx.send(s);
         }));
         let _first = UnixStream::connect(&p).await.unwrap();
         let kept = rx.await.unwrap();
-        let mut second = UnixStream::connect(&p).await.unwrap();
-        let mut buf = [0u8; 1];
-        let n = tokio::io::AsyncReadExt::read(&mut second, &mut buf).await.unwrap();
-        assert_eq!(n, 0, "the second connection is closed at once");
+        task.await.unwrap();
+        assert!(!p.exists(), "the socket file is removed");
+        let err = UnixStream::connect(&p).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(kept.peer_addr().is_ok());
-        task.abort();
     }
 
     #[tokio::test]
@@ -192,8 +256,8 @@ mod tests {
         let (vmm, ours) = UnixStream::pair().unwrap();
         let json = serde_json::to_vec(&[mapping(4096)]).unwrap();
         uffdpager::scm::send_with_fds(vmm.as_fd(), &json, &[]).unwrap();
-        let err = handshake(ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
-        assert!(err.to_string().contains("no file descriptor"), "{err}");
+        let err = handshake(&ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.contains("no file descriptor"), "{err}");
     }
 
     #[tokio::test]
@@ -202,42 +266,83 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         let json = serde_json::to_vec(&[mapping(4096)]).unwrap();
         uffdpager::scm::send_with_fds(vmm.as_fd(), &json, &[file.as_fd()]).unwrap();
-        let err = handshake(ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
-        assert!(err.to_string().contains("not a userfaultfd"), "{err}");
+        let err = handshake(&ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
+        assert!(err.contains("not a userfaultfd"), "{err}");
     }
 
     #[tokio::test]
     async fn a_bad_page_size_is_named_in_the_error() {
-        let Ok(uffd) = userfaultfd::UffdBuilder::new().close_on_exec(true).create() else {
-            eprintln!("no userfaultfd on this machine: skipped");
-            return;
-        };
+        let Some(uffd) = a_uffd() else { return };
         let (vmm, ours) = UnixStream::pair().unwrap();
         let json = serde_json::to_vec(&[mapping(12345)]).unwrap();
         uffdpager::scm::send_with_fds(vmm.as_fd(), &json, &[uffd.as_fd()]).unwrap();
-        let err = handshake(ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
-        assert_eq!(err.to_string(), "region 0: page size 12345 is neither 4096 nor 2097152");
+        let err = handshake(&ours, 1 << 20, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(err, "region 0: page size 12345 is neither 4096 nor 2097152");
     }
 
     #[tokio::test]
     async fn a_valid_handshake_gives_the_regions_and_the_vmm_pid() {
-        let Ok(uffd) = userfaultfd::UffdBuilder::new().close_on_exec(true).create() else {
-            eprintln!("no userfaultfd on this machine: skipped");
-            return;
-        };
+        let Some(uffd) = a_uffd() else { return };
         let (vmm, ours) = UnixStream::pair().unwrap();
         let json = serde_json::to_vec(&[mapping(4096)]).unwrap();
         uffdpager::scm::send_with_fds(vmm.as_fd(), &json, &[uffd.as_fd()]).unwrap();
-        let (h, _stream) = handshake(ours, 8192, Duration::from_secs(5)).await.unwrap();
+        let h = read_handshake(&ours, 8192, 42, Duration::from_secs(5)).await.unwrap();
         assert_eq!(h.regions.len(), 1);
         assert_eq!(h.regions[0].size, 8192);
-        assert_eq!(h.vmm_pid, std::process::id());
+        assert_eq!(h.vmm_pid, 42);
+        let blocking = into_blocking(ours).unwrap();
+        assert!(blocking.peer_addr().is_ok());
     }
 
     #[tokio::test]
-    async fn a_silent_vmm_times_out() {
+    async fn a_handshake_sent_in_many_pieces_is_read_whole() {
+        let Some(uffd) = a_uffd() else { return };
+        let (vmm, ours) = UnixStream::pair().unwrap();
+        let json = serde_json::to_vec(&[mapping(4096)]).unwrap();
+        let mut text = vec![b' '; 50_000];
+        text.extend_from_slice(&json);
+        let (first, rest) = text.split_at(1000);
+        uffdpager::scm::send_with_fds(vmm.as_fd(), first, &[uffd.as_fd()]).unwrap();
+        let reader = tokio::spawn(async move {
+            read_handshake(&ours, 8192, 42, Duration::from_secs(10)).await.map(|h| h.regions)
+        });
+        for chunk in rest.chunks(7000) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            uffdpager::scm::send_with_fds(vmm.as_fd(), chunk, &[]).unwrap();
+        }
+        let regions = reader.await.unwrap().unwrap();
+        assert_eq!(regions[0].size, 8192);
+    }
+
+    #[tokio::test]
+    async fn a_silent_vmm_times_out_and_one_that_stops_half_way_says_how_much_came() {
         let (_vmm, ours) = UnixStream::pair().unwrap();
-        let err = handshake(ours, 1 << 20, Duration::from_millis(200)).await.unwrap_err();
-        assert_eq!(err.to_string(), "the VMM sent no handshake within 200ms");
+        let err = handshake(&ours, 1 << 20, Duration::from_millis(200)).await.unwrap_err();
+        assert_eq!(err, "the VMM sent no handshake within 200ms");
+        let (vmm, ours) = UnixStream::pair().unwrap();
+        uffdpager::scm::send_with_fds(vmm.as_fd(), b"[{\"size\":", &[]).unwrap();
+        let err = handshake(&ours, 1 << 20, Duration::from_millis(200)).await.unwrap_err();
+        assert!(err.contains("did not finish its handshake") && err.contains("(9 bytes"), "{err}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn hundreds_of_silent_connections_are_waited_on_by_one_thread() {
+        let mut pairs = Vec::new();
+        let mut readers = tokio::task::JoinSet::new();
+        for _ in 0..300 {
+            let (vmm, ours) = UnixStream::pair().unwrap();
+            pairs.push(vmm);
+            readers.spawn(async move {
+                read_handshake(&ours, 1 << 20, 42, Duration::from_secs(30)).await.map(|_| ())
+            });
+        }
+        // On a current-thread runtime a reader that blocked would stop everything: the 300
+        // waits are readiness registrations, and this one closes them all.
+        tokio::task::yield_now().await;
+        drop(pairs);
+        while let Some(done) = readers.join_next().await {
+            let err = done.unwrap().unwrap_err();
+            assert!(err.sent_nothing(), "{err}");
+        }
     }
 }

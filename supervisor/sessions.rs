@@ -1,7 +1,7 @@
 //! A session's life on the supervisor's side: created PENDING with its VMM socket, connected by
 //! the VMM's handshake, handed to the active pager (SERVING), looked up, and deleted.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,7 +18,7 @@ use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
-use crate::{memory_file, runtime_state, session_id, session_socket};
+use crate::{memory_file, refused_vmm, runtime_state, session_id, session_socket};
 
 /// Attempts at a first handoff when the pager dies during it.
 const HANDOFF_ATTEMPTS: u32 = 3;
@@ -66,10 +66,12 @@ impl Core {
         let (session, listener, socket_path) = loop {
             let socket_path = session_socket::socket_path(&self.config.sessions_dir, &id)?;
             let mut listener = None;
-            let inserted = self.inventory.insert_with(&id, || {
-                let l = session_socket::bind(&socket_path).map_err(|source| ServiceError::Io {
-                    what: format!("binding the session socket {}", socket_path.display()),
-                    source,
+            let inserted = self.inventory.insert_capped(&id, self.config.max_sessions, || {
+                let l = session_socket::bind(&socket_path).map_err(|source| {
+                    ServiceError::io(
+                        format!("binding the session socket {}", socket_path.display()),
+                        source,
+                    )
                 })?;
                 listener = Some(l);
                 Ok(Session {
@@ -88,6 +90,12 @@ impl Core {
                     id = session_id::generate_session_id();
                 }
                 (Err(InsertError::Exists), _) => return Err(ServiceError::SessionExists(id)),
+                (Err(InsertError::Full { live }), _) => {
+                    return Err(ServiceError::TooManySessions {
+                        live,
+                        limit: self.config.max_sessions,
+                    })
+                }
                 (Err(InsertError::Make(e)), _) => return Err(e),
                 (Ok(_), None) => return Err(ServiceError::Internal("socket not bound".into())),
             }
@@ -95,8 +103,11 @@ impl Core {
 
         let core = self.clone();
         let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
-        let accept =
-            tokio::spawn(session_socket::accept_one(listener, id.clone(), move |stream| {
+        let accept = tokio::spawn(session_socket::accept_first(
+            listener,
+            socket_path.clone(),
+            id.clone(),
+            move |stream| {
                 let setup = tokio::spawn(core.clone().connect_session(
                     sid.clone(),
                     stream,
@@ -104,9 +115,13 @@ impl Core {
                     file_len,
                 ));
                 if let Some(h) = core.held().get_mut(&sid) {
+                    // The listener is closed and its file gone: nobody else can connect.
+                    h.socket_open = false;
+                    h.accept = None;
                     h.setup = Some(setup.abort_handle());
                 }
-            }));
+            },
+        ));
         held.insert(
             id.clone(),
             Held {
@@ -138,19 +153,31 @@ impl Core {
         memory_file: std::fs::File,
         file_len: u64,
     ) {
-        let peer_pid = stream.peer_cred().ok().and_then(|c| c.pid());
-        info!(vmm_pid = peer_pid.unwrap_or(0), "VMM connected; reading its handshake");
-        let (hs, vmm) = match session_socket::handshake(
-            stream,
-            file_len,
-            self.config.handshake_timeout,
-        )
-        .await
-        {
-            Ok(ok) => ok,
+        let vmm_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(0);
+        // Taken now, so that a refusal later reaches this process and no other.
+        let pidfd = refused_vmm::peer_pidfd(stream.as_fd(), vmm_pid);
+        self.inventory.modify(&id, |r| r.session.vmm_pid = vmm_pid);
+        info!(vmm_pid, "VMM connected; reading its handshake");
+        let timeout = self.config.handshake_timeout;
+        let read = session_socket::read_handshake(&stream, file_len, vmm_pid, timeout).await;
+        let hs = match read {
+            Ok(hs) => hs,
             Err(e) => {
-                warn!(error = %e, "handshake refused; the session FAILED");
-                self.fail_session(&id, e.to_string(), false);
+                warn!(error = %e, vmm_pid, "handshake refused; the session FAILED");
+                self.refuse_vmm(&id, e.to_string(), &pidfd, vmm_pid, e.sent_nothing()).await;
+                return;
+            }
+        };
+        let vmm = match session_socket::into_blocking(stream) {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                let error = format!("preparing the VMM stream for the pager: {e}");
+                self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
                 return;
             }
         };
@@ -183,7 +210,8 @@ impl Core {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "no pager to hand the session to; the session FAILED");
-                    self.fail_session(&id, format!("handing the session to a pager: {e}"), false);
+                    let error = format!("handing the session to a pager: {e}");
+                    self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
                     return;
                 }
             };
@@ -203,11 +231,13 @@ impl Core {
                     r
                 }
                 Ok(Err(e)) => {
-                    self.fail_session(&id, format!("the handoff failed: {e}"), false);
+                    let error = format!("the handoff failed: {e}");
+                    self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
                     return;
                 }
                 Err(e) => {
-                    self.fail_session(&id, format!("the handoff task failed: {e}"), false);
+                    let error = format!("the handoff task failed: {e}");
+                    self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
                     return;
                 }
             };
@@ -235,13 +265,37 @@ impl Core {
                 continue;
             }
             warn!(version = %version, error, "handoff failed; the session FAILED");
-            self.fail_session(
-                &id,
-                format!("handing the session to pager version {version}: {error}"),
-                false,
-            );
+            let error = format!("handing the session to pager version {version}: {error}");
+            self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
             return;
         }
+    }
+
+    /// Fails a session whose VMM connected but will not be served, and stops that VMM unless
+    /// the operator said otherwise or it sent nothing (see `refused_vmm.rs`): the record keeps
+    /// the VMM's pid and says what became of it.
+    async fn refuse_vmm(
+        &self,
+        id: &str,
+        error: String,
+        pidfd: &std::io::Result<crate::pidfd::PidFd>,
+        vmm_pid: u32,
+        sent_nothing: bool,
+    ) {
+        let verdict = refused_vmm::verdict(
+            self.config.refused_vmm,
+            vmm_pid,
+            std::process::id(),
+            sent_nothing,
+        );
+        let error = if sent_nothing {
+            error
+        } else {
+            let outcome = refused_vmm::apply(verdict, pidfd, vmm_pid).await;
+            warn!(session = %id, vmm_pid, outcome, "refused VMM");
+            format!("{error}; {outcome}")
+        };
+        self.fail_session(id, error, false);
     }
 
     /// Records a handed-over session as SERVING on `reservation`'s version, keeping `sent` (the

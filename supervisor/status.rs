@@ -66,8 +66,27 @@ pub enum ServiceError {
     ShuttingDown,
     #[error("watcher fell behind by {0} events; watch again")]
     WatcherLagged(u64),
+    #[error(
+        "the supervisor holds {live} live sessions, as many as --max-sessions {limit} allows: \
+         graduate or delete sessions first, or raise --max-sessions"
+    )]
+    TooManySessions { live: usize, limit: usize },
+    #[error("{what}: {detail}")]
+    OutOfDescriptors { what: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl ServiceError {
+    /// An I/O failure while `what`: out of descriptors (RESOURCE_EXHAUSTED, saying so) or
+    /// anything else (INTERNAL).
+    pub fn io(what: String, source: std::io::Error) -> Self {
+        if crate::fd_limit::is_out_of_fds(&source) {
+            Self::OutOfDescriptors { what, detail: crate::fd_limit::describe(&source) }
+        } else {
+            Self::Io { what, source }
+        }
+    }
 }
 
 impl ServiceError {
@@ -75,6 +94,10 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         use ServiceError::*;
         match self {
+            MemoryFile(MemoryFileError::OutOfDescriptors { .. })
+            | TooManySessions { .. }
+            | OutOfDescriptors { .. }
+            | WatcherLagged(_) => Code::ResourceExhausted,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)
@@ -92,7 +115,6 @@ impl ServiceError {
             | PagerDied { .. } => Code::Unavailable,
             Pager { status, .. } => status.code(),
             DeadlineExceeded => Code::DeadlineExceeded,
-            WatcherLagged(_) => Code::ResourceExhausted,
             Io { .. } | Internal(_) => Code::Internal,
         }
     }
@@ -191,6 +213,25 @@ mod tests {
         let (code, msg) = status(ServiceError::WatcherLagged(17));
         assert_eq!(code, Code::ResourceExhausted);
         assert!(msg.starts_with("watcher fell behind") && msg.contains("watch again"), "{msg}");
+    }
+
+    #[test]
+    fn the_session_cap_and_the_descriptor_limit_are_resource_exhausted_and_say_so() {
+        let (code, msg) = status(ServiceError::TooManySessions { live: 8, limit: 8 });
+        assert_eq!(code, Code::ResourceExhausted);
+        assert!(msg.contains("--max-sessions 8") && msg.contains("8 live sessions"), "{msg}");
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let (code, msg) = status(ServiceError::io("binding /run/x.sock".into(), emfile));
+        assert_eq!(code, Code::ResourceExhausted);
+        assert!(msg.contains("/run/x.sock") && msg.contains("out of file descriptors"), "{msg}");
+        let (code, msg) = status(
+            MemoryFileError::OutOfDescriptors { path: "/m".into(), detail: "out of fds".into() }
+                .into(),
+        );
+        assert_eq!(code, Code::ResourceExhausted);
+        assert_eq!(msg, "cannot open memory file /m: out of fds");
+        let other = std::io::Error::from_raw_os_error(libc::EACCES);
+        assert_eq!(status(ServiceError::io("x".into(), other)).0, Code::Internal);
     }
 
     #[test]
