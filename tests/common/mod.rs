@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -25,17 +27,22 @@ impl Env {
         Self::start_with(SupervisorOptions::default()).await
     }
 
-    pub async fn start_with(mut opts: SupervisorOptions) -> Self {
+    pub async fn start_with(opts: SupervisorOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")), opts).await
+    }
+
+    /// Starts `supervisor` (this build's, or a wrapper that execs it) in `dir`.
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        supervisor: &Path,
+        mut opts: SupervisorOptions,
+    ) -> Self {
         opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
         opts.show_logs = true;
-        let sup = SupervisorProcess::start(
-            Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
-            &dir.path().join("run"),
-            &opts,
-        )
-        .await
-        .expect("supervisor starts");
+        let sup = SupervisorProcess::start(supervisor, &dir.path().join("run"), &opts)
+            .await
+            .expect("supervisor starts");
         Self { dir, sup: Some(sup) }
     }
 
