@@ -236,7 +236,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stop_tx.send_replace(true);
     while watchers.join_next().await.is_some() {}
     if let Some(task) = metrics_server {
-        let _ = task.await;
+        // A scraper's open connection must not hold the shutdown up.
+        let _ = tokio::time::timeout(SERVER_GRACE, task).await;
     }
     let drained =
         tokio::time::timeout(SERVER_GRACE, async { while servers.join_next().await.is_some() {} })

@@ -161,7 +161,8 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     .await;
     let _ = monitor.await;
     if let Some(task) = metrics {
-        let _ = task.await;
+        // A scraper's open connection must not hold the shutdown up.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
     core.close_all_sockets();
     shutdown::stop_idle_pagers(&core).await;
