@@ -82,7 +82,6 @@ pub struct Cli {
     pub log_format: LogFormat,
 }
 
-
 impl Cli {
     /// The settings given as flags (to lay over the file's).
     pub fn settings(&self) -> Settings {

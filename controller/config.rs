@@ -261,7 +261,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "Mi" | "MiB" => 1 << 20,
         "Gi" | "GiB" => 1 << 30,
         "Ti" | "TiB" => 1 << 40,
-        other => return Err(format!("{text:?}: unknown unit {other:?} (K, M, G, T, KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (K, M, G, T, KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     n.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
 }

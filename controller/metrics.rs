@@ -60,10 +60,13 @@ pub fn render(shared: &Shared) -> String {
         Vec::new(),
         c.started,
     );
-    const OK: &str = "Graduation attempts that succeeded, by result (graduated, already_graduated, dry_run).";
-    for (result, n) in
-        [("graduated", c.graduated), ("already_graduated", c.already_graduated), ("dry_run", c.dry_run)]
-    {
+    const OK: &str =
+        "Graduation attempts that succeeded, by result (graduated, already_graduated, dry_run).";
+    for (result, n) in [
+        ("graduated", c.graduated),
+        ("already_graduated", c.already_graduated),
+        ("dry_run", c.dry_run),
+    ] {
         out.counter("uffd_controller_graduations_succeeded", OK, labels([("result", result)]), n);
     }
     const FAILED: &str = "Graduation attempts that failed (the session keeps serving), by reason (timed_out, failed, not_graduatable).";

@@ -163,9 +163,8 @@ async fn stream_once(
     // The host's available memory is not in the stream: with `min_available_memory` set, it is
     // asked for (ListSessions) at once and then every scan interval (at most 10 s apart).
     let polls_memory = shared.config.policy.min_available_memory > 0;
-    let mut memory_tick = tokio::time::interval(
-        shared.config.policy.scan_interval.min(MEMORY_POLL_MAX),
-    );
+    let mut memory_tick =
+        tokio::time::interval(shared.config.policy.scan_interval.min(MEMORY_POLL_MAX));
     memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {

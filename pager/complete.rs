@@ -247,8 +247,14 @@ impl Completion {
             main.populated_bytes + counted.populated_bytes + leftover.populated_bytes;
         self.report.skipped_zero_bytes =
             main.skipped_zero_bytes + counted.skipped_zero_bytes + leftover.skipped_zero_bytes;
-        metrics::add(&METRICS.completion_bytes, self.report.populated_bytes.saturating_sub(populated));
-        metrics::add(&METRICS.zero_skipped_bytes, self.report.skipped_zero_bytes.saturating_sub(zero));
+        metrics::add(
+            &METRICS.completion_bytes,
+            self.report.populated_bytes.saturating_sub(populated),
+        );
+        metrics::add(
+            &METRICS.zero_skipped_bytes,
+            self.report.skipped_zero_bytes.saturating_sub(zero),
+        );
     }
 
     /// After a full sweep: serve what is queued, unregister every region, and release any event

@@ -123,7 +123,8 @@ impl Collector for Exposition {
                     }
                 }
                 Samples::Gauge(samples) => {
-                    let mut m = encoder.encode_descriptor(f.name, f.help, None, MetricType::Gauge)?;
+                    let mut m =
+                        encoder.encode_descriptor(f.name, f.help, None, MetricType::Gauge)?;
                     for (labels, v) in samples {
                         m.encode_family(labels)?.encode_gauge(v)?;
                     }
@@ -132,9 +133,8 @@ impl Collector for Exposition {
                     let mut m =
                         encoder.encode_descriptor(f.name, f.help, None, MetricType::Histogram)?;
                     for (labels, h) in samples {
-                        m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                            h.sum, h.count, &h.buckets, None,
-                        )?;
+                        m.encode_family(labels)?
+                            .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
                     }
                 }
             }

@@ -119,8 +119,8 @@ impl Settings {
     /// Parses a config file's text; relative paths in it (`versions_config`, `[[versions]]`'
     /// `binary_path`) are taken from `base`, the file's directory.
     pub fn from_toml(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
-        let mut s: Settings =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let mut s: Settings = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         for v in &mut s.versions {
             v.binary_path = base.join(&v.binary_path);
         }
@@ -153,7 +153,9 @@ impl Settings {
         for (k, v) in table(over)? {
             base.insert(k, v);
         }
-        toml::Value::Table(base).try_into().map_err(|e: toml::de::Error| ConfigError::Merge(e.to_string()))
+        toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Merge(e.to_string()))
     }
 
     /// Fills in the defaults and checks every setting.
@@ -387,9 +389,10 @@ mod tests {
         assert_eq!(r.finished_retention, Duration::from_secs(300));
         assert_eq!(r.pager_binary.len(), 1);
         assert_eq!(r.versions[0].fault_threads, Some(3));
-        let flags = Cli::try_parse_from(["s", "--pager-binary", "/b=v2", "--pager-binary", "/c=v3"])
-            .unwrap()
-            .settings;
+        let flags =
+            Cli::try_parse_from(["s", "--pager-binary", "/b=v2", "--pager-binary", "/c=v3"])
+                .unwrap()
+                .settings;
         let r = file.overlay(flags).unwrap().resolve().unwrap();
         let labels: Vec<&str> = r.pager_binary.iter().map(|s| s.label.as_str()).collect();
         assert_eq!(labels, ["v2", "v3"]);

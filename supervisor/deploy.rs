@@ -16,8 +16,8 @@ use crate::metrics::exit_cause;
 use crate::pager_binary::{check_binary, probe_version};
 use crate::pagers::{Exit, PagerError, PagerPaths, PagerProcess};
 use crate::session_id;
-use crate::tuning::PagerTuning;
 use crate::status::ServiceError;
+use crate::tuning::PagerTuning;
 use crate::versions::{state_name, Table, VersionEntry};
 
 /// Restarts in a row of an active version before it is declared FAILED.

@@ -79,9 +79,11 @@ pub async fn render(core: Arc<Core>) -> String {
     });
     let asks = pagers.into_iter().map(|(version, process)| async move {
         let mut client = process.client();
-        let answer =
-            tokio::time::timeout(PAGER_SCRAPE_TIMEOUT, client.get_metrics(api::GetMetricsRequest {}))
-                .await;
+        let answer = tokio::time::timeout(
+            PAGER_SCRAPE_TIMEOUT,
+            client.get_metrics(api::GetMetricsRequest {}),
+        )
+        .await;
         let figures = match answer {
             Ok(Ok(r)) => Some(r.into_inner()),
             Ok(Err(e)) => {
@@ -111,7 +113,9 @@ pub async fn render(core: Arc<Core>) -> String {
 }
 
 /// Runs the futures concurrently (a slow pager does not delay the others' answers).
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F: Send + 'static,
     F::Output: Send + 'static,
@@ -142,7 +146,10 @@ fn write_inventory(core: &Core, out: &mut Exposition) {
         t.entries
             .values()
             .map(|e| {
-                (e.version.clone(), state_label(e.state.as_str_name().trim_start_matches("VERSION_STATE_")))
+                (
+                    e.version.clone(),
+                    state_label(e.state.as_str_name().trim_start_matches("VERSION_STATE_")),
+                )
             })
             .collect()
     });
@@ -317,11 +324,15 @@ mod tests {
         let text = out.encode();
         assert!(text.contains("uffd_pager_faults_total{version=\"v1\"} 7\n"), "{text}");
         assert!(
-            text.contains("uffd_pager_fault_latency_seconds_bucket{version=\"v1\",le=\"0.001\"} 5\n"),
+            text.contains(
+                "uffd_pager_fault_latency_seconds_bucket{version=\"v1\",le=\"0.001\"} 5\n"
+            ),
             "{text}"
         );
         assert!(
-            text.contains("uffd_pager_copied_bytes_total{version=\"v1\",cause=\"completion\"} 4096\n"),
+            text.contains(
+                "uffd_pager_copied_bytes_total{version=\"v1\",cause=\"completion\"} 4096\n"
+            ),
             "{text}"
         );
         assert!(

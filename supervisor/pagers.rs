@@ -436,7 +436,8 @@ mod tests {
         std::fs::write(&p, "#!/bin/sh\necho 'cannot bind socket' >&2\nexit 7\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let paths = PagerPaths::new(d.path(), "v1");
-        let err = PagerProcess::start("v1", &p, &[], paths, Duration::from_secs(5)).await.unwrap_err();
+        let err =
+            PagerProcess::start("v1", &p, &[], paths, Duration::from_secs(5)).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains("exited before it was ready"), "{text}");
         assert!(text.contains("exit status: 7") && text.contains("cannot bind socket"), "{text}");

@@ -43,7 +43,8 @@ mod tests {
     #[test]
     fn only_set_values_become_pager_flags() {
         assert!(PagerTuning::default().args().is_empty());
-        let t = PagerTuning { fault_threads: Some(3), fault_spin_us: Some(0), ..Default::default() };
+        let t =
+            PagerTuning { fault_threads: Some(3), fault_spin_us: Some(0), ..Default::default() };
         assert_eq!(t.args(), ["--fault-threads", "3", "--fault-spin-us", "0"]);
     }
 }

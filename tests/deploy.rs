@@ -41,10 +41,14 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
             .expect("systemd-analyze runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
         // Unknown keys and bad values are warnings on stderr with exit 0: none is allowed.
-        assert!(out.status.success() && stderr.trim().is_empty(), "{name}: {}\n{stderr}", out.status);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{name}: {}\n{stderr}",
+            out.status
+        );
     }
-    let sup = std::fs::read_to_string(repo().join("deploy/systemd/uffd-supervisor.service"))
-        .unwrap();
+    let sup =
+        std::fs::read_to_string(repo().join("deploy/systemd/uffd-supervisor.service")).unwrap();
     // Busy pagers outlive a supervisor restart, and their runtime directory with them.
     for line in ["KillMode=process", "RuntimeDirectory=uffd-pager", "RuntimeDirectoryPreserve=yes"]
     {
@@ -84,7 +88,10 @@ async fn the_supervisor_runs_from_a_config_file_and_passes_the_pager_tuning_to_e
         .replace("/usr/local/bin/uffd-pager", env!("CARGO_BIN_EXE_uffd-pager"))
         .replace("metrics_listen = \"127.0.0.1:9464\"", &format!("metrics_listen = \"{metrics}\""))
         .replace("fault_threads = 2", "fault_threads = 3")
-        .replace("# runtime_dir = \"/run/uffd-pager\"", "runtime_dir = \"/nonexistent/overridden\"");
+        .replace(
+            "# runtime_dir = \"/run/uffd-pager\"",
+            "runtime_dir = \"/nonexistent/overridden\"",
+        );
     let config_path = dir.path().join("supervisor.toml");
     std::fs::write(&config_path, config).unwrap();
     let log = dir.path().join("supervisor.log");

@@ -65,9 +65,8 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     fn start(dir: &Path, targets: &[(&str, SocketAddr)]) -> Self {
-        let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n",
-        );
+        let mut config =
+            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
         for (job, addr) in targets {
             config.push_str(&format!(
                 "  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"
@@ -235,9 +234,8 @@ async fn prometheus_scrapes_faults_a_readoption_and_the_controllers_graduations(
     q("sum(uffd_versions{state=\"active\"})", &|v| v == 1.0);
     // Completions the pagers counted are the graduations the controller counted.
     let completions = q("sum(uffd_pager_completions_total{outcome=\"graduated\"})", &|v| v == 2.0);
-    let graduations = q("uffd_controller_graduations_succeeded_total{result=\"graduated\"}", &|v| {
-        v == 2.0
-    });
+    let graduations =
+        q("uffd_controller_graduations_succeeded_total{result=\"graduated\"}", &|v| v == 2.0);
     assert_eq!(completions, graduations);
     q("uffd_controller_graduations_started_total", &|v| v == 2.0);
     q("sum(uffd_controller_graduations_failed_total)", &|v| v == 0.0);
