@@ -186,8 +186,8 @@ pub fn version_specs(
         if pager_version.is_some() {
             bail!("pager_version labels --pager-binary; label `[[versions]]` with `version`");
         }
-        return Ok(versions_from_entries(file_versions, Path::new("/"))
-            .context("in the config file's [[versions]]")?);
+        return versions_from_entries(file_versions, Path::new("/"))
+            .context("in the config file's [[versions]]");
     }
     if let Some(path) = versions_config {
         if !pager_binaries.is_empty() {
