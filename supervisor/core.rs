@@ -107,6 +107,8 @@ pub struct Core {
     closing: watch::Sender<bool>,
     /// Serialises DeployVersion / ActivateVersion.
     pub deploy_lock: tokio::sync::Mutex<()>,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::SupervisorMetrics,
 }
 
 impl Core {
@@ -118,6 +120,7 @@ impl Core {
             held: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
             deploy_lock: tokio::sync::Mutex::new(()),
+            metrics: Default::default(),
         })
     }
 

@@ -25,8 +25,12 @@ use crate::pidfd::PidFd;
 /// How long a VMM sent SIGKILL has to exit before the record says it did not.
 const EXIT_WAIT: Duration = Duration::from_secs(5);
 
-/// What to do with a VMM whose session failed before it was served (`--refused-vmm`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+/// What to do with a VMM whose session failed before it was served (`--refused-vmm`, or
+/// `refused_vmm = "kill" | "keep"` in the config file).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum RefusedVmm {
     /// Send it SIGKILL (through a pidfd), so that it does not hang on its first page fault.
     #[default]

@@ -120,6 +120,17 @@ impl HandshakeFailure {
     }
 }
 
+impl HandshakeFailure {
+    /// The `reason` label of a refusal in `/metrics`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Setup(_) => "setup",
+            Self::TimedOut { .. } => "timed_out",
+            Self::Invalid(e) => e.reason(),
+        }
+    }
+}
+
 impl fmt::Display for HandshakeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

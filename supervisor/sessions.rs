@@ -134,6 +134,7 @@ impl Core {
             },
         );
         drop(held);
+        self.metrics.session_created();
         runtime_state::write_session_meta(&self.config.sessions_dir, &session);
         info!(
             session = %id,
@@ -169,6 +170,7 @@ impl Core {
             Ok(hs) => hs,
             Err(e) => {
                 warn!(error = %e, vmm_pid, "handshake refused; the session FAILED");
+                self.metrics.handshake_refusals.inc(&[e.reason()]);
                 self.refuse_vmm(&id, e.to_string(), &pidfd, vmm_pid, e.sent_nothing()).await;
                 return;
             }
@@ -377,7 +379,11 @@ impl Core {
     /// ListSessions.
     pub fn list_sessions(&self) -> ListSessionsResponse {
         let (sessions, active_version) = self.inventory.list();
-        ListSessionsResponse { sessions, active_version }
+        ListSessionsResponse {
+            sessions,
+            active_version,
+            host_available_memory_bytes: crate::metrics::host_available_memory(),
+        }
     }
 
     /// DeleteSession: cancels a PENDING session, forgets a finished one; refuses a live one.
