@@ -8,6 +8,7 @@ mod file_extents;
 mod guarded_read;
 mod handoff;
 mod memory_file;
+mod overlay;
 mod pagemap;
 mod read_ahead;
 mod region_pages;

@@ -22,6 +22,7 @@ use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use crate::memory_file::MappedFile;
+use crate::overlay::SessionOverlays;
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
@@ -84,6 +85,8 @@ pub struct Session {
     pub gate: Arc<RemoveGate>,
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
+    /// Pages this session reads from its overlays instead of the memory file.
+    pub overlays: Arc<SessionOverlays>,
     pub regions: Vec<RegionPages>,
     pending: VecDeque<u64>,
     events: EventBuffer,
@@ -91,6 +94,8 @@ pub struct Session {
     read_ahead: ReadAhead,
     stream: Option<Stream>,
     faults: u64,
+    /// Faults served from an overlay.
+    overlay_faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
     /// Where discarded ranges are recorded outside this process (see `uffdpager::removed_log`).
@@ -114,23 +119,28 @@ impl Session {
         uffd: Uffd,
         vmm_stream: OwnedFd,
         file: Arc<MappedFile>,
+        overlays: SessionOverlays,
         removed: &[(u64, u64)],
         removed_log: Option<RemovedLog>,
         zero: Arc<ZeroSource>,
     ) -> Self {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
+        let (count, bytes) = overlays.figures();
+        shared.set_overlays(count, bytes);
         let mut s = Self {
             shared,
             uffd: Arc::new(uffd),
             gate: Arc::default(),
             vmm_stream,
             file,
+            overlays: Arc::new(overlays),
             regions,
             pending: VecDeque::new(),
             events: EventBuffer::new(EVENT_BATCH),
             read_ahead: ReadAhead::default(),
             stream: None,
             faults: 0,
+            overlay_faults: 0,
             unexpected_events: 0,
             zero,
             removed_log: None,
@@ -157,7 +167,7 @@ impl Session {
     /// Publishes the figures that gRPC reads.
     pub fn publish(&self) {
         let removed = self.regions.iter().map(|r| r.removed_missing() * r.region.page_size).sum();
-        self.shared.set_figures(self.resident_bytes(), removed, self.faults);
+        self.shared.set_figures(self.resident_bytes(), removed, self.faults, self.overlay_faults);
     }
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
@@ -255,9 +265,13 @@ impl Session {
                 continue;
             }
             if r.removed.contains(page) {
-                // A discarded page faults back in as zeros, one page: never a block.
+                // A discarded page faults back in as zeros, one page: never a block (an
+                // overlay page too: the VMM discarded it).
                 self.fill(ri, page, page + 1, FillMode::OnFault)?;
                 continue;
+            }
+            if self.overlays.at(ri, page, r.region.page_size).is_some() {
+                self.overlay_faults += 1;
             }
             let region_pages = r.region.pages();
             let plan = if r.region.page_size == uffdpager::firecracker::PAGE_4K {
@@ -382,10 +396,15 @@ impl Session {
                 run_end = p + 1; // zeros for hugepages are copied one page at a time
             }
             let addr = r.region.base + p * ps;
+            // The copy source: this session's overlay, or the memory file (up to the next edge
+            // between the two).
+            let src = (!zero).then(|| {
+                let (src_end, src) = self.overlays.source(&self.file, ri, &r.region, p, run_end);
+                run_end = src_end;
+                src
+            });
             let len = (run_end - p) * ps;
-            let result = if !zero {
-                let off = usize::try_from(r.region.offset + p * ps).expect("offset fits");
-                let src = &self.file.bytes()[off..off + usize::try_from(len).expect("len fits")];
+            let result = if let Some(src) = src {
                 uffd_ops::copy(&self.uffd, src, addr, true)
             } else if ps == uffdpager::firecracker::PAGE_4K {
                 uffd_ops::zeropage(&self.uffd, addr, len, true)

@@ -7,6 +7,7 @@ pub mod firecracker;
 pub mod grpc;
 pub mod handoff;
 pub mod harness;
+pub mod overlay;
 pub mod pages;
 pub mod removed_log;
 pub mod scm;

@@ -46,6 +46,11 @@ pub struct Cli {
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub finished_retention: Duration,
 
+    /// Most bytes of overlay pages one session may be given at CreateSession (`64M`, `1G`,
+    /// or bytes).
+    #[arg(long, default_value = "64M", value_parser = parse_bytes)]
+    pub max_overlay_bytes: u64,
+
     /// Log line format on stderr (filter with RUST_LOG; default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -83,6 +88,19 @@ pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), Str
              authentication; pass --allow-remote to serve it on the network anyway"
         ))
     }
+}
+
+/// Parses a byte count: a number with an optional `K`, `M` or `G` suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parses a duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`

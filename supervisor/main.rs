@@ -103,7 +103,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.listen_tcp {
         cli::check_listen_addr(addr, cli.allow_remote).map_err(anyhow::Error::msg)?;
     }
-    let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    config.max_overlay_bytes = cli.max_overlay_bytes;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 
