@@ -3,7 +3,7 @@
 //! It creates sessions and their VMM sockets, reads each VMM's Firecracker handshake, hands the
 //! session to the active pager version (a child process), routes every per-session call to the
 //! version that owns the session, streams the inventory, and keeps pager versions running
-//! (respawn, drain, stop). See `/work/shared/DESIGN.md` and the modules below:
+//! (respawn, drain, stop). See `docs/DESIGN.md` and the modules below:
 //!
 //! - `cli`: command line; `shutdown`: signals and the order of shutdown;
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
