@@ -86,10 +86,6 @@ impl SessionOverlays {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
     /// Overlays, and their bytes in all.
     pub fn figures(&self) -> (u32, u64) {
         (self.count, self.bytes)

@@ -101,11 +101,6 @@ impl SessionShared {
         self.overlay_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// Faults served from an overlay so far.
-    pub fn overlay_faults(&self) -> u64 {
-        self.overlay_faults.load(Ordering::Relaxed)
-    }
-
     pub fn set_zero_bytes(&self, zero: u64) {
         self.zero.store(zero, Ordering::Relaxed);
     }

@@ -219,7 +219,7 @@ async fn two_vms_of_one_memory_file_read_their_own_overlays_and_each_others_orig
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlays_survive_a_supervisor_restart_and_a_later_pager_kill() {
+async fn overlays_survive_a_supervisor_restart() {
     let mut env = Env::start().await;
     let mem = env.memfile("mem", 8 * MIB, 0.2, 0.2);
     let z = zero_page_from(&mem, MIB);
@@ -317,4 +317,61 @@ async fn invalid_overlays_are_refused_with_invalid_argument_naming_the_overlay_a
     std::fs::write(&file, pattern(3, 16 * PAGE)).unwrap();
     let s = create(&env, "ok", &mem, vec![path(MIB, &file.display().to_string())]).await.unwrap();
     assert_eq!((s.overlay_count, s.overlay_bytes), (1, 16 * PAGE), "{s:?}");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlays_of_2m_pages_are_served_in_2m_units_and_a_misaligned_one_fails_the_session() {
+    const HUGE: u64 = 2 * MIB;
+    // Two VMs of 4 hugepages each, and one of slack.
+    let Some(_hugepages) = uffdpager::vmsim::reserve_hugepages_for_test("overlays::2m", 9) else {
+        return;
+    };
+    let env = Env::start().await;
+    let mem = env.memfile("mem", 8 * MIB, 0.2, 0.2);
+    let region = ["8M@0:2M"];
+    let a = [Given::new(&env, "a", HUGE, &pattern(11, HUGE), true)];
+    let b = [Given::new(&env, "b", 2 * HUGE, &pattern(12, HUGE), false)];
+    let mut vm_a = restore(&env, "a", &mem, &region, &a).await;
+    let mut vm_b = restore(&env, "b", &mem, &region, &b).await;
+    for vm in [&mut vm_a, &mut vm_b] {
+        // Hugepages 1 and 2: one VM's overlay and the other's original, each way round.
+        let r = vm_cmd(vm, &read_range(HUGE, 2 * HUGE, HUGE)).await;
+        assert_eq!(r["pages_verified"].as_u64(), Some(2), "{r}");
+    }
+    wait_overlay_faults(&env, "a", 1).await;
+    for (id, vm) in [("a", &mut vm_a), ("b", &mut vm_b)] {
+        env.graduate(id).await;
+        let v = vm_cmd(vm, "verify").await;
+        assert_eq!(v["pages_verified"].as_u64(), Some(4), "{v}");
+    }
+
+    // 4 KiB aligned, so CreateSession takes it; the VMM's 2 MiB region does not: FAILED, saying
+    // which overlay and why.
+    let s = create(
+        &env,
+        "c",
+        &mem,
+        vec![Given::new(&env, "c", HUGE + PAGE, &pattern(13, PAGE), true).to_proto()],
+    )
+    .await
+    .unwrap();
+    let (socket, mem2) = (PathBuf::from(s.socket_path), mem.clone());
+    let _vm_c = tokio::task::spawn_blocking(move || {
+        VmProcess::restore(
+            Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
+            &socket,
+            &mem2,
+            &["8M@0:2M"],
+            STEP,
+        )
+    })
+    .await
+    .unwrap()
+    .expect("the VMM sends its handshake");
+    let failed = env.wait_state("c", SessionState::Failed).await;
+    assert!(
+        failed.error.contains("overlay 0 (offset 2101248, 4096 bytes)")
+            && failed.error.contains("2097152-byte pages"),
+        "{}",
+        failed.error
+    );
 }
