@@ -96,11 +96,11 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         uffd,
         fds.vmm_stream,
         file,
-        overlays,
         &request.removed,
         removed_log,
         Arc::clone(&pager.zero),
-    );
+    )
+    .with_overlays(overlays);
     let token = pager.registry.next_token();
     let worker = pager.registry.least_loaded_worker(pager.workers.len());
     pager.registry.lock().insert(

@@ -119,21 +119,18 @@ impl Session {
         uffd: Uffd,
         vmm_stream: OwnedFd,
         file: Arc<MappedFile>,
-        overlays: SessionOverlays,
         removed: &[(u64, u64)],
         removed_log: Option<RemovedLog>,
         zero: Arc<ZeroSource>,
     ) -> Self {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
-        let (count, bytes) = overlays.figures();
-        shared.set_overlays(count, bytes);
         let mut s = Self {
             shared,
             uffd: Arc::new(uffd),
             gate: Arc::default(),
             vmm_stream,
             file,
-            overlays: Arc::new(overlays),
+            overlays: Arc::default(),
             regions,
             pending: VecDeque::new(),
             events: EventBuffer::new(EVENT_BATCH),
@@ -153,6 +150,15 @@ impl Session {
         s.removed_log = removed_log;
         s.publish();
         s
+    }
+
+    /// Gives the session its overlays (pages served from them instead of the memory file), before
+    /// it serves anything.
+    pub fn with_overlays(mut self, overlays: SessionOverlays) -> Self {
+        let (count, bytes) = overlays.figures();
+        self.shared.set_overlays(count, bytes);
+        self.overlays = Arc::new(overlays);
+        self
     }
 
     pub fn id(&self) -> &str {
