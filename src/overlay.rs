@@ -318,8 +318,11 @@ mod tests {
             ]
         );
         assert_eq!(o.bytes(), 12288);
-        let mut bytes = Vec::new();
-        File::from(o.fd.try_clone().unwrap()).read_to_end(&mut bytes).unwrap();
+        // The descriptor's file position is past the bytes written: read from the start.
+        let mut bytes = vec![0u8; 12288];
+        let f = File::from(o.fd.try_clone().unwrap());
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 12288);
         assert_eq!(&bytes[..4096], &[1u8; 4096][..]);
         assert_eq!(&bytes[4096..], &[2u8; 8192][..]);
         let err = File::from(o.fd).write_all(b"x").unwrap_err();
