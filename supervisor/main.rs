@@ -93,7 +93,8 @@ fn main() -> ExitCode {
 
 async fn run(cli: Resolved) -> anyhow::Result<()> {
     let mut signals = Signals::install().context("installing the signal handlers")?;
-    let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    config.max_overlay_bytes = cli.max_overlay_bytes;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 

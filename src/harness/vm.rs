@@ -45,10 +45,25 @@ impl VmProcess {
         regions: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
+        Self::restore_with_overlays(vmsim, socket, memory_file, regions, &[], timeout)
+    }
+
+    /// Like [`VmProcess::restore`], expecting overlays (`--overlay OFFSET:FILE` each).
+    pub fn restore_with_overlays(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+        overlays: &[(u64, &Path)],
+        timeout: Duration,
+    ) -> Result<Self, VmProcessError> {
         let mut cmd = Command::new(vmsim);
         cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
         for r in regions {
             cmd.arg("--region").arg(r);
+        }
+        for (offset, file) in overlays {
+            cmd.arg("--overlay").arg(format!("{offset}:{}", file.display()));
         }
         let mut child = cmd
             .stdin(Stdio::piped())
