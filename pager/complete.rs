@@ -193,6 +193,7 @@ impl Completion {
                 runs,
                 uffd: Arc::clone(&s.uffd),
                 file: Arc::clone(&s.file),
+                overlays: Arc::clone(&s.overlays),
                 gate: Arc::clone(&s.gate),
                 epoch: s.gate.epoch(),
                 stop: Arc::clone(&self.stop_claims),

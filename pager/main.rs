@@ -9,6 +9,7 @@ mod guarded_read;
 mod handoff;
 mod memory_file;
 mod metrics;
+mod overlay;
 mod pagemap;
 mod read_ahead;
 mod region_pages;

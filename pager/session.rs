@@ -23,6 +23,7 @@ use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use crate::memory_file::MappedFile;
 use crate::metrics::{self, METRICS};
+use crate::overlay::SessionOverlays;
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
@@ -85,6 +86,8 @@ pub struct Session {
     pub gate: Arc<RemoveGate>,
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
+    /// Pages this session reads from its overlays instead of the memory file.
+    pub overlays: Arc<SessionOverlays>,
     pub regions: Vec<RegionPages>,
     /// Faults read and not yet served, with when they were read (for the latency histogram).
     pending: VecDeque<(u64, Instant)>,
@@ -93,6 +96,8 @@ pub struct Session {
     read_ahead: ReadAhead,
     stream: Option<Stream>,
     faults: u64,
+    /// Faults served from an overlay.
+    overlay_faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
     /// Where discarded ranges are recorded outside this process (see `uffdpager::removed_log`).
@@ -127,12 +132,14 @@ impl Session {
             gate: Arc::default(),
             vmm_stream,
             file,
+            overlays: Arc::default(),
             regions,
             pending: VecDeque::new(),
             events: EventBuffer::new(EVENT_BATCH),
             read_ahead: ReadAhead::default(),
             stream: None,
             faults: 0,
+            overlay_faults: 0,
             unexpected_events: 0,
             zero,
             removed_log: None,
@@ -147,6 +154,15 @@ impl Session {
         s
     }
 
+    /// Gives the session its overlays (pages served from them instead of the memory file), before
+    /// it serves anything.
+    pub fn with_overlays(mut self, overlays: SessionOverlays) -> Self {
+        let (count, bytes) = overlays.figures();
+        self.shared.set_overlays(count, bytes);
+        self.overlays = Arc::new(overlays);
+        self
+    }
+
     pub fn id(&self) -> &str {
         &self.shared.id
     }
@@ -159,7 +175,7 @@ impl Session {
     /// Publishes the figures that gRPC reads.
     pub fn publish(&self) {
         let removed = self.regions.iter().map(|r| r.removed_missing() * r.region.page_size).sum();
-        self.shared.set_figures(self.resident_bytes(), removed, self.faults);
+        self.shared.set_figures(self.resident_bytes(), removed, self.faults, self.overlay_faults);
     }
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
@@ -270,8 +286,12 @@ impl Session {
             return Ok(0);
         }
         if r.removed.contains(page) {
-            // A discarded page faults back in as zeros, one page: never a block.
+            // A discarded page faults back in as zeros, one page: never a block (an overlay
+            // page too: the VMM discarded it).
             return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
+        }
+        if self.overlays.at(ri, page, ps).is_some() {
+            self.overlay_faults += 1;
         }
         let region_pages = r.region.pages();
         let plan = if ps == uffdpager::firecracker::PAGE_4K {
@@ -395,10 +415,15 @@ impl Session {
                 run_end = p + 1; // zeros for hugepages are copied one page at a time
             }
             let addr = r.region.base + p * ps;
+            // The copy source: this session's overlay, or the memory file (up to the next edge
+            // between the two).
+            let src = (!zero).then(|| {
+                let (src_end, src) = self.overlays.source(&self.file, ri, &r.region, p, run_end);
+                run_end = src_end;
+                src
+            });
             let len = (run_end - p) * ps;
-            let result = if !zero {
-                let off = usize::try_from(r.region.offset + p * ps).expect("offset fits");
-                let src = &self.file.bytes()[off..off + usize::try_from(len).expect("len fits")];
+            let result = if let Some(src) = src {
                 uffd_ops::copy(&self.uffd, src, addr, true)
             } else if ps == uffdpager::firecracker::PAGE_4K {
                 uffd_ops::zeropage(&self.uffd, addr, len, true)

@@ -10,6 +10,7 @@ pub mod handoff;
 pub mod harness;
 pub mod logging;
 pub mod metrics;
+pub mod overlay;
 pub mod pages;
 pub mod removed_log;
 pub mod scm;

@@ -87,6 +87,11 @@ pub struct Settings {
     #[arg(long, value_name = "DURATION")]
     pub finished_retention: Option<String>,
 
+    /// Most bytes of overlay pages one session may be given at CreateSession (`64M`, `1G`,
+    /// or bytes) [default: 64M].
+    #[arg(long, value_name = "BYTES")]
+    pub max_overlay_bytes: Option<String>,
+
     /// Log line format on stderr (filter with RUST_LOG; default info) [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -110,6 +115,7 @@ pub struct Resolved {
     pub versions_config: Option<PathBuf>,
     pub versions: Vec<VersionsFileEntry>,
     pub finished_retention: Duration,
+    pub max_overlay_bytes: u64,
     pub log_format: LogFormat,
 }
 
@@ -203,6 +209,10 @@ impl Settings {
             Some(0) => return Err(invalid("max_sessions", "at least one session must be allowed")),
             Some(n) => n,
         };
+        let max_overlay_bytes = match self.max_overlay_bytes.as_deref() {
+            None => 64 << 20,
+            Some(b) => parse_bytes(b).map_err(|e| invalid("max_overlay_bytes", e))?,
+        };
         Ok(Resolved {
             runtime_dir: self.runtime_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
             max_sessions,
@@ -214,6 +224,7 @@ impl Settings {
             versions_config: self.versions_config,
             versions: self.versions,
             finished_retention,
+            max_overlay_bytes,
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -256,6 +267,19 @@ pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), Str
              authentication; pass --allow-remote to serve it on the network anyway"
         ))
     }
+}
+
+/// Parses a byte count: a number with an optional `K`, `M` or `G` suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parses a duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`

@@ -51,6 +51,8 @@ pub struct Config {
     pub max_sessions: usize,
     /// What becomes of a VMM whose session fails before it is served.
     pub refused_vmm: RefusedVmm,
+    /// Most bytes of overlays one session may have (`--max-overlay-bytes`).
+    pub max_overlay_bytes: u64,
 }
 
 /// Default of `--max-sessions`: far more VMs than a host runs, far fewer descriptors (a few per
@@ -74,6 +76,7 @@ impl Config {
             pager_call_timeout: Duration::from_secs(2),
             max_sessions: DEFAULT_MAX_SESSIONS,
             refused_vmm: RefusedVmm::Kill,
+            max_overlay_bytes: 64 << 20,
         }
     }
 }
@@ -89,6 +92,9 @@ pub struct Held {
     /// removed-ranges log). It never reads from the uffd: that would steal the pager's faults.
     /// They exist so that another pager can adopt the session if this one dies.
     pub fds: Option<SessionFds>,
+    /// The session's overlays (the sealed memfd of their bytes and where they go), from
+    /// CreateSession on; handed to the pager with the session and to any pager adopting it.
+    pub overlays: Option<Arc<uffdpager::overlay::Overlays>>,
     /// The handoff that made the session SERVING, to send again (with `adopt`) on re-adoption.
     pub request: Option<HandoffRequest>,
     /// The task accepting on the session socket (aborting it closes the socket).

@@ -119,6 +119,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
              descriptors per session); CreateSession then answers RESOURCE_EXHAUSTED",
         );
     }
+    config.max_overlay_bytes = cli.max_overlay_bytes;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 

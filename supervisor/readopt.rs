@@ -65,6 +65,7 @@ fn dup_fds(fds: &SessionFds) -> std::io::Result<SessionFds> {
         memory_file: fds.memory_file.try_clone()?,
         vmm_stream: fds.vmm_stream.try_clone()?,
         removed_log: fds.removed_log.as_ref().map(|f| f.try_clone()).transpose()?,
+        overlay: fds.overlay.as_ref().map(|f| f.try_clone()).transpose()?,
     })
 }
 

@@ -19,6 +19,8 @@ pub enum ServiceError {
     InvalidVersionLabel { label: String, source: NameError },
     #[error(transparent)]
     MemoryFile(#[from] MemoryFileError),
+    #[error(transparent)]
+    Overlay(#[from] uffdpager::overlay::OverlayError),
     #[error(
         "session socket path {path} is {len} bytes long, more than a Unix socket allows (107): \
          use a shorter session id or runtime directory"
@@ -98,9 +100,11 @@ impl ServiceError {
             | TooManySessions { .. }
             | OutOfDescriptors { .. }
             | WatcherLagged(_) => Code::ResourceExhausted,
+            Overlay(uffdpager::overlay::OverlayError::Memfd(_)) => Code::Internal,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)
+            | Overlay(_)
             | SocketPathTooLong { .. }
             | Deploy(PagerError::Binary { .. }) => Code::InvalidArgument,
             SessionExists(_) | VersionRunning { .. } => Code::AlreadyExists,

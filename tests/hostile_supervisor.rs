@@ -66,6 +66,7 @@ async fn restore_raw(
             &socket,
             &memfile,
             &[],
+            &[],
             &args,
             STEP,
         )

@@ -45,15 +45,29 @@ impl VmProcess {
         regions: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
-        Self::restore_with_args(vmsim, socket, memory_file, regions, &[], timeout)
+        Self::restore_with_args(vmsim, socket, memory_file, regions, &[], &[], timeout)
     }
 
-    /// As [`VmProcess::restore`], with more `uffd-vmsim run` arguments (`--handshake-padding`).
+    /// Like [`VmProcess::restore`], expecting overlays (`--overlay OFFSET:FILE` each).
+    pub fn restore_with_overlays(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+        overlays: &[(u64, &Path)],
+        timeout: Duration,
+    ) -> Result<Self, VmProcessError> {
+        Self::restore_with_args(vmsim, socket, memory_file, regions, overlays, &[], timeout)
+    }
+
+    /// As [`VmProcess::restore_with_overlays`], with more `uffd-vmsim run` arguments
+    /// (`--handshake-padding`).
     pub fn restore_with_args(
         vmsim: &Path,
         socket: &Path,
         memory_file: &Path,
         regions: &[&str],
+        overlays: &[(u64, &Path)],
         args: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
@@ -61,6 +75,9 @@ impl VmProcess {
         cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
         for r in regions {
             cmd.arg("--region").arg(r);
+        }
+        for (offset, file) in overlays {
+            cmd.arg("--overlay").arg(format!("{offset}:{}", file.display()));
         }
         cmd.args(args);
         let mut child = cmd

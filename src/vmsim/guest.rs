@@ -176,15 +176,29 @@ impl Vm {
         memory_file: &Path,
         regions: &[GuestRegionSpec],
     ) -> Result<Vm, VmError> {
-        Self::restore_padded(socket, memory_file, regions, 0)
+        Self::restore_with_overlays(socket, memory_file, regions, &[])
     }
 
-    /// As [`Vm::restore`], with `padding` bytes of JSON whitespace before the handshake's array:
-    /// still one valid message, as large as a hostile (or a very many-region) VMM would send.
+    /// Like [`Vm::restore`], for a session given overlay pages: the guest expects `overlays`
+    /// (`(offset in the memory file, bytes)`) where the file has other bytes, and still checks
+    /// every byte it reads.
+    pub fn restore_with_overlays(
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[GuestRegionSpec],
+        overlays: &[(u64, Vec<u8>)],
+    ) -> Result<Vm, VmError> {
+        Self::restore_padded(socket, memory_file, regions, overlays, 0)
+    }
+
+    /// As [`Vm::restore_with_overlays`], with `padding` bytes of JSON whitespace before the
+    /// handshake's array: still one valid message, as large as a hostile (or a very many-region)
+    /// VMM would send.
     pub fn restore_padded(
         socket: &Path,
         memory_file: &Path,
         regions: &[GuestRegionSpec],
+        overlays: &[(u64, Vec<u8>)],
         padding: usize,
     ) -> Result<Vm, VmError> {
         if regions.is_empty() {
@@ -197,7 +211,7 @@ impl Vm {
         for (index, spec) in regions.iter().enumerate() {
             check_region(index, spec, file_len)?;
         }
-        let image = FileImage::map(&file).map_err(map_err)?;
+        let image = FileImage::map_with_overlays(&file, overlays).map_err(map_err)?;
 
         // 1. Map guest memory.
         let mut mapped = Vec::with_capacity(regions.len());

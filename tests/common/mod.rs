@@ -73,6 +73,7 @@ impl Env {
                 session_id: id.into(),
                 memory_file: memfile.display().to_string(),
                 labels: Default::default(),
+                ..Default::default()
             })
             .await
             .expect("CreateSession")
