@@ -46,6 +46,7 @@ async fn create_with(
             session_id: id.into(),
             memory_file: mem.display().to_string(),
             labels: Default::default(),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
