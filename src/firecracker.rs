@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use serde::{Deserialize, Serialize};
 
 use crate::scm;
+use crate::uffd_fd::{self, UffdCheckError};
 
 /// Page size of ordinary guest memory.
 pub const PAGE_4K: u64 = 4096;
@@ -89,8 +90,15 @@ pub enum HandshakeError {
     NoFd,
     #[error("handshake carried {0} file descriptors; exactly one (the uffd) is expected")]
     TooManyFds(usize),
+    #[error(
+        "handshake carried more than {} file descriptors; exactly one (the uffd) is expected",
+        scm::MAX_FDS
+    )]
+    FdsTruncated,
     #[error("the file descriptor sent is not a userfaultfd")]
     NotUffd,
+    #[error("{0}")]
+    Uffd(#[from] UffdCheckError),
     #[error("region {index}: no page_size nor page_size_kib")]
     NoPageSize { index: usize },
     #[error("region {index}: page_size {page_size} and page_size_kib {page_size_kib} disagree")]
@@ -198,12 +206,17 @@ pub struct Handshake {
 }
 
 /// Reads the one handshake message from a connected VMM stream and validates it against the memory
-/// file's length. Blocking: call it where blocking is fine (a blocking-pool thread).
+/// file's length; the uffd must report balloon discards, and is made non-blocking. Blocking:
+/// call it where blocking is fine (a blocking-pool thread).
 pub fn recv_handshake(stream: BorrowedFd<'_>, file_len: u64) -> Result<Handshake, HandshakeError> {
     let vmm_pid = scm::peer_pid(stream).unwrap_or(0);
     let msg = scm::recv_with_fds(stream, MAX_HANDSHAKE_BYTES + 1).map_err(HandshakeError::Recv)?;
     if msg.truncated || msg.bytes.len() > MAX_HANDSHAKE_BYTES {
         return Err(HandshakeError::TooLarge);
+    }
+    // Every descriptor received is owned by `msg.fds` here: an error return closes them all.
+    if msg.fds_truncated {
+        return Err(HandshakeError::FdsTruncated);
     }
     let mappings = parse_mappings(&msg.bytes)?;
     let mut fds = msg.fds;
@@ -212,13 +225,13 @@ pub fn recv_handshake(stream: BorrowedFd<'_>, file_len: u64) -> Result<Handshake
         1 => fds.pop().expect("one fd"),
         n => return Err(HandshakeError::TooManyFds(n)),
     };
-    if msg.fds_truncated {
-        return Err(HandshakeError::TooManyFds(scm::MAX_FDS + 1));
-    }
     if !scm::is_userfaultfd(uffd.as_fd()) {
         return Err(HandshakeError::NotUffd);
     }
     let regions = validate(&mappings, file_len)?;
+    // Refused without REMOVE events; made non-blocking, so no read of it can hold a pager's
+    // fault worker (see `uffd_fd`).
+    uffd_fd::accept_received(uffd.as_fd())?;
     Ok(Handshake { regions, uffd, vmm_pid })
 }
 
