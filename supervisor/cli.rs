@@ -46,6 +46,11 @@ pub struct Cli {
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub finished_retention: Duration,
 
+    /// A pager whose health check answers NOT_SERVING (a fault worker stalled) for this long
+    /// without a break is killed, and its sessions re-adopted by another process.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub pager_unhealthy_timeout: Duration,
+
     /// Log line format on stderr (filter with RUST_LOG; default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -46,6 +46,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Deadline of the supervisor's own short calls to a pager (list, get, end session).
     pub pager_call_timeout: Duration,
+    /// How long a pager may answer NOT_SERVING before it is killed (`pager_health.rs`).
+    pub pager_unhealthy_timeout: Duration,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ impl Config {
             stop_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             pager_call_timeout: Duration::from_secs(2),
+            pager_unhealthy_timeout: Duration::from_secs(5),
         }
     }
 }

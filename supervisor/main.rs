@@ -26,6 +26,7 @@ mod inventory;
 mod memory_file;
 mod monitor;
 mod pager_binary;
+mod pager_health;
 mod pager_stderr;
 mod pagers;
 mod pidfd;
@@ -103,7 +104,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(addr) = cli.listen_tcp {
         cli::check_listen_addr(addr, cli.allow_remote).map_err(anyhow::Error::msg)?;
     }
-    let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    config.pager_unhealthy_timeout = cli.pager_unhealthy_timeout;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 

@@ -119,6 +119,8 @@ pub struct PagerProcess {
     /// It has exited: its pid may name another process now.
     reaped: Arc<AtomicBool>,
     pidfd: Option<Arc<PidFd>>,
+    /// Why the supervisor killed it, if it did (its exit is reported with this).
+    kill_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl PagerProcess {
@@ -206,6 +208,7 @@ impl PagerProcess {
             exit,
             reaped,
             pidfd,
+            kill_reason: Default::default(),
         });
         if let Err(e) = std::fs::write(&process.paths.pid_file, format!("{pid}\n")) {
             warn!(
@@ -268,7 +271,23 @@ impl PagerProcess {
             exit,
             reaped,
             pidfd: Some(pidfd),
+            kill_reason: Default::default(),
         })
+    }
+
+    /// The channel to the pager's gRPC socket (for its health service too).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Records why the supervisor is about to kill it.
+    pub fn set_kill_reason(&self, reason: String) {
+        *self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Why the supervisor killed it, if it did.
+    pub fn kill_reason(&self) -> Option<String> {
+        self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A client of the pager's gRPC API.
