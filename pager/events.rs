@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(EVENT_REMAP, userfaultfd_sys::UFFD_EVENT_REMAP);
         assert_eq!(EVENT_REMOVE, userfaultfd_sys::UFFD_EVENT_REMOVE);
         assert_eq!(EVENT_UNMAP, userfaultfd_sys::UFFD_EVENT_UNMAP);
-        assert_eq!(FLAG_WP, u64::from(userfaultfd_sys::UFFD_PAGEFAULT_FLAG_WP));
+        assert_eq!(FLAG_WP, userfaultfd_sys::UFFD_PAGEFAULT_FLAG_WP);
     }
 
     #[test]

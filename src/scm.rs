@@ -37,7 +37,7 @@ pub struct Received {
 pub fn recv_with_fds(sock: BorrowedFd<'_>, max_len: usize) -> Result<Received, Errno> {
     let mut buf = vec![0u8; max_len];
     // u64 words: aligned for `cmsghdr`.
-    let cmsg_words = (cmsg_space(MAX_FDS) + 7) / 8;
+    let cmsg_words = cmsg_space(MAX_FDS).div_ceil(8);
     let mut cmsg = vec![0u64; cmsg_words];
     loop {
         let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
@@ -82,8 +82,8 @@ fn cmsg_space(n: usize) -> usize {
 /// `msg` must have just been filled by `recvmsg`, its control buffer untouched since.
 unsafe fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
     let mut fds = Vec::new();
-    // SAFETY (whole walk): the caller guarantees a control buffer of well-formed messages;
-    // CMSG_FIRSTHDR/CMSG_NXTHDR stay within `msg_controllen` and return null at its end.
+    // SAFETY: the caller guarantees a control buffer of well-formed messages; CMSG_FIRSTHDR
+    // (and CMSG_NXTHDR below) stay within `msg_controllen` and return null at its end.
     let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
     while !c.is_null() {
         // SAFETY: `c` is non-null, so it points at a whole `cmsghdr` inside the buffer.

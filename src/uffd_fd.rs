@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn the_feature_bit_matches_the_kernel_header() {
-        assert_eq!(FEATURE_EVENT_REMOVE, u64::from(userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE));
+        assert_eq!(FEATURE_EVENT_REMOVE, userfaultfd_sys::UFFD_FEATURE_EVENT_REMOVE);
     }
 
     #[test]
