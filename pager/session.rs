@@ -23,6 +23,7 @@ use userfaultfd::Uffd;
 
 use crate::events::{EventReader, UffdEvent};
 use crate::memory_file::MappedFile;
+use crate::metrics::{self, METRICS};
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
@@ -93,7 +94,8 @@ pub struct Session {
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
     pub regions: Vec<RegionPages>,
-    pending: VecDeque<u64>,
+    /// Faults read and not yet served, with when they were read (for the latency histogram).
+    pending: VecDeque<(u64, Instant)>,
     events: EventReader,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
@@ -168,8 +170,7 @@ impl Session {
         self.shared.set_figures(self.resident_bytes(), removed, self.faults);
     }
 
-    /// Reads every queued event, never waiting for one (`crate::events`): REMOVEs are applied
-    /// at once, faults queued. Returns the count.
+    /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
     pub fn drain_events(&mut self) -> Result<usize, SessionError> {
         let gate = Arc::clone(&self.gate);
         let _held = gate.lock();
@@ -181,8 +182,9 @@ impl Session {
                 .map_err(|e| SessionError::ReadEvents(e.to_string()))?;
             let n = batch.len();
             total += n;
+            let read_at = Instant::now();
             for event in batch {
-                self.apply_event(event);
+                self.apply_event(event, read_at);
             }
             // A short batch means the queue is empty: skip the read that would say EAGAIN.
             if n < EVENT_BATCH {
@@ -191,13 +193,15 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: UffdEvent) {
+    fn apply_event(&mut self, event: UffdEvent, read_at: Instant) {
         match event {
-            UffdEvent::Missing { addr } => self.pending.push_back(addr),
+            UffdEvent::Missing { addr } => self.pending.push_back((addr, read_at)),
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
             UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                 self.gate.removed();
+                metrics::add(&METRICS.remove_events, 1);
+                metrics::add(&METRICS.remove_bytes, end.saturating_sub(start));
                 self.log_remove(start, end);
                 self.apply_remove(start, end);
             }
@@ -245,65 +249,65 @@ impl Session {
     /// with the VMM still there) is dropped with a warning: not a reason to stop serving the
     /// others.
     pub fn serve_pending(&mut self) -> Result<(), SessionError> {
-        while let Some(addr) = self.pending.pop_front() {
-            match self.serve_fault(addr) {
+        while let Some((addr, read_at)) = self.pending.pop_front() {
+            self.faults += 1;
+            let bytes = match self.serve_fault(addr) {
                 Err(SessionError::NoMapping { op, addr, len }) => {
                     self.unexpected_events += 1;
                     warn!(session = %self.shared.id, op, addr, len,
                         "a fault's page is in no registered mapping (ENOENT) while the VMM runs; the fault is dropped");
+                    0
                 }
                 other => other?,
-            }
+            };
+            METRICS.fault_latency.observe(read_at.elapsed());
+            metrics::add(&METRICS.faults, 1);
+            metrics::add(&METRICS.fault_bytes, bytes);
         }
         Ok(())
     }
 
-    fn serve_fault(&mut self, addr: u64) -> Result<(), SessionError> {
-        {
-            self.faults += 1;
-            let Some((ri, page)) = self.locate(addr) else {
-                self.unexpected_events += 1;
-                warn!(session = %self.shared.id, addr, "fault outside every region");
-                return Ok(());
-            };
-            let r = &self.regions[ri];
-            if r.present().get(page) {
-                // Believed present, yet faulted: two vCPUs faulted on one page, a block covered
-                // it, or the page went missing without an event telling us (a zap that landed
-                // after our fill, a VMM remapping its memory). Only a wake would leave the last
-                // kinds faulting for ever (a spin), so the page is filled again: the kernel says
-                // EEXIST if it is present (then the fill wakes its waiters), and fills it if not.
-                self.regions[ri].forget_present(page);
-                self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                return Ok(());
-            }
-            if r.removed.contains(page) {
-                // A discarded page faults back in as zeros, one page: never a block.
-                self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                return Ok(());
-            }
-            let region_pages = r.region.pages();
-            let plan = if r.region.page_size == uffdpager::firecracker::PAGE_4K {
-                self.read_ahead.on_fault(ri, page, region_pages)
-            } else {
-                Plan::OnePage
-            };
-            match plan {
-                Plan::OnePage => {
-                    self.fill(ri, page, page + 1, FillMode::OnFault)?;
+    /// Serves one fault: returns the bytes it made present.
+    fn serve_fault(&mut self, addr: u64) -> Result<u64, SessionError> {
+        let Some((ri, page)) = self.locate(addr) else {
+            self.unexpected_events += 1;
+            warn!(session = %self.shared.id, addr, "fault outside every region");
+            return Ok(0);
+        };
+        let r = &self.regions[ri];
+        let ps = r.region.page_size;
+        if r.present().get(page) {
+            // Believed present, yet faulted: two vCPUs faulted on one page, a block covered
+            // it, or the page went missing without an event telling us (a zap that landed
+            // after our fill, a VMM remapping its memory). Only a wake would leave the last
+            // kinds faulting for ever (a spin), so the page is filled again: the kernel says
+            // EEXIST if it is present (then the fill wakes its waiters), and fills it if not.
+            self.regions[ri].forget_present(page);
+            return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
+        }
+        if r.removed.contains(page) {
+            // A discarded page faults back in as zeros, one page: never a block.
+            return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
+        }
+        let region_pages = r.region.pages();
+        let plan = if ps == uffdpager::firecracker::PAGE_4K {
+            self.read_ahead.on_fault(ri, page, region_pages)
+        } else {
+            Plan::OnePage
+        };
+        match plan {
+            Plan::OnePage => Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps),
+            Plan::Sequential { now, stream } => {
+                // `Populate` past the faulting page: present and discarded pages are
+                // skipped (a discarded range is never given snapshot data).
+                let filled = self.fill(ri, now.start, now.end, FillMode::Populate)?;
+                if !stream.is_empty() {
+                    let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
+                    self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
                 }
-                Plan::Sequential { now, stream } => {
-                    // `Populate` past the faulting page: present and discarded pages are
-                    // skipped (a discarded range is never given snapshot data).
-                    self.fill(ri, now.start, now.end, FillMode::Populate)?;
-                    if !stream.is_empty() {
-                        let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
-                        self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
-                    }
-                }
+                Ok(filled * ps)
             }
         }
-        Ok(())
     }
 
     /// Whether read-ahead is in progress.
@@ -315,7 +319,9 @@ impl Session {
     /// Returns whether read-ahead goes on.
     pub fn stream_step(&mut self) -> Result<bool, SessionError> {
         let Some(mut stream) = self.stream.take() else { return Ok(false) };
+        let before = stream.sweep.counts().populated_bytes;
         let done = stream.sweep.step(self, stream.chunk);
+        metrics::add(&METRICS.read_ahead_bytes, stream.sweep.counts().populated_bytes - before);
         // What GetSession shows follows the stream, not just the faults.
         self.publish();
         if done? {

@@ -7,6 +7,8 @@ pub mod firecracker;
 pub mod grpc;
 pub mod handoff;
 pub mod harness;
+pub mod logging;
+pub mod metrics;
 pub mod pages;
 pub mod removed_log;
 pub mod scm;

@@ -99,6 +99,8 @@ pub struct Core {
     closing: watch::Sender<bool>,
     /// Serialises DeployVersion / ActivateVersion.
     pub deploy_lock: tokio::sync::Mutex<()>,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::SupervisorMetrics,
 }
 
 impl Core {
@@ -110,6 +112,7 @@ impl Core {
             held: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
             deploy_lock: tokio::sync::Mutex::new(()),
+            metrics: Default::default(),
         })
     }
 

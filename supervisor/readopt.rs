@@ -212,6 +212,7 @@ impl Core {
         });
         drop(held);
         info!(session = %id, to = %to, pid, "session re-adopted");
+        self.metrics.readoptions.inc(&[&to]);
         Ok(Outcome::Adopted)
     }
 }

@@ -119,6 +119,7 @@ impl Core {
             },
         );
         drop(held);
+        self.metrics.session_created();
         runtime_state::write_session_meta(&self.config.sessions_dir, &session);
         info!(
             session = %id,
@@ -150,6 +151,7 @@ impl Core {
             Ok(ok) => ok,
             Err(e) => {
                 warn!(error = %e, "handshake refused; the session FAILED");
+                self.metrics.handshake_refusals.inc(&[e.reason()]);
                 self.fail_session(&id, e.to_string(), false);
                 return;
             }
@@ -323,7 +325,11 @@ impl Core {
     /// ListSessions.
     pub fn list_sessions(&self) -> ListSessionsResponse {
         let (sessions, active_version) = self.inventory.list();
-        ListSessionsResponse { sessions, active_version }
+        ListSessionsResponse {
+            sessions,
+            active_version,
+            host_available_memory_bytes: crate::metrics::host_available_memory(),
+        }
     }
 
     /// DeleteSession: cancels a PENDING session, forgets a finished one; refuses a live one.
