@@ -91,7 +91,7 @@ fn serve_page(uffd: &Uffd, regions: &[Region], map: &Mmap, addr: u64) -> anyhow:
                 uffd_ops::wake(uffd, page, r.page_size).context("UFFDIO_WAKE")?;
                 return Ok(true);
             }
-            Ok(FillOutcome::Gone(_)) => return Ok(false),
+            Ok(FillOutcome::Gone(_) | FillOutcome::NoMapping) => return Ok(false),
             Err(errno) => bail!("UFFDIO_COPY at {page:#x}: {errno}"),
         }
     }

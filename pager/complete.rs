@@ -309,7 +309,9 @@ impl Completion {
 
 fn to_complete_error(e: SessionError) -> CompleteError {
     match e {
-        SessionError::Gone(_) => CompleteError::SessionEnded(e.to_string()),
+        SessionError::Gone(_) | SessionError::VmmGone(_) => {
+            CompleteError::SessionEnded(e.to_string())
+        }
         other => CompleteError::Failed(other.to_string()),
     }
 }

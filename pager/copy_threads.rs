@@ -221,6 +221,11 @@ fn copy_data(claim: &Claim, pages: Range<u64>, done: &mut ClaimDone) -> Result<(
                 done.error = Some(SessionError::Gone(errno));
                 return Err(p);
             }
+            Ok(FillOutcome::NoMapping) => {
+                // Not proof that the VMM is gone: the completion fails, the session serves on.
+                done.error = Some(SessionError::NoMapping { op: "UFFDIO_COPY", addr, len });
+                return Err(p);
+            }
             Err(errno) => {
                 done.error = Some(SessionError::Fill { addr, len, errno });
                 return Err(p);

@@ -66,6 +66,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     if !uffdpager::scm::is_userfaultfd(fds.uffd.as_fd()) {
         return Err("the first descriptor is not a userfaultfd".into());
     }
+    // Checked and made non-blocking at the handshake already; again here, whoever sent it.
+    uffdpager::uffd_fd::accept_received(fds.uffd.as_fd()).map_err(|e| e.to_string())?;
     let file = pager
         .memory_files
         .open(fds.memory_file)

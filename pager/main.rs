@@ -4,6 +4,7 @@
 
 mod complete;
 mod copy_threads;
+mod events;
 mod file_extents;
 mod guarded_read;
 mod handoff;
@@ -19,6 +20,7 @@ mod service;
 mod session;
 mod sweep;
 mod thread_priority;
+mod watchdog;
 mod worker;
 mod zero_scan;
 
@@ -76,6 +78,10 @@ struct Cli {
     /// Default: one fewer than the CPUs this process may use, at most 4.
     #[arg(long)]
     copy_threads: Option<usize>,
+    /// A fault worker whose loop has not turned for this long is stalled: the pager's health
+    /// is NOT_SERVING while one is (the supervisor then replaces the process).
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
     /// Log line format on stderr (filter with RUST_LOG; default info). The supervisor reads
     /// text lines (it takes their level): leave it `text` under a supervisor.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -162,6 +168,8 @@ fn main() -> anyhow::Result<()> {
         health.set_serving::<PagerServer<service::PagerService>>().await;
         let (reflection_v1, reflection_v1alpha) = uffdpager::grpc::reflection_services();
         let service = service::PagerService { pager: Arc::clone(&pager) };
+        let watchdog = watchdog::Watchdog { limit: cli.stall_timeout };
+        tokio::spawn(watchdog.run(Arc::clone(&pager), health.clone()));
         let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         info!(version = %version, pid = std::process::id(), grpc = %grpc_socket.display(),

@@ -59,6 +59,16 @@ impl RegionPages {
         n
     }
 
+    /// Marks `page` missing again (a fault on it says it may be): the next fill finds out.
+    pub fn forget_present(&mut self, page: u64) {
+        if self.present.clear(page) {
+            self.present_pages -= 1;
+            if self.removed.contains(page) {
+                self.removed_missing += 1;
+            }
+        }
+    }
+
     /// Applies a REMOVE of pages `[first, end)`.
     pub fn remove(&mut self, first: u64, end: u64) {
         for p in first..end {
@@ -109,5 +119,20 @@ mod tests {
         assert_eq!(r.removed_missing, 5);
         r.remove(5, 6);
         assert_eq!(r.removed_missing, 6);
+    }
+
+    #[test]
+    fn a_page_forgotten_is_counted_missing_again() {
+        let mut r =
+            RegionPages::new(Region { base: 0, size: 16 * 4096, offset: 0, page_size: 4096 });
+        r.mark_present(0, 4);
+        r.remove(3, 4);
+        r.mark_present(3, 4);
+        assert_eq!((r.present_pages(), r.removed_missing()), (4, 0));
+        r.forget_present(3);
+        r.forget_present(1);
+        r.forget_present(9);
+        assert_eq!((r.present_pages(), r.removed_missing()), (2, 1));
+        assert!(!r.present().get(1) && !r.present().get(3));
     }
 }

@@ -19,8 +19,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tracing::{debug, warn};
 use uffdpager::removed_log::RemovedLog;
 use uffdpager::uffd_ops::{self, FillOutcome};
-use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
+use userfaultfd::Uffd;
 
+use crate::events::{EventReader, UffdEvent};
 use crate::memory_file::MappedFile;
 use crate::metrics::{self, METRICS};
 use crate::overlay::SessionOverlays;
@@ -53,8 +54,15 @@ const MAX_STREAM_CHUNK: u64 = 1 << 20;
 /// Why a session cannot go on being served.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("the VMM's memory is gone ({0}): the VMM exited or unmapped its guest memory")]
+    #[error("the VMM's memory is gone ({0}: its address space has no users): the VMM exited")]
     Gone(Errno),
+    #[error("the VMM is gone: {0}")]
+    VmmGone(String),
+    #[error(
+        "{op} of {len} bytes at {addr:#x} found no registered mapping there (ENOENT), though \
+         the VMM runs and its regions are registered"
+    )]
+    NoMapping { op: &'static str, addr: u64, len: u64 },
     #[error("UFFDIO_COPY of {len} bytes at {addr:#x} failed: {errno}")]
     Fill { addr: u64, len: u64, errno: Errno },
     #[error("reading userfaultfd events failed: {0}")]
@@ -91,7 +99,7 @@ pub struct Session {
     pub regions: Vec<RegionPages>,
     /// Faults read and not yet served, with when they were read (for the latency histogram).
     pending: VecDeque<(u64, Instant)>,
-    events: EventBuffer,
+    events: EventReader,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
     stream: Option<Stream>,
@@ -135,7 +143,7 @@ impl Session {
             overlays: Arc::default(),
             regions,
             pending: VecDeque::new(),
-            events: EventBuffer::new(EVENT_BATCH),
+            events: EventReader::new(EVENT_BATCH),
             read_ahead: ReadAhead::default(),
             stream: None,
             faults: 0,
@@ -184,11 +192,10 @@ impl Session {
         let _held = gate.lock();
         let mut total = 0;
         loop {
-            let batch: Vec<userfaultfd::Result<Event>> = self
-                .uffd
-                .read_events(&mut self.events)
-                .map_err(|e| SessionError::ReadEvents(e.to_string()))?
-                .collect();
+            let batch = self
+                .events
+                .read(self.uffd.as_fd())
+                .map_err(|e| SessionError::ReadEvents(e.to_string()))?;
             let n = batch.len();
             total += n;
             let read_at = Instant::now();
@@ -202,29 +209,24 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: userfaultfd::Result<Event>, read_at: Instant) {
+    fn apply_event(&mut self, event: UffdEvent, read_at: Instant) {
         match event {
-            Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
-                self.pending.push_back((addr as u64, read_at));
-            }
+            UffdEvent::Missing { addr } => self.pending.push_back((addr, read_at)),
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
-            Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
+            UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                 self.gate.removed();
                 metrics::add(&METRICS.remove_events, 1);
-                metrics::add(&METRICS.remove_bytes, (end as u64).saturating_sub(start as u64));
-                self.log_remove(start as u64, end as u64);
-                self.apply_remove(start as u64, end as u64);
+                metrics::add(&METRICS.remove_bytes, end.saturating_sub(start));
+                self.log_remove(start, end);
+                self.apply_remove(start, end);
             }
-            Ok(other) => {
+            other => {
                 // Fork/remap and write-protect or minor faults are features Firecracker never
-                // enables; count them and say so, never drop them silently.
+                // enables; count them and say so, never drop them silently (a fork's uffd is
+                // closed with the event).
                 self.unexpected_events += 1;
                 warn!(session = %self.shared.id, event = ?other, "unexpected userfaultfd event");
-            }
-            Err(e) => {
-                self.unexpected_events += 1;
-                warn!(session = %self.shared.id, error = %e, "unreadable userfaultfd event");
             }
         }
     }
@@ -259,11 +261,21 @@ impl Session {
         (addr < r.end()).then(|| (i, (addr - r.base) / r.page_size))
     }
 
-    /// Serves every queued fault.
+    /// Serves every queued fault. A fault whose range no registered mapping holds (`ENOENT`,
+    /// with the VMM still there) is dropped with a warning: not a reason to stop serving the
+    /// others.
     pub fn serve_pending(&mut self) -> Result<(), SessionError> {
         while let Some((addr, read_at)) = self.pending.pop_front() {
             self.faults += 1;
-            let bytes = self.serve_fault(addr)?;
+            let bytes = match self.serve_fault(addr) {
+                Err(SessionError::NoMapping { op, addr, len }) => {
+                    self.unexpected_events += 1;
+                    warn!(session = %self.shared.id, op, addr, len,
+                        "a fault's page is in no registered mapping (ENOENT) while the VMM runs; the fault is dropped");
+                    0
+                }
+                other => other?,
+            };
             METRICS.fault_latency.observe(read_at.elapsed());
             metrics::add(&METRICS.faults, 1);
             metrics::add(&METRICS.fault_bytes, bytes);
@@ -281,9 +293,13 @@ impl Session {
         let r = &self.regions[ri];
         let ps = r.region.page_size;
         if r.present().get(page) {
-            // Already served (two vCPUs faulted on one page, or a block covered it).
-            self.wake(r.region.base + page * ps, ps)?;
-            return Ok(0);
+            // Believed present, yet faulted: two vCPUs faulted on one page, a block covered
+            // it, or the page went missing without an event telling us (a zap that landed
+            // after our fill, a VMM remapping its memory). Only a wake would leave the last
+            // kinds faulting for ever (a spin), so the page is filled again: the kernel says
+            // EEXIST if it is present (then the fill wakes its waiters), and fills it if not.
+            self.regions[ri].forget_present(page);
+            return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
         }
         if r.removed.contains(page) {
             // A discarded page faults back in as zeros, one page: never a block (an overlay
@@ -367,7 +383,7 @@ impl Session {
     fn wake(&self, addr: u64, len: u64) -> Result<(), SessionError> {
         match uffd_ops::wake(&self.uffd, addr, len) {
             Ok(()) => Ok(()),
-            Err(e @ (Errno::ESRCH | Errno::ENOENT)) => Err(SessionError::Gone(e)),
+            Err(e @ Errno::ESRCH) => Err(SessionError::Gone(e)),
             // A wake that finds nothing to wake is not an error worth failing a VM for.
             Err(e) => {
                 debug!(session = %self.shared.id, addr, error = %e, "wake failed");
@@ -389,6 +405,7 @@ impl Session {
         let mut p = first;
         let mut filled = 0;
         let mut eagain_since: Option<Instant> = None;
+        let mut no_mapping_tries = 0;
         while p < end {
             let r = &self.regions[ri];
             if r.present().get(p) {
@@ -449,6 +466,25 @@ impl Session {
                     p += 1;
                 }
                 FillOutcome::Gone(e) => return Err(SessionError::Gone(e)),
+                FillOutcome::NoMapping => {
+                    // ENOENT is no proof that the VMM is gone. An UNMAP or REMOVE read now
+                    // explains it (the loop plans the range again, twice at most); then proof
+                    // is asked of the VMM's stream (EOF) before giving up on the range.
+                    no_mapping_tries += 1;
+                    if no_mapping_tries <= 2 {
+                        self.drain_events()?;
+                        continue;
+                    }
+                    if let Some(why) = self.vmm_gone() {
+                        return Err(SessionError::VmmGone(why));
+                    }
+                    let op = if zero && ps == uffdpager::firecracker::PAGE_4K {
+                        "UFFDIO_ZEROPAGE"
+                    } else {
+                        "UFFDIO_COPY"
+                    };
+                    return Err(SessionError::NoMapping { op, addr, len });
+                }
             }
         }
         Ok(filled)
@@ -504,9 +540,7 @@ impl Session {
             let (addr, len) = (r.region.base, r.region.size);
             match uffd_ops::unregister(&self.uffd, addr, len) {
                 Ok(()) => {}
-                Err(errno @ (Errno::ESRCH | Errno::ENOENT)) => {
-                    return Err(SessionError::Gone(errno))
-                }
+                Err(errno @ Errno::ESRCH) => return Err(SessionError::Gone(errno)),
                 Err(errno) => return Err(SessionError::Unregister { addr, len, errno }),
             }
         }
@@ -560,6 +594,22 @@ impl Session {
         self.regions.iter().map(|r| r.present().heap_bytes()).sum::<usize>()
             + self.pending.capacity() * 8
             + 64 * 32
+    }
+
+    /// Proof that the VMM is gone, if there is some: its stream has reached EOF (it never
+    /// closes it while it runs).
+    pub fn vmm_gone(&self) -> Option<String> {
+        // nix has no POLLRDHUP: the peer's shutdown of its end (its exit).
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        let mut fds = [PollFd::new(self.vmm_stream.as_fd(), rdhup)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => {
+                let got = fds[0].revents().unwrap_or(PollFlags::empty());
+                got.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)
+                    .then(|| "its stream reached EOF (the VMM exited)".to_string())
+            }
+            _ => None,
+        }
     }
 
     /// The VMM stream, for EOF detection.

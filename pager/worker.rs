@@ -22,6 +22,7 @@ use uffdpager::api::SessionState;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
+use crate::watchdog::Heartbeat;
 
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, reached while no fault comes in (unless the smallest is larger).
@@ -45,6 +46,7 @@ pub enum Command {
 pub struct WorkerHandle {
     tx: Sender<Command>,
     wake: Arc<EventFd>,
+    heartbeat: Arc<Heartbeat>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -65,6 +67,8 @@ impl WorkerHandle {
         let (claims_tx, claims_rx) = mpsc::channel();
         let reply = Reply { tx: claims_tx, wake: Arc::clone(&wake) };
         let worker_wake = Arc::clone(&wake);
+        let heartbeat = Arc::new(Heartbeat::default());
+        let beats = Arc::clone(&heartbeat);
         let thread =
             std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
                 Worker {
@@ -82,10 +86,21 @@ impl WorkerHandle {
                     budget,
                     step: budget,
                     spin,
+                    heartbeat: beats,
                 }
                 .run()
             })?;
-        Ok(Self { tx, wake, thread: Some(thread) })
+        Ok(Self { tx, wake, heartbeat, thread: Some(thread) })
+    }
+
+    /// The worker's count of loop turns, for the watchdog.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
+    }
+
+    /// Wakes the worker so that it turns once (the watchdog's poke; harmless if it is busy).
+    pub fn poke(&self) {
+        let _ = self.wake.write(1);
     }
 
     pub fn send(&self, command: Command) -> Result<(), String> {
@@ -131,6 +146,8 @@ struct Worker {
     step: u64,
     /// How long to keep polling after a fault before sleeping in epoll_wait.
     spin: Duration,
+    /// Counted at every turn of the loop (see `crate::watchdog`).
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Worker {
@@ -139,6 +156,7 @@ impl Worker {
         let mut last_fault: Option<Instant> = None;
         let mut cpus = AllowedCpus::default();
         loop {
+            self.heartbeat.beat();
             // Right after a fault, poll instead of sleeping for a short while: a vCPU touching
             // memory faults again within microseconds, and a sleeping worker costs it a
             // cross-CPU wake-up (tens of µs on a VM host) on top of its own. Each poll yields,
@@ -257,7 +275,7 @@ impl Worker {
     /// Ends a session whose fault serving failed.
     fn fail_session(&mut self, token: u64, e: SessionError) {
         let state = match e {
-            SessionError::Gone(_) => SessionState::Ended,
+            SessionError::Gone(_) | SessionError::VmmGone(_) => SessionState::Ended,
             _ => SessionState::Failed,
         };
         self.end(token, state, e.to_string());

@@ -17,6 +17,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use serde::{Deserialize, Serialize};
 
 use crate::scm;
+use crate::uffd_fd::{self, UffdCheckError};
 
 /// Page size of ordinary guest memory.
 pub const PAGE_4K: u64 = 4096;
@@ -100,8 +101,15 @@ pub enum HandshakeError {
     NoFd,
     #[error("handshake carried {0} file descriptors; exactly one (the uffd) is expected")]
     TooManyFds(usize),
+    #[error(
+        "handshake carried more than {} file descriptors; exactly one (the uffd) is expected",
+        scm::MAX_FDS
+    )]
+    FdsTruncated,
     #[error("the file descriptor sent is not a userfaultfd")]
     NotUffd,
+    #[error("{0}")]
+    Uffd(#[from] UffdCheckError),
     #[error("region {index}: no page_size nor page_size_kib")]
     NoPageSize { index: usize },
     #[error("region {index}: page_size {page_size} and page_size_kib {page_size_kib} disagree")]
@@ -133,8 +141,10 @@ impl HandshakeError {
             Self::NoRegions => "no_regions",
             Self::TooManyRegions(_) => "too_many_regions",
             Self::NoFd => "no_fd",
-            Self::TooManyFds(_) => "too_many_fds",
+            Self::TooManyFds(_) | Self::FdsTruncated => "too_many_fds",
             Self::NotUffd => "not_uffd",
+            Self::Uffd(UffdCheckError::NoRemoveEvents { .. }) => "no_remove_events",
+            Self::Uffd(_) => "uffd_setup",
             Self::NoPageSize { .. } | Self::PageSizeMismatch { .. } | Self::BadPageSize { .. } => {
                 "bad_page_size"
             }
@@ -305,7 +315,7 @@ impl Partial {
     ) -> Result<Handshake, HandshakeError> {
         let mut fds = self.fds;
         if self.fds_truncated {
-            return Err(HandshakeError::TooManyFds(fds.len().max(scm::MAX_FDS) + 1));
+            return Err(HandshakeError::FdsTruncated);
         }
         let uffd = match fds.len() {
             0 => return Err(HandshakeError::NoFd),
@@ -316,12 +326,16 @@ impl Partial {
             return Err(HandshakeError::NotUffd);
         }
         let regions = validate(mappings, file_len)?;
+        // Refused without REMOVE events; made non-blocking, so no read of it can hold a pager's
+        // fault worker (see `uffd_fd`).
+        uffd_fd::accept_received(uffd.as_fd())?;
         Ok(Handshake { regions, uffd, vmm_pid })
     }
 }
 
 /// Reads the handshake from a connected VMM stream (every piece of it, see [`Partial`]) and
-/// validates it against the memory file's length. Blocking: call it where blocking is fine.
+/// validates it against the memory file's length; the uffd must report balloon discards, and is
+/// made non-blocking. Blocking: call it where blocking is fine.
 pub fn recv_handshake(stream: BorrowedFd<'_>, file_len: u64) -> Result<Handshake, HandshakeError> {
     let vmm_pid = scm::peer_pid(stream).unwrap_or(0);
     let mut partial = Partial::default();

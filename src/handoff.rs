@@ -132,6 +132,12 @@ pub fn send_session(
 /// Receives one handoff request on an accepted connection. Blocking.
 pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds), HandoffError> {
     let msg = scm::recv_with_fds(conn.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    decode_request(msg)
+}
+
+/// Decodes a received handoff request (pure but for the descriptors it takes over: those it
+/// does not return are closed with it).
+pub fn decode_request(msg: scm::Received) -> Result<(HandoffRequest, SessionFds), HandoffError> {
     if msg.bytes.is_empty() && msg.fds.is_empty() {
         return Err(HandoffError::Closed);
     }

@@ -14,5 +14,6 @@ pub mod overlay;
 pub mod pages;
 pub mod removed_log;
 pub mod scm;
+pub mod uffd_fd;
 pub mod uffd_ops;
 pub mod vmsim;

@@ -11,7 +11,12 @@
 //!   apply them, then resume after the bytes done. The `userfaultfd` crate (0.9) reports a
 //!   zero-progress `EAGAIN` as `PartiallyCopied` with `-EAGAIN` cast to usize: mapped to
 //!   `Partial(0)` here.
-//! * `ESRCH` / `ENOENT`: the VMM's memory is gone (process exited, range unregistered or unmapped).
+//! * `ESRCH`: the uffd's address space has no users left (`mmget_not_zero` failed): the VMM
+//!   exited. That is proof that its memory is gone.
+//! * `ENOENT`: no registered mapping holds the whole range (`uffd_mfill_lock` /
+//!   `validate_dst_vma` in the kernel's `mm/userfaultfd.c`): the VMM unmapped or unregistered
+//!   it, or our own `UFFDIO_UNREGISTER` did. It says nothing about whether the VMM lives: never
+//!   proof that a session is over (callers check the VMM's stream for that).
 //! * `UFFDIO_ZEROPAGE` does not work on hugetlbfs regions: callers copy zeros there instead.
 //!
 //! Every call names a destination in the VMM's address space, not in this process; the source is
@@ -44,8 +49,10 @@ pub enum FillOutcome {
     Partial(u64),
     /// The first page of the range was already present (`EEXIST`).
     Exists,
-    /// The VMM's memory is gone (`ESRCH`, `ENOENT`): the session is over.
+    /// The VMM's address space is gone (`ESRCH`): the session is over.
     Gone(Errno),
+    /// No registered mapping holds the range (`ENOENT`): not proof that the VMM is gone.
+    NoMapping,
 }
 
 fn errno_of(e: &userfaultfd::Error) -> Errno {
@@ -62,7 +69,8 @@ fn outcome_of_errno(errno: Errno) -> Result<FillOutcome, Errno> {
     match errno {
         Errno::EEXIST => Ok(FillOutcome::Exists),
         Errno::EAGAIN => Ok(FillOutcome::Partial(0)),
-        Errno::ESRCH | Errno::ENOENT => Ok(FillOutcome::Gone(errno)),
+        Errno::ESRCH => Ok(FillOutcome::Gone(errno)),
+        Errno::ENOENT => Ok(FillOutcome::NoMapping),
         other => Err(other),
     }
 }
@@ -142,15 +150,12 @@ mod tests {
     }
 
     #[test]
-    fn eexist_means_present_and_esrch_means_gone() {
+    fn eexist_means_present_esrch_gone_and_enoent_no_mapping() {
         // The `userfaultfd` crate reports errors with the nix version it was built with.
         let e = |x: i32| userfaultfd::Error::CopyFailed(nix027::errno::Errno::from_i32(x));
         assert_eq!(outcome_of_copy(Err(e(libc::EEXIST)), 4096), Ok(FillOutcome::Exists));
         assert_eq!(outcome_of_copy(Err(e(libc::ESRCH)), 4096), Ok(FillOutcome::Gone(Errno::ESRCH)));
-        assert_eq!(
-            outcome_of_copy(Err(e(libc::ENOENT)), 4096),
-            Ok(FillOutcome::Gone(Errno::ENOENT))
-        );
+        assert_eq!(outcome_of_copy(Err(e(libc::ENOENT)), 4096), Ok(FillOutcome::NoMapping));
         assert_eq!(outcome_of_copy(Err(e(libc::EFAULT)), 4096), Err(Errno::EFAULT));
     }
 }

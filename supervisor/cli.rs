@@ -91,6 +91,10 @@ pub struct Settings {
     /// or bytes) [default: 64M].
     #[arg(long, value_name = "BYTES")]
     pub max_overlay_bytes: Option<String>,
+    /// A pager whose health check answers NOT_SERVING (a fault worker stalled) for this long
+    /// without a break is killed, and its sessions re-adopted by another process [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub pager_unhealthy_timeout: Option<String>,
 
     /// Log line format on stderr (filter with RUST_LOG; default info) [default: text].
     #[arg(long, value_enum)]
@@ -116,6 +120,7 @@ pub struct Resolved {
     pub versions: Vec<VersionsFileEntry>,
     pub finished_retention: Duration,
     pub max_overlay_bytes: u64,
+    pub pager_unhealthy_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -213,6 +218,10 @@ impl Settings {
             None => 64 << 20,
             Some(b) => parse_bytes(b).map_err(|e| invalid("max_overlay_bytes", e))?,
         };
+        let pager_unhealthy_timeout = match self.pager_unhealthy_timeout.as_deref() {
+            None => Duration::from_secs(5),
+            Some(d) => parse_duration(d).map_err(|e| invalid("pager_unhealthy_timeout", e))?,
+        };
         Ok(Resolved {
             runtime_dir: self.runtime_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
             max_sessions,
@@ -225,6 +234,7 @@ impl Settings {
             versions: self.versions,
             finished_retention,
             max_overlay_bytes,
+            pager_unhealthy_timeout,
             log_format: self.log_format.unwrap_or_default(),
         })
     }

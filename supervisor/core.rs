@@ -53,6 +53,8 @@ pub struct Config {
     pub refused_vmm: RefusedVmm,
     /// Most bytes of overlays one session may have (`--max-overlay-bytes`).
     pub max_overlay_bytes: u64,
+    /// How long a pager may answer NOT_SERVING before it is killed (`pager_health.rs`).
+    pub pager_unhealthy_timeout: Duration,
 }
 
 /// Default of `--max-sessions`: far more VMs than a host runs, far fewer descriptors (a few per
@@ -77,6 +79,7 @@ impl Config {
             max_sessions: DEFAULT_MAX_SESSIONS,
             refused_vmm: RefusedVmm::Kill,
             max_overlay_bytes: 64 << 20,
+            pager_unhealthy_timeout: Duration::from_secs(5),
         }
     }
 }

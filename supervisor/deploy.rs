@@ -266,6 +266,13 @@ impl Core {
     /// sessions are handed to another pager (`readopt.rs`), and an active version is respawned
     /// (its fresh process adopts them) unless it died too often in a row.
     fn pager_exited(self: Arc<Self>, version: String, process: Arc<PagerProcess>, exit: Exit) {
+        // One the supervisor killed says why, in its version's and its sessions' errors.
+        let exit = match process.kill_reason() {
+            Some(why) => {
+                Exit { status: format!("{}, killed by the supervisor: {why}", exit.status), ..exit }
+            }
+            None => exit,
+        };
         let closing = self.is_closing();
         let outcome = self.versions.update(|t| {
             let is_active = t.active.as_deref() == Some(version.as_str());

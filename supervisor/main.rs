@@ -30,6 +30,7 @@ mod memory_file;
 mod metrics;
 mod monitor;
 mod pager_binary;
+mod pager_health;
 mod pager_stderr;
 mod pagers;
 mod pidfd;
@@ -120,6 +121,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
         );
     }
     config.max_overlay_bytes = cli.max_overlay_bytes;
+    config.pager_unhealthy_timeout = cli.pager_unhealthy_timeout;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path)?;
 

@@ -194,10 +194,14 @@ pub async fn run(core: Arc<Core>) {
     let mut tick = tokio::time::interval(core.config.poll_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut warned = HashSet::new();
+    let mut unhealthy = crate::pager_health::UnhealthyTracker::default();
     loop {
         tokio::select! {
             _ = core.wait_closing() => return,
-            _ = tick.tick() => core.monitor_once(&mut warned).await,
+            _ = tick.tick() => {
+                core.monitor_once(&mut warned).await;
+                core.check_pager_health(&mut unhealthy).await;
+            }
         }
     }
 }

@@ -120,6 +120,8 @@ pub struct PagerProcess {
     /// It has exited: its pid may name another process now.
     reaped: Arc<AtomicBool>,
     pidfd: Option<Arc<PidFd>>,
+    /// Why the supervisor killed it, if it did (its exit is reported with this).
+    kill_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl PagerProcess {
@@ -213,6 +215,7 @@ impl PagerProcess {
             exit,
             reaped,
             pidfd,
+            kill_reason: Default::default(),
         });
         let written = crate::runtime_dir::create_private_file(&process.paths.pid_file, false)
             .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{pid}\n").as_bytes()));
@@ -281,7 +284,23 @@ impl PagerProcess {
             exit,
             reaped,
             pidfd: Some(pidfd),
+            kill_reason: Default::default(),
         })
+    }
+
+    /// The channel to the pager's gRPC socket (for its health service too).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Records why the supervisor is about to kill it.
+    pub fn set_kill_reason(&self, reason: String) {
+        *self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Why the supervisor killed it, if it did.
+    pub fn kill_reason(&self) -> Option<String> {
+        self.kill_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A client of the pager's gRPC API.

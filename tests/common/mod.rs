@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod hostile_vmm;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
