@@ -17,14 +17,35 @@ pub struct Cli {
     #[arg(long, default_value = "/run/uffd-pager")]
     pub runtime_dir: PathBuf,
 
-    /// Also serve the Supervisor API on this TCP address (`IP:PORT` or `localhost:PORT`).
-    /// Only loopback addresses, unless --allow-remote.
+    /// Also serve the Supervisor API on this TCP address (`IP:PORT` or `localhost:PORT`), with
+    /// TLS and client certificates (--tls-cert, --tls-key, --tls-client-ca), or as plain TCP on
+    /// a loopback address with --insecure-plaintext-tcp.
     #[arg(long, value_parser = parse_listen_addr)]
     pub listen_tcp: Option<SocketAddr>,
 
-    /// Allow --listen-tcp on a non-loopback address (the API is unauthenticated).
+    /// The TCP listener's certificate (chain), PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TCP listener's private key, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that signs the certificates of the TCP clients allowed to call, PEM: a client
+    /// without a certificate signed by it is refused at the TLS handshake.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve --listen-tcp as plain, unauthenticated TCP (loopback addresses only): anyone on
+    /// this host who can connect may call every RPC, DeployVersion included.
     #[arg(long)]
-    pub allow_remote: bool,
+    pub insecure_plaintext_tcp: bool,
+
+    /// Members of this group (name or gid) may call the API on the Unix socket, besides root:
+    /// the runtime directory becomes group-searchable (0710) and the socket group-writable
+    /// (0660). Other callers are refused (PERMISSION_DENIED) and logged.
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
 
     /// A pager binary to start, `PATH` or `PATH=LABEL` (LABEL: its version label, default:
     /// what `PATH --print-version` prints). Repeatable: every one is started, the last one is
@@ -71,18 +92,6 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     Err(format!("{s:?} is not IP:PORT, [IPv6]:PORT or localhost:PORT"))
-}
-
-/// Refuses a TCP listen address that is not loopback unless remote access was asked for.
-pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), String> {
-    if allow_remote || addr.ip().to_canonical().is_loopback() {
-        Ok(())
-    } else {
-        Err(format!(
-            "--listen-tcp {addr} is not a loopback address: the Supervisor API has no \
-             authentication; pass --allow-remote to serve it on the network anyway"
-        ))
-    }
 }
 
 /// Parses a duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`
@@ -132,22 +141,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_addresses_are_accepted() {
-        for a in ["127.0.0.1:7000", "127.1.2.3:1", "[::1]:7000", "[::ffff:127.0.0.1]:7000"] {
-            let addr = parse_listen_addr(a).unwrap();
-            assert_eq!(check_listen_addr(addr, false), Ok(()), "{a}");
+    fn listen_addresses_parse_as_ip_port_or_localhost() {
+        for a in ["127.0.0.1:7000", "0.0.0.0:7000", "[::1]:7000", "[::ffff:127.0.0.1]:7000"] {
+            assert_eq!(parse_listen_addr(a).unwrap(), a.parse().unwrap(), "{a}");
         }
         assert_eq!(parse_listen_addr("localhost:7000").unwrap(), "127.0.0.1:7000".parse().unwrap());
-    }
-
-    #[test]
-    fn non_loopback_addresses_need_allow_remote() {
-        for a in ["0.0.0.0:7000", "10.1.2.3:7000", "[::]:7000", "[2001:db8::1]:7000"] {
-            let addr = parse_listen_addr(a).unwrap();
-            let err = check_listen_addr(addr, false).unwrap_err();
-            assert!(err.contains("--allow-remote"), "{err}");
-            assert_eq!(check_listen_addr(addr, true), Ok(()));
-        }
     }
 
     #[test]
@@ -182,7 +180,7 @@ mod tests {
         assert_eq!(cli.runtime_dir, PathBuf::from("/run/uffd-pager"));
         assert_eq!(cli.finished_retention, Duration::from_secs(3600));
         assert_eq!(cli.log_format, LogFormat::Text);
-        assert!(cli.listen_tcp.is_none() && !cli.allow_remote);
+        assert!(cli.listen_tcp.is_none() && !cli.insecure_plaintext_tcp && cli.api_group.is_none());
         let cli = Cli::try_parse_from([
             "uffd-supervisor",
             "--listen-tcp",

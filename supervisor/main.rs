@@ -5,7 +5,7 @@
 //! version that owns the session, streams the inventory, and keeps pager versions running
 //! (respawn, drain, stop). See `/work/shared/DESIGN.md` and the modules below:
 //!
-//! - `cli`: command line; `shutdown`: signals and the order of shutdown;
+//! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP); `shutdown`: signals and the order of shutdown;
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
@@ -18,6 +18,7 @@
 
 #![deny(unsafe_code)]
 
+mod api_access;
 mod cli;
 mod complete;
 mod core;
@@ -58,7 +59,9 @@ use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use uffdpager::api::supervisor_server::SupervisorServer;
+use uffdpager::peer_auth::{checked_incoming, RequireAllowedCaller};
 
+use crate::api_access::ApiAccess;
 use crate::cli::{Cli, LogFormat};
 use crate::core::{Config, Core};
 use crate::service::SupervisorService;
@@ -100,12 +103,10 @@ fn init_logging(format: LogFormat) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut signals = Signals::install().context("installing the signal handlers")?;
-    if let Some(addr) = cli.listen_tcp {
-        cli::check_listen_addr(addr, cli.allow_remote).map_err(anyhow::Error::msg)?;
-    }
+    let access = ApiAccess::from_cli(&cli)?;
     let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
     let uds_path = config.runtime_dir.join("supervisor.sock");
-    prepare_runtime_dir(&config, &uds_path)?;
+    prepare_runtime_dir(&config, &uds_path, access.group_gid())?;
 
     let specs = startup::version_specs(
         &cli.pager_binary,
@@ -121,11 +122,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     startup::start_versions(&core, &specs, &recovered).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (health, servers) = serve(&core, &uds_path, cli.listen_tcp, stop_rx).await?;
+    let (health, servers) = serve(&core, &uds_path, &access, stop_rx).await?;
     let monitor = tokio::spawn(monitor::run(core.clone()));
     info!(
         socket = %uds_path.display(),
+        callers = %access.callers,
         tcp = ?cli.listen_tcp,
+        tcp_mode = access.tcp_mode(),
         active_version = %core.inventory.active_version(),
         "uffd-supervisor serving"
     );
@@ -164,16 +167,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates `DIR`, `DIR/sessions` and `DIR/pagers` (mode 0700), refuses a runtime directory that
-/// another supervisor serves, and removes session sockets left by an earlier run.
-fn prepare_runtime_dir(config: &Config, uds_path: &Path) -> anyhow::Result<()> {
+/// Creates `DIR`, `DIR/sessions` and `DIR/pagers` (mode 0700; `DIR` 0710 and of the API group
+/// when there is one, so that its members can reach the socket but list nothing), refuses a
+/// runtime directory that another supervisor serves, and removes session sockets left by an
+/// earlier run.
+fn prepare_runtime_dir(
+    config: &Config,
+    uds_path: &Path,
+    api_group: Option<u32>,
+) -> anyhow::Result<()> {
     for dir in [&config.runtime_dir, &config.sessions_dir, &config.pagers_dir] {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        let mode = match api_group {
+            Some(gid) if dir == &config.runtime_dir => {
+                std::os::unix::fs::chown(dir, None, Some(gid))
+                    .with_context(|| format!("giving {} to the API group", dir.display()))?;
+                0o710
+            }
+            _ => 0o700,
+        };
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
             .with_context(|| format!("setting the mode of {}", dir.display()))?;
     }
     let len = uds_path.as_os_str().len();
@@ -212,11 +229,13 @@ fn prepare_runtime_dir(config: &Config, uds_path: &Path) -> anyhow::Result<()> {
 
 type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
 
-/// Starts the gRPC servers (Unix socket, and TCP if asked): Supervisor, health, reflection.
+/// Starts the gRPC servers (Unix socket, and TCP if asked): Supervisor, health, reflection. The
+/// Unix socket's callers are checked by their credentials (`access.callers`); the TCP listener
+/// serves TLS with client certificates unless plain TCP was explicitly asked for.
 async fn serve(
     core: &Arc<Core>,
     uds_path: &Path,
-    tcp: Option<std::net::SocketAddr>,
+    access: &ApiAccess,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(tonic_health::server::HealthReporter, Vec<ServerTask>)> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -224,23 +243,33 @@ async fn serve(
     health.set_service_status("", ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = uffdpager::grpc::reflection_services();
     let supervisor = SupervisorServer::new(SupervisorService::new(core.clone()));
-    let router = || {
-        Server::builder()
-            .add_service(supervisor.clone())
-            .add_service(health_service.clone())
-            .add_service(reflection_v1.clone())
-            .add_service(reflection_v1alpha.clone())
-    };
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let uds = uffdpager::grpc::bind_uds(uds_path)
+    let uds = uffdpager::grpc::bind_api_uds(uds_path, access.group_gid())
         .with_context(|| format!("binding {}", uds_path.display()))?;
-    tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(uds, stopped(stop.clone()))));
-    if let Some(addr) = tcp {
-        let incoming = TcpIncoming::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(incoming, stopped(stop))));
+    let uds = checked_incoming(uds, access.callers.clone(), uds_path.display().to_string());
+    let uds_router = Server::builder()
+        .layer(RequireAllowedCaller)
+        .add_service(supervisor.clone())
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone());
+    tasks.push(tokio::spawn(uds_router.serve_with_incoming_shutdown(uds, stopped(stop.clone()))));
+    if let Some(tcp) = &access.tcp {
+        let mut builder = Server::builder();
+        if let Some(tls) = &tcp.tls {
+            builder = builder.tls_config(tls.clone()).context("the TCP listener's TLS")?;
+        }
+        let tcp_router = builder
+            .add_service(supervisor)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let incoming =
+            TcpIncoming::bind(tcp.addr).with_context(|| format!("listening on {}", tcp.addr))?;
+        tasks.push(tokio::spawn(tcp_router.serve_with_incoming_shutdown(incoming, stopped(stop))));
     }
     Ok((health, tasks))
 }

@@ -71,6 +71,18 @@ impl Core {
                     what: format!("binding the session socket {}", socket_path.display()),
                     source,
                 })?;
+                if let Some(uid) = req.vmm_uid {
+                    session_socket::give_to_vmm(&socket_path, uid).map_err(|source| {
+                        let _ = std::fs::remove_file(&socket_path);
+                        ServiceError::Io {
+                            what: format!(
+                                "giving the session socket {} to vmm_uid {uid}",
+                                socket_path.display()
+                            ),
+                            source,
+                        }
+                    })?;
+                }
                 listener = Some(l);
                 Ok(Session {
                     state: SessionState::Pending as i32,
@@ -78,6 +90,7 @@ impl Core {
                     socket_path: socket_path.display().to_string(),
                     created_at: Some(uffdpager::grpc::timestamp(SystemTime::now())),
                     labels: req.labels.clone(),
+                    vmm_uid: req.vmm_uid,
                     ..Default::default()
                 })
             });
@@ -95,8 +108,9 @@ impl Core {
 
         let core = self.clone();
         let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
+        let vmm_uid = req.vmm_uid;
         let accept =
-            tokio::spawn(session_socket::accept_one(listener, id.clone(), move |stream| {
+            tokio::spawn(session_socket::accept_one(listener, id.clone(), vmm_uid, move |stream| {
                 let setup = tokio::spawn(core.clone().connect_session(
                     sid.clone(),
                     stream,
@@ -124,6 +138,7 @@ impl Core {
             session = %id,
             memory_file = %session.memory_file,
             socket = %session.socket_path,
+            vmm_uid = ?session.vmm_uid,
             "session created; waiting for the VMM",
         );
         Ok(session)

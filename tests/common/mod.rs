@@ -66,6 +66,7 @@ impl Env {
                 session_id: id.into(),
                 memory_file: memfile.display().to_string(),
                 labels: Default::default(),
+                vmm_uid: None,
             })
             .await
             .expect("CreateSession")
