@@ -239,7 +239,9 @@ impl Settings {
             self.insecure_plaintext_tcp.unwrap_or(false),
         )
         .map_err(|e| invalid("listen_tcp", e.to_string()))?;
-        if let Some(g) = self.api_group.as_deref().filter(|g| g.is_empty() || g.contains(char::is_whitespace)) {
+        if let Some(g) =
+            self.api_group.as_deref().filter(|g| g.is_empty() || g.contains(char::is_whitespace))
+        {
             return Err(invalid("api_group", format!("{g:?} is not a group name or gid")));
         }
         let history = self.outcome_history.unwrap_or(DEFAULT_OUTCOME_HISTORY as i64);

@@ -154,7 +154,8 @@ fn supervisor_endpoints_are_checked() {
         let e = err(&format!("supervisors = [{bad:?}]"));
         assert!(e.contains("`supervisors`"), "{e}");
     }
-    for good in ["unix:/run/uffd-pager/supervisor.sock", "http://127.0.0.1:7000", "http://[::1]:1"] {
+    for good in ["unix:/run/uffd-pager/supervisor.sock", "http://127.0.0.1:7000", "http://[::1]:1"]
+    {
         assert_eq!(check_endpoint(good, false), Ok(()), "{good}");
     }
     assert_eq!(check_endpoint("http://localhost:7000", false), Ok(()));

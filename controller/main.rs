@@ -156,7 +156,10 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 
 /// Health (SERVING), reflection (v1 and v1alpha: PyPI's grpcurl speaks only v1alpha) and the
 /// Controller service, on `server`.
-async fn router<L: Clone>(shared: &Arc<Shared>, mut server: Server<L>) -> anyhow::Result<Router<L>> {
+async fn router<L: Clone>(
+    shared: &Arc<Shared>,
+    mut server: Server<L>,
+) -> anyhow::Result<Router<L>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ControllerServer<ControllerService>>().await;
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
@@ -185,9 +188,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let signaled = shutdown_signal()?;
     log_config(&config);
     // Everything that reads a file or a group is resolved before anything listens.
-    let callers = CallerPolicy::with_group(
-        config.api_group.as_deref().map(ApiGroup::resolve).transpose()?,
-    );
+    let callers =
+        CallerPolicy::with_group(config.api_group.as_deref().map(ApiGroup::resolve).transpose()?);
     let tcp_tls = match &config.listen_security {
         Some(TcpSecurity::Tls(files)) => Some(uffdpager::tls::server_config(files)?),
         _ => None,

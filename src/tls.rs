@@ -84,9 +84,7 @@ pub fn tcp_security(
         (Some(_), true) => Err(TcpSecurityError::Conflicting),
         (Some(files), false) => Ok(Some(TcpSecurity::Tls(files))),
         (None, false) => Err(TcpSecurityError::NoTls { addr }),
-        (None, true) if addr.ip().to_canonical().is_loopback() => {
-            Ok(Some(TcpSecurity::Plaintext))
-        }
+        (None, true) if addr.ip().to_canonical().is_loopback() => Ok(Some(TcpSecurity::Plaintext)),
         (None, true) => Err(TcpSecurityError::PlaintextNotLoopback { addr }),
     }
 }
@@ -126,8 +124,11 @@ pub enum TlsLoadError {
 }
 
 fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsLoadError> {
-    let pem = std::fs::read(path)
-        .map_err(|source| TlsLoadError::Read { what, path: path.into(), source })?;
+    let pem = std::fs::read(path).map_err(|source| TlsLoadError::Read {
+        what,
+        path: path.into(),
+        source,
+    })?;
     if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
         return Err(TlsLoadError::NotPem { what, path: path.into() });
     }
@@ -200,11 +201,20 @@ mod tests {
     fn incomplete_or_conflicting_tls_settings_are_refused() {
         let a = addr("127.0.0.1:1");
         let err = tcp_security(a, p("/c"), None, p("/ca"), false).unwrap_err();
-        assert_eq!(err, TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-key" });
+        assert_eq!(
+            err,
+            TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-key" }
+        );
         let err = tcp_security(a, None, p("/k"), p("/ca"), false).unwrap_err();
-        assert_eq!(err, TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-cert" });
+        assert_eq!(
+            err,
+            TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-cert" }
+        );
         let err = tcp_security(a, p("/c"), p("/k"), None, false).unwrap_err();
-        assert_eq!(err, TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-client-ca" });
+        assert_eq!(
+            err,
+            TcpSecurityError::Incomplete { names: LISTENER_TLS_FLAGS, missing: "--tls-client-ca" }
+        );
         let err = tcp_security(a, p("/c"), p("/k"), p("/ca"), true).unwrap_err();
         assert_eq!(err, TcpSecurityError::Conflicting);
         let err = tcp_security(None, p("/c"), p("/k"), p("/ca"), false).unwrap_err();
@@ -222,6 +232,9 @@ mod tests {
         assert!(err.contains("holds no PEM block") && err.contains("cert.pem"), "{err}");
         let files = TlsFiles { cert: d.path().join("missing.pem"), ..files };
         let err = client_config(&files).unwrap_err().to_string();
-        assert!(err.contains("reading the TLS certificate") && err.contains("missing.pem"), "{err}");
+        assert!(
+            err.contains("reading the TLS certificate") && err.contains("missing.pem"),
+            "{err}"
+        );
     }
 }

@@ -79,8 +79,9 @@ mod tests {
     use clap::Parser;
 
     fn access(args: &[&str]) -> Result<ApiAccess, ApiAccessError> {
-        let cli = Cli::try_parse_from(std::iter::once("uffd-supervisor").chain(args.iter().copied()))
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(std::iter::once("uffd-supervisor").chain(args.iter().copied()))
+                .unwrap();
         ApiAccess::from_cli(&cli)
     }
 

@@ -144,7 +144,10 @@ mod tests {
         assert_eq!(trusted_binary(owned(0, 0o100755), 0), Ok(()));
         assert_eq!(trusted_binary(owned(0, 0o100700), 0), Ok(()));
         assert_eq!(trusted_binary(owned(1000, 0o100755), 1000), Ok(()), "the supervisor's uid");
-        assert_eq!(trusted_binary(owned(65534, 0o100755), 0).unwrap_err(), "owned by uid 65534, not root");
+        assert_eq!(
+            trusted_binary(owned(65534, 0o100755), 0).unwrap_err(),
+            "owned by uid 65534, not root"
+        );
         let err = trusted_binary(owned(0, 0o100775), 0).unwrap_err();
         assert_eq!(err, "writable by group or others (mode 0775)");
         assert!(trusted_binary(owned(0, 0o100757), 0).is_err());

@@ -109,8 +109,11 @@ impl Core {
         let core = self.clone();
         let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
         let vmm_uid = req.vmm_uid;
-        let accept =
-            tokio::spawn(session_socket::accept_one(listener, id.clone(), vmm_uid, move |stream| {
+        let accept = tokio::spawn(session_socket::accept_one(
+            listener,
+            id.clone(),
+            vmm_uid,
+            move |stream| {
                 let setup = tokio::spawn(core.clone().connect_session(
                     sid.clone(),
                     stream,
@@ -120,7 +123,8 @@ impl Core {
                 if let Some(h) = core.held().get_mut(&sid) {
                     h.setup = Some(setup.abort_handle());
                 }
-            }));
+            },
+        ));
         held.insert(
             id.clone(),
             Held {

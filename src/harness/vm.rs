@@ -45,11 +45,28 @@ impl VmProcess {
         regions: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
+        Self::start(Self::restore_command(vmsim, socket, memory_file, regions), timeout)
+    }
+
+    /// The command line of [`VmProcess::restore`], to adjust (e.g. the uid it runs as) before
+    /// [`VmProcess::start`].
+    pub fn restore_command(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+    ) -> Command {
         let mut cmd = Command::new(vmsim);
         cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
         for r in regions {
             cmd.arg("--region").arg(r);
         }
+        cmd
+    }
+
+    /// Starts a `uffd-vmsim run` command line and waits (at most `timeout`) until it has
+    /// restored.
+    pub fn start(mut cmd: Command, timeout: Duration) -> Result<Self, VmProcessError> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
