@@ -177,7 +177,7 @@ pub async fn run(
                     session_id: id(i),
                     memory_file: file,
                     labels: Default::default(),
-                    vmm_uid: None,
+                    ..Default::default()
                 })
                 .await;
             (i, s.map(|s| PathBuf::from(s.into_inner().socket_path)))

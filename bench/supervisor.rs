@@ -79,7 +79,7 @@ impl Project {
                 session_id: id.into(),
                 memory_file: memory_file.display().to_string(),
                 labels: Default::default(),
-                vmm_uid: None,
+                ..Default::default()
             })
             .await
             .with_context(|| format!("CreateSession {id}"))?

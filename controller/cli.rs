@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+pub use uffdpager::logging::LogFormat;
 
 use crate::config::Settings;
 
@@ -103,18 +104,18 @@ pub struct Cli {
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub outcome_history: Option<i64>,
 
+    /// Graduate nothing on a supervisor whose host has less available memory (its
+    /// MemAvailable), e.g. 4GiB, 512M [default: 0: no check].
+    #[arg(long, value_name = "SIZE")]
+    pub min_available_memory: Option<String>,
+
+    /// Serve Prometheus metrics on http://IP:PORT/metrics [default: off].
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_listen: Option<String>,
+
     /// Log line format on stderr (filter with RUST_LOG; default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-}
-
-/// How log events are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One human-readable line per event.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 impl Cli {
@@ -141,6 +142,8 @@ impl Cli {
             supervisor_tls_key: self.supervisor_tls_key.clone(),
             supervisor_tls_ca: self.supervisor_tls_ca.clone(),
             outcome_history: self.outcome_history,
+            min_available_memory: self.min_available_memory.clone(),
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

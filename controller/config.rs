@@ -53,6 +53,9 @@ pub struct Policy {
     pub completion_timeout: Duration,
     /// Least time between a failed graduation of a session and the next attempt.
     pub failure_backoff: Duration,
+    /// No graduation on a supervisor whose host has less available memory, in bytes (0: no
+    /// such check).
+    pub min_available_memory: u64,
 }
 
 impl Default for Policy {
@@ -64,6 +67,7 @@ impl Default for Policy {
             scan_interval: Duration::from_secs(60),
             completion_timeout: Duration::from_secs(600),
             failure_backoff: Duration::from_secs(300),
+            min_available_memory: 0,
         }
     }
 }
@@ -91,6 +95,8 @@ pub struct Config {
     pub supervisor_tls: Option<TlsFiles>,
     /// Outcomes kept for GetStatus.
     pub outcome_history: usize,
+    /// Serve Prometheus metrics on this address (`/metrics`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Settings as written (file or flags): all optional.
@@ -117,6 +123,8 @@ pub struct Settings {
     pub supervisor_tls_key: Option<PathBuf>,
     pub supervisor_tls_ca: Option<PathBuf>,
     pub outcome_history: Option<i64>,
+    pub min_available_memory: Option<String>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Settings {
@@ -156,6 +164,8 @@ impl Settings {
             supervisor_tls_key: over.supervisor_tls_key.or(self.supervisor_tls_key),
             supervisor_tls_ca: over.supervisor_tls_ca.or(self.supervisor_tls_ca),
             outcome_history: over.outcome_history.or(self.outcome_history),
+            min_available_memory: over.min_available_memory.or(self.min_available_memory),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
         }
     }
 
@@ -189,6 +199,12 @@ impl Settings {
                 d.failure_backoff,
                 false,
             )?,
+            min_available_memory: match self.min_available_memory.as_deref() {
+                None => d.min_available_memory,
+                Some(text) => {
+                    parse_bytes(text).map_err(|reason| invalid("min_available_memory", reason))?
+                }
+            },
         };
         let enabled = self.enabled.unwrap_or(false);
         let supervisor_tls = uffdpager::tls::tls_files(
@@ -244,6 +260,13 @@ impl Settings {
         {
             return Err(invalid("api_group", format!("{g:?} is not a group name or gid")));
         }
+        let metrics_listen = self
+            .metrics_listen
+            .map(|a| {
+                a.parse::<SocketAddr>()
+                    .map_err(|e| invalid("metrics_listen", format!("{a:?} is not IP:PORT: {e}")))
+            })
+            .transpose()?;
         let history = self.outcome_history.unwrap_or(DEFAULT_OUTCOME_HISTORY as i64);
         if !(1..=MAX_OUTCOME_HISTORY).contains(&history) {
             return Err(invalid(
@@ -262,8 +285,37 @@ impl Settings {
             listen_security,
             supervisor_tls,
             outcome_history: usize::try_from(history).unwrap_or(DEFAULT_OUTCOME_HISTORY),
+            metrics_listen,
         })
     }
+}
+
+/// Parses a byte size: a number of bytes, or a number with a unit `K`/`M`/`G`/`T` (powers of
+/// 1000) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024): `"4GiB"`, `"512M"`, `"0"`.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if digits == 0 {
+        return Err(format!("{text:?} is not a size like \"4GiB\" or \"512M\""));
+    }
+    let n: u64 = t[..digits].parse().map_err(|e| format!("{text:?}: {e}"))?;
+    let unit: u64 = match t[digits..].trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "{text:?}: unknown unit {other:?} (K, M, G, T, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    n.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// Parses a duration as operators write them (`10m`, `90s`, `1h 30m`, `250ms`, `0`).

@@ -196,3 +196,19 @@ fn a_missing_file_is_reported_with_its_path() {
     let e = Settings::load(Path::new("/nonexistent/controller.toml")).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/controller.toml"), "{e}");
 }
+
+#[test]
+fn sizes_read_as_operators_write_them() {
+    assert_eq!(parse_bytes("0"), Ok(0));
+    assert_eq!(parse_bytes("4096"), Ok(4096));
+    assert_eq!(parse_bytes("4GiB"), Ok(4 << 30));
+    assert_eq!(parse_bytes("512M"), Ok(512_000_000));
+    assert_eq!(parse_bytes("2 KiB"), Ok(2048));
+    assert!(parse_bytes("GiB").is_err());
+    assert!(parse_bytes("5 parsecs").unwrap_err().contains("unknown unit"));
+    let e = Settings { min_available_memory: Some("-1G".into()), ..Default::default() }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`min_available_memory`"), "{e}");
+}

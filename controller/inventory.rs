@@ -78,6 +78,9 @@ pub struct Inventory {
     /// The supervisor's active pager version (empty: not known yet).
     pub active_version: String,
     pub sessions: BTreeMap<String, TrackedSession>,
+    /// The supervisor's host's available memory, as it last reported it (ListSessions); `None`:
+    /// not reported (yet).
+    pub available_memory: Option<u64>,
 }
 
 /// Why an event could not be applied (the stream is then restarted, which re-lists).

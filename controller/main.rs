@@ -29,6 +29,7 @@
 mod cli;
 mod config;
 mod inventory;
+mod metrics;
 mod plan;
 mod runner;
 mod service;
@@ -37,7 +38,6 @@ mod status;
 mod watch;
 
 use std::future::Future;
-use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ use uffdpager::api::controller_server::ControllerServer;
 use uffdpager::peer_auth::{checked_incoming, ApiGroup, CallerPolicy, RequireAllowedCaller};
 use uffdpager::tls::TcpSecurity;
 
-use crate::cli::{Cli, LogFormat};
+use crate::cli::Cli;
 use crate::config::{Config, Settings};
 use crate::runner::{GrpcCompleter, Runner};
 use crate::service::ControllerService;
@@ -63,25 +63,9 @@ use crate::state::{Clock, Shared};
 /// How long the gRPC servers get to finish their calls at shutdown.
 const SERVER_GRACE: Duration = Duration::from_secs(5);
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
-        // a pager must not die of its log.
-        .log_internal_errors(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    uffdpager::logging::init(cli.log_format);
     let runtime =
         match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
             Ok(rt) => rt,
@@ -119,6 +103,8 @@ fn log_config(c: &Config) {
         scan_interval = ?p.scan_interval,
         completion_timeout = ?p.completion_timeout,
         failure_backoff = ?p.failure_backoff,
+        min_available_memory = p.min_available_memory,
+        metrics_listen = ?c.metrics_listen,
         dry_run = c.dry_run,
         listen = %c.listen.display(),
         api_group = c.api_group.as_deref().unwrap_or(""),
@@ -234,6 +220,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         info!(listen_tcp = %addr, tls, "Controller API listening on TCP");
     }
 
+    let metrics_server = match config.metrics_listen {
+        Some(addr) => {
+            let s = shared.clone();
+            let render: uffdpager::metrics::Render = Arc::new(move || {
+                let s = s.clone();
+                Box::pin(async move { metrics::render(&s) })
+            });
+            let (bound, task) = uffdpager::metrics::serve(addr, render, stop_rx.clone()).await?;
+            info!(addr = %bound, "metrics served on /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+
     let mut watchers = tokio::task::JoinSet::new();
     if config.enabled {
         for endpoint in &config.supervisors {
@@ -262,6 +262,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     stop_tx.send_replace(true);
     while watchers.join_next().await.is_some() {}
+    if let Some(task) = metrics_server {
+        // A scraper's open connection must not hold the shutdown up.
+        let _ = tokio::time::timeout(SERVER_GRACE, task).await;
+    }
     let drained =
         tokio::time::timeout(SERVER_GRACE, async { while servers.join_next().await.is_some() {} })
             .await;

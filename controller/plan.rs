@@ -65,6 +65,9 @@ pub enum Hold {
     Backoff { retry_in: Duration },
     /// Current version, and the supervisor is at or under the ceiling without it.
     UnderCeiling { staying: usize, ceiling: u32 },
+    /// Its supervisor's host has less available memory than `min_available_memory` (graduation
+    /// turns page-cache memory into private memory), or has not said how much (`None`).
+    LowMemory { available: Option<u64>, min: u64 },
 }
 
 impl fmt::Display for Hold {
@@ -88,6 +91,16 @@ impl fmt::Display for Hold {
             Hold::UnderCeiling { staying, ceiling } => write!(
                 f,
                 "under the ceiling: {staying} serving stay <= max_active_sessions {ceiling}"
+            ),
+            Hold::LowMemory { available: Some(a), min } => write!(
+                f,
+                "host memory: {a} bytes available < min_available_memory {min}: graduation \
+                 would turn page cache into private memory"
+            ),
+            Hold::LowMemory { available: None, min } => write!(
+                f,
+                "host memory: the supervisor has not reported its available memory \
+                 (min_available_memory {min})"
             ),
         }
     }
@@ -144,6 +157,16 @@ fn oldest_first(list: &mut [Candidate]) {
     list.sort_by(|a, b| a.connected_at.cmp(&b.connected_at).then_with(|| a.key.cmp(&b.key)));
 }
 
+/// The hold of every candidate of a supervisor whose host is short of memory, if it is.
+fn low_memory(policy: &Policy, inv: &Inventory) -> Option<Hold> {
+    let min = policy.min_available_memory;
+    match inv.available_memory {
+        _ if min == 0 => None,
+        Some(a) if a >= min => None,
+        available => Some(Hold::LowMemory { available, min }),
+    }
+}
+
 /// Computes the plan.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let policy = input.policy;
@@ -192,6 +215,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             } else {
                 cur_here.push(c);
             }
+        }
+        if let Some(low) = low_memory(policy, inv) {
+            for c in old_here.into_iter().chain(cur_here) {
+                held.push(Held { key: c.key, pager_version: c.version, hold: low.clone() });
+            }
+            continue;
         }
         let active = if inv.active_version.is_empty() { "unknown" } else { &inv.active_version };
         let staying = serving.saturating_sub(leaving + old_here.len());

@@ -36,6 +36,9 @@ struct Case {
     want: &'static [(&'static str, &'static str, Class)],
     /// Expected holds, as (session id, a word of its reason).
     holds: &'static [(&'static str, &'static str)],
+    /// `min_available_memory`, and the available memory each supervisor reported.
+    min_memory: u64,
+    memory: &'static [(&'static str, u64)],
 }
 
 impl Default for Case {
@@ -51,6 +54,8 @@ impl Default for Case {
             failed: &[],
             want: &[],
             holds: &[],
+            min_memory: 0,
+            memory: &[],
         }
     }
 }
@@ -81,8 +86,12 @@ fn run(case: &Case) -> Plan {
         };
         invs.entry(sup).or_default().sessions.insert(id.into(), s);
     }
+    for (sup, bytes) in case.memory {
+        invs.entry(sup).or_default().available_memory = Some(*bytes);
+    }
     let supervisors: Vec<(&str, &Inventory)> = invs.iter().map(|(k, v)| (*k, v)).collect();
     let policy = Policy {
+        min_available_memory: case.min_memory,
         min_session_age: Duration::from_secs(case.min_age),
         max_active_sessions: case.ceiling,
         failure_backoff: Duration::from_secs(case.backoff),
@@ -104,6 +113,37 @@ fn run(case: &Case) -> Plan {
 fn cases() -> Vec<Case> {
     vec![
         Case { name: "nothing to watch, nothing to do", ..Default::default() },
+        Case {
+            name: "a host with less available memory than min_available_memory graduates nothing, outdated or not",
+            sessions: vec![serving("A", "a1", "v1", 900), serving("A", "a2", "v2", 900), serving("B", "b1", "v1", 900)],
+            min_memory: 1 << 30,
+            memory: &[("A", (1 << 30) - 1), ("B", 1 << 30)],
+            want: &[("B", "b1", Class::Outdated)],
+            holds: &[("a1", "host memory"), ("a2", "min_available_memory")],
+            ..Default::default()
+        },
+        Case {
+            name: "a supervisor that has not reported its memory is held while min_available_memory is set",
+            sessions: vec![serving("A", "a1", "v2", 900)],
+            min_memory: 1,
+            holds: &[("a1", "not reported")],
+            ..Default::default()
+        },
+        Case {
+            name: "with min_available_memory 0 memory is not looked at",
+            sessions: vec![serving("A", "a1", "v2", 900)],
+            memory: &[("A", 0)],
+            want: &[("A", "a1", Class::Soaked)],
+            ..Default::default()
+        },
+        Case {
+            name: "low memory holds only soaked candidates: young sessions still say soaking",
+            sessions: vec![serving("A", "a1", "v2", 10)],
+            min_memory: 1 << 30,
+            memory: &[("A", 1)],
+            holds: &[("a1", "soaking")],
+            ..Default::default()
+        },
         Case {
             name: "only SERVING sessions are candidates; COMPLETING ones are held",
             sessions: vec![
@@ -424,6 +464,7 @@ fn reasons_say_why_in_words() {
 #[test]
 fn the_outdated_flag_decides_while_the_active_version_is_unknown() {
     let inv = Inventory {
+        available_memory: None,
         active_version: String::new(),
         sessions: [(
             "x".to_string(),

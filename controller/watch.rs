@@ -15,7 +15,9 @@ use tokio::sync::watch as signal;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 use uffdpager::api::supervisor_client::SupervisorClient;
-use uffdpager::api::{SessionEvent, SessionEventType, SessionState, WatchSessionsRequest};
+use uffdpager::api::{
+    ListSessionsRequest, SessionEvent, SessionEventType, SessionState, WatchSessionsRequest,
+};
 
 use crate::inventory::{EventError, SnapshotBuilder};
 use crate::state::{ConnState, Shared};
@@ -166,8 +168,21 @@ async fn stream_once(
     set_conn(shared, endpoint, ConnState::Watching, false, None);
     *failures = 0;
     shared.wake.notify_one();
+    // The host's available memory is not in the stream: with `min_available_memory` set, it is
+    // asked for (ListSessions) at once and then every scan interval (at most 10 s apart).
+    let polls_memory = shared.config.policy.min_available_memory > 0;
+    let mut memory_tick =
+        tokio::time::interval(shared.config.policy.scan_interval.min(MEMORY_POLL_MAX));
+    memory_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let event = stream.message().await.map_err(WatchError::Stream)?.ok_or(WatchError::Ended)?;
+        let message = tokio::select! {
+            m = stream.message() => m,
+            _ = memory_tick.tick(), if polls_memory => {
+                poll_memory(shared, endpoint, &mut client).await;
+                continue;
+            }
+        };
+        let event = message.map_err(WatchError::Stream)?.ok_or(WatchError::Ended)?;
         count_event(shared, endpoint);
         let changed = {
             let mut st = shared.lock();
@@ -180,6 +195,41 @@ async fn stream_once(
         if changed {
             shared.wake.notify_one();
         }
+    }
+}
+
+/// Longest wait between two reads of a supervisor's available memory.
+const MEMORY_POLL_MAX: Duration = Duration::from_secs(10);
+
+/// Reads the supervisor's host's available memory (ListSessions) into its inventory; wakes the
+/// runner when that changes which side of `min_available_memory` it is on. A failed call leaves
+/// it unknown (the plan then holds that supervisor's graduations).
+async fn poll_memory(shared: &Shared, endpoint: &str, client: &mut SupervisorClient<Channel>) {
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), client.list_sessions(ListSessionsRequest {}))
+            .await;
+    let available = match answer {
+        Ok(Ok(r)) => r.into_inner().host_available_memory_bytes,
+        Ok(Err(e)) => {
+            debug!(supervisor = %endpoint, error = %e, "ListSessions for the host's memory failed");
+            None
+        }
+        Err(_) => {
+            debug!(supervisor = %endpoint, "ListSessions for the host's memory timed out");
+            None
+        }
+    };
+    let min = shared.config.policy.min_available_memory;
+    let crossed = {
+        let mut st = shared.lock();
+        let Some(s) = st.supervisor_mut(endpoint) else { return };
+        let before = s.inventory.available_memory;
+        s.inventory.available_memory = available;
+        before.map(|b| b >= min) != available.map(|a| a >= min)
+    };
+    if crossed {
+        info!(supervisor = %endpoint, available_memory = ?available, min_available_memory = min, "host memory crossed min_available_memory");
+        shared.wake.notify_one();
     }
 }
 

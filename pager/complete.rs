@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::copy_threads::{Claim, ClaimDone, CopyThreads, Reply};
+use crate::metrics::{self, Outcome, METRICS};
 use crate::session::{Session, SessionError};
 use crate::sweep::{Sweep, SweepCounts, ZeroTest};
 
@@ -192,6 +193,7 @@ impl Completion {
                 runs,
                 uffd: Arc::clone(&s.uffd),
                 file: Arc::clone(&s.file),
+                overlays: Arc::clone(&s.overlays),
                 gate: Arc::clone(&s.gate),
                 epoch: s.gate.epoch(),
                 stop: Arc::clone(&self.stop_claims),
@@ -237,13 +239,23 @@ impl Completion {
         self.counted.skipped_zero_bytes += counts.skipped_zero_bytes;
     }
 
+    /// Recomputes the report's byte counts; what they grew by goes to the pager's metrics.
     fn update_report(&mut self) {
         let leftover = self.leftovers.last().map(Sweep::counts).unwrap_or_default();
         let (main, counted) = (self.sweep.counts(), self.counted);
+        let (populated, zero) = (self.report.populated_bytes, self.report.skipped_zero_bytes);
         self.report.populated_bytes =
             main.populated_bytes + counted.populated_bytes + leftover.populated_bytes;
         self.report.skipped_zero_bytes =
             main.skipped_zero_bytes + counted.skipped_zero_bytes + leftover.skipped_zero_bytes;
+        metrics::add(
+            &METRICS.completion_bytes,
+            self.report.populated_bytes.saturating_sub(populated),
+        );
+        metrics::add(
+            &METRICS.zero_skipped_bytes,
+            self.report.skipped_zero_bytes.saturating_sub(zero),
+        );
     }
 
     /// After a full sweep: serve what is queued, unregister every region, and release any event
@@ -267,6 +279,7 @@ impl Completion {
                 // Graduated before anyone hears of it, so the answer shows the final state.
                 s.shared.set_error(String::new());
                 s.shared.set_state(uffdpager::api::SessionState::Graduated);
+                METRICS.graduated(self.report.duration, s.shared.total_bytes());
                 let _ = self.done.send(Some(Ok(self.report.clone())));
                 Ok(())
             }
@@ -276,6 +289,7 @@ impl Completion {
 
     /// Reports a failure to every waiter.
     pub fn fail(self, error: CompleteError) {
+        METRICS.completion_ended(Outcome::of(&error));
         let _ = self.done.send(Some(Err(error)));
     }
 

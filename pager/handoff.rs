@@ -14,6 +14,7 @@ use uffdpager::peer_auth::{self, CallerPolicy, PeerCredentials};
 use uffdpager::removed_log::RemovedLog;
 use userfaultfd::Uffd;
 
+use crate::overlay::SessionOverlays;
 use crate::registry::{Entry, SessionShared};
 use crate::session::Session;
 use crate::worker::Command;
@@ -83,6 +84,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     let mappings: Vec<_> = request.regions.iter().map(|r| r.to_mapping()).collect();
     let regions = firecracker::validate(&mappings, file.mapped_len()).map_err(|e| e.to_string())?;
 
+    let overlays = SessionOverlays::open(&request.overlays, fds.overlay, &regions)
+        .map_err(|e| format!("overlays: {e}"))?;
     let removed_log = match &fds.removed_log {
         Some(fd) => Some(RemovedLog::open(fd).map_err(|e| e.to_string())?),
         None => None,
@@ -106,7 +109,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         &request.removed,
         removed_log,
         Arc::clone(&pager.zero),
-    );
+    )
+    .with_overlays(overlays);
     let token = pager.registry.next_token();
     let worker = pager.registry.least_loaded_worker(pager.workers.len());
     pager.registry.lock().insert(

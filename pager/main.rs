@@ -8,6 +8,8 @@ mod file_extents;
 mod guarded_read;
 mod handoff;
 mod memory_file;
+mod metrics;
+mod overlay;
 mod pagemap;
 mod read_ahead;
 mod region_pages;
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use uffdpager::api::pager_server::PagerServer;
 use uffdpager::peer_auth::{checked_incoming, CallerPolicy, RequireAllowedCaller};
+use uffdpager::logging::LogFormat;
 
 use crate::copy_threads::CopyThreads;
 use crate::memory_file::MemoryFiles;
@@ -74,6 +77,10 @@ struct Cli {
     /// Default: one fewer than the CPUs this process may use, at most 4.
     #[arg(long)]
     copy_threads: Option<usize>,
+    /// Log line format on stderr (filter with RUST_LOG; default info). The supervisor reads
+    /// text lines (it takes their level): leave it `text` under a supervisor.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Everything the gRPC service and the handoff listener share.
@@ -96,17 +103,7 @@ fn main() -> anyhow::Result<()> {
         println!("{}", cli.version_label);
         return Ok(());
     }
-    tracing_subscriber::fmt()
-        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
-        // a pager must not die of its log.
-        .log_internal_errors(false)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    uffdpager::logging::init(cli.log_format);
     let grpc_socket = cli.grpc_socket.clone().context("--grpc-socket is required")?;
     let handoff_socket = cli.handoff_socket.clone().context("--handoff-socket is required")?;
     anyhow::ensure!(cli.fault_threads > 0, "--fault-threads must be at least 1");

@@ -3,7 +3,7 @@
 //! table's lock, so that two CompleteSession calls cannot both start a completion.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -27,6 +27,9 @@ pub struct SessionShared {
     removed: AtomicU64,
     zero: AtomicU64,
     faults: AtomicU64,
+    overlay_faults: AtomicU64,
+    overlay_count: AtomicU32,
+    overlay_bytes: AtomicU64,
     graduated_at_ms: AtomicU64,
     error: Mutex<String>,
 }
@@ -52,6 +55,9 @@ impl SessionShared {
             removed: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            overlay_faults: AtomicU64::new(0),
+            overlay_count: AtomicU32::new(0),
+            overlay_bytes: AtomicU64::new(0),
             graduated_at_ms: AtomicU64::new(0),
             error: Mutex::new(String::new()),
         }
@@ -82,10 +88,17 @@ impl SessionShared {
         matches!(self.state(), SessionState::Serving | SessionState::Completing)
     }
 
-    pub fn set_figures(&self, resident: u64, removed: u64, faults: u64) {
+    pub fn set_figures(&self, resident: u64, removed: u64, faults: u64, overlay_faults: u64) {
         self.resident.store(resident, Ordering::Relaxed);
         self.removed.store(removed, Ordering::Relaxed);
         self.faults.store(faults, Ordering::Relaxed);
+        self.overlay_faults.store(overlay_faults, Ordering::Relaxed);
+    }
+
+    /// The session's overlays: how many, and their bytes in all.
+    pub fn set_overlays(&self, count: u32, bytes: u64) {
+        self.overlay_count.store(count, Ordering::Relaxed);
+        self.overlay_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn set_zero_bytes(&self, zero: u64) {
@@ -127,6 +140,9 @@ impl SessionShared {
             error: self.error.lock().expect("session error").clone(),
             vmm_pid: self.vmm_pid,
             zero_bytes: self.zero.load(Ordering::Relaxed),
+            overlay_count: self.overlay_count.load(Ordering::Relaxed),
+            overlay_bytes: self.overlay_bytes.load(Ordering::Relaxed),
+            overlay_faults: self.overlay_faults.load(Ordering::Relaxed),
         }
     }
 }

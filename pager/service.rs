@@ -91,6 +91,7 @@ impl pager_server::Pager for PagerService {
         Ok(Response::new(api::ListSessionsResponse {
             sessions: self.pager.registry.snapshot(),
             active_version: String::new(),
+            host_available_memory_bytes: None,
         }))
     }
 
@@ -200,6 +201,13 @@ impl pager_server::Pager for PagerService {
         let entry = reg.remove(&req.session_id).expect("present");
         info!(session = %req.session_id, version = %self.pager.version, force = req.force, "session forgotten");
         Ok(Response::new(api::EndSessionResponse { session: Some(entry.shared.to_proto()) }))
+    }
+
+    async fn get_metrics(
+        &self,
+        _: Request<api::GetMetricsRequest>,
+    ) -> Result<Response<api::PagerMetrics>, Status> {
+        Ok(Response::new(crate::metrics::METRICS.snapshot()))
     }
 
     async fn shutdown(

@@ -22,6 +22,8 @@ use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
 
 use crate::memory_file::MappedFile;
+use crate::metrics::{self, METRICS};
+use crate::overlay::SessionOverlays;
 use crate::read_ahead::{Plan, ReadAhead};
 pub use crate::region_pages::{RegionPages, ZeroSource};
 use crate::registry::SessionShared;
@@ -84,13 +86,18 @@ pub struct Session {
     pub gate: Arc<RemoveGate>,
     pub vmm_stream: OwnedFd,
     pub file: Arc<MappedFile>,
+    /// Pages this session reads from its overlays instead of the memory file.
+    pub overlays: Arc<SessionOverlays>,
     pub regions: Vec<RegionPages>,
-    pending: VecDeque<u64>,
+    /// Faults read and not yet served, with when they were read (for the latency histogram).
+    pending: VecDeque<(u64, Instant)>,
     events: EventBuffer,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
     stream: Option<Stream>,
     faults: u64,
+    /// Faults served from an overlay.
+    overlay_faults: u64,
     unexpected_events: u64,
     zero: Arc<ZeroSource>,
     /// Where discarded ranges are recorded outside this process (see `uffdpager::removed_log`).
@@ -125,12 +132,14 @@ impl Session {
             gate: Arc::default(),
             vmm_stream,
             file,
+            overlays: Arc::default(),
             regions,
             pending: VecDeque::new(),
             events: EventBuffer::new(EVENT_BATCH),
             read_ahead: ReadAhead::default(),
             stream: None,
             faults: 0,
+            overlay_faults: 0,
             unexpected_events: 0,
             zero,
             removed_log: None,
@@ -145,6 +154,15 @@ impl Session {
         s
     }
 
+    /// Gives the session its overlays (pages served from them instead of the memory file), before
+    /// it serves anything.
+    pub fn with_overlays(mut self, overlays: SessionOverlays) -> Self {
+        let (count, bytes) = overlays.figures();
+        self.shared.set_overlays(count, bytes);
+        self.overlays = Arc::new(overlays);
+        self
+    }
+
     pub fn id(&self) -> &str {
         &self.shared.id
     }
@@ -157,7 +175,7 @@ impl Session {
     /// Publishes the figures that gRPC reads.
     pub fn publish(&self) {
         let removed = self.regions.iter().map(|r| r.removed_missing() * r.region.page_size).sum();
-        self.shared.set_figures(self.resident_bytes(), removed, self.faults);
+        self.shared.set_figures(self.resident_bytes(), removed, self.faults, self.overlay_faults);
     }
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
@@ -173,8 +191,9 @@ impl Session {
                 .collect();
             let n = batch.len();
             total += n;
+            let read_at = Instant::now();
             for event in batch {
-                self.apply_event(event);
+                self.apply_event(event, read_at);
             }
             // A short batch means the queue is empty: skip the read that would say EAGAIN.
             if n < EVENT_BATCH {
@@ -183,15 +202,17 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: userfaultfd::Result<Event>) {
+    fn apply_event(&mut self, event: userfaultfd::Result<Event>, read_at: Instant) {
         match event {
             Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
-                self.pending.push_back(addr as u64);
+                self.pending.push_back((addr as u64, read_at));
             }
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
             Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
                 self.gate.removed();
+                metrics::add(&METRICS.remove_events, 1);
+                metrics::add(&METRICS.remove_bytes, (end as u64).saturating_sub(start as u64));
                 self.log_remove(start as u64, end as u64);
                 self.apply_remove(start as u64, end as u64);
             }
@@ -240,47 +261,57 @@ impl Session {
 
     /// Serves every queued fault.
     pub fn serve_pending(&mut self) -> Result<(), SessionError> {
-        while let Some(addr) = self.pending.pop_front() {
+        while let Some((addr, read_at)) = self.pending.pop_front() {
             self.faults += 1;
-            let Some((ri, page)) = self.locate(addr) else {
-                self.unexpected_events += 1;
-                warn!(session = %self.shared.id, addr, "fault outside every region");
-                continue;
-            };
-            let r = &self.regions[ri];
-            if r.present().get(page) {
-                // Already served (two vCPUs faulted on one page, or a block covered it).
-                let ps = r.region.page_size;
-                self.wake(r.region.base + page * ps, ps)?;
-                continue;
-            }
-            if r.removed.contains(page) {
-                // A discarded page faults back in as zeros, one page: never a block.
-                self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                continue;
-            }
-            let region_pages = r.region.pages();
-            let plan = if r.region.page_size == uffdpager::firecracker::PAGE_4K {
-                self.read_ahead.on_fault(ri, page, region_pages)
-            } else {
-                Plan::OnePage
-            };
-            match plan {
-                Plan::OnePage => {
-                    self.fill(ri, page, page + 1, FillMode::OnFault)?;
-                }
-                Plan::Sequential { now, stream } => {
-                    // `Populate` past the faulting page: present and discarded pages are
-                    // skipped (a discarded range is never given snapshot data).
-                    self.fill(ri, now.start, now.end, FillMode::Populate)?;
-                    if !stream.is_empty() {
-                        let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
-                        self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
-                    }
-                }
-            }
+            let bytes = self.serve_fault(addr)?;
+            METRICS.fault_latency.observe(read_at.elapsed());
+            metrics::add(&METRICS.faults, 1);
+            metrics::add(&METRICS.fault_bytes, bytes);
         }
         Ok(())
+    }
+
+    /// Serves one fault: returns the bytes it made present.
+    fn serve_fault(&mut self, addr: u64) -> Result<u64, SessionError> {
+        let Some((ri, page)) = self.locate(addr) else {
+            self.unexpected_events += 1;
+            warn!(session = %self.shared.id, addr, "fault outside every region");
+            return Ok(0);
+        };
+        let r = &self.regions[ri];
+        let ps = r.region.page_size;
+        if r.present().get(page) {
+            // Already served (two vCPUs faulted on one page, or a block covered it).
+            self.wake(r.region.base + page * ps, ps)?;
+            return Ok(0);
+        }
+        if r.removed.contains(page) {
+            // A discarded page faults back in as zeros, one page: never a block (an overlay
+            // page too: the VMM discarded it).
+            return Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps);
+        }
+        if self.overlays.at(ri, page, ps).is_some() {
+            self.overlay_faults += 1;
+        }
+        let region_pages = r.region.pages();
+        let plan = if ps == uffdpager::firecracker::PAGE_4K {
+            self.read_ahead.on_fault(ri, page, region_pages)
+        } else {
+            Plan::OnePage
+        };
+        match plan {
+            Plan::OnePage => Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps),
+            Plan::Sequential { now, stream } => {
+                // `Populate` past the faulting page: present and discarded pages are
+                // skipped (a discarded range is never given snapshot data).
+                let filled = self.fill(ri, now.start, now.end, FillMode::Populate)?;
+                if !stream.is_empty() {
+                    let sweep = Sweep::within(ri, stream.start, stream.end, ZeroTest::Holes);
+                    self.stream = Some(Stream { sweep, chunk: FIRST_STREAM_CHUNK });
+                }
+                Ok(filled * ps)
+            }
+        }
     }
 
     /// Whether read-ahead is in progress.
@@ -292,7 +323,9 @@ impl Session {
     /// Returns whether read-ahead goes on.
     pub fn stream_step(&mut self) -> Result<bool, SessionError> {
         let Some(mut stream) = self.stream.take() else { return Ok(false) };
+        let before = stream.sweep.counts().populated_bytes;
         let done = stream.sweep.step(self, stream.chunk);
+        metrics::add(&METRICS.read_ahead_bytes, stream.sweep.counts().populated_bytes - before);
         // What GetSession shows follows the stream, not just the faults.
         self.publish();
         if done? {
@@ -382,10 +415,15 @@ impl Session {
                 run_end = p + 1; // zeros for hugepages are copied one page at a time
             }
             let addr = r.region.base + p * ps;
+            // The copy source: this session's overlay, or the memory file (up to the next edge
+            // between the two).
+            let src = (!zero).then(|| {
+                let (src_end, src) = self.overlays.source(&self.file, ri, &r.region, p, run_end);
+                run_end = src_end;
+                src
+            });
             let len = (run_end - p) * ps;
-            let result = if !zero {
-                let off = usize::try_from(r.region.offset + p * ps).expect("offset fits");
-                let src = &self.file.bytes()[off..off + usize::try_from(len).expect("len fits")];
+            let result = if let Some(src) = src {
                 uffd_ops::copy(&self.uffd, src, addr, true)
             } else if ps == uffdpager::firecracker::PAGE_4K {
                 uffd_ops::zeropage(&self.uffd, addr, len, true)

@@ -168,10 +168,12 @@ impl Sweep {
         let file = Arc::clone(&s.file);
         let (offset, pages) = (r.offset + first * ps, end - first);
         file.map_ahead(offset, pages * ps);
-        let zero = match self.zero_test {
+        let mut zero = match self.zero_test {
             ZeroTest::HolesAndZeroPages => file.zero_pages(offset, pages, ps),
             ZeroTest::Holes => file.hole_pages(offset, pages, ps),
         };
+        // An overlay page is copied even where the snapshot's page is zero.
+        s.overlays.unmark_zero(ri, first, &mut zero);
         for (run, is_zero) in flag_runs(first, &zero) {
             let pages = run.end - run.start;
             if is_zero {

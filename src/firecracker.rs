@@ -111,6 +111,31 @@ pub enum HandshakeError {
     Recv(nix::errno::Errno),
 }
 
+impl HandshakeError {
+    /// A short name of what was wrong (a metrics label: few values, no data in it).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::TooLarge => "too_large",
+            Self::Json(_) => "bad_json",
+            Self::NoRegions => "no_regions",
+            Self::TooManyRegions(_) => "too_many_regions",
+            Self::NoFd => "no_fd",
+            Self::TooManyFds(_) => "too_many_fds",
+            Self::NotUffd => "not_uffd",
+            Self::NoPageSize { .. } | Self::PageSizeMismatch { .. } | Self::BadPageSize { .. } => {
+                "bad_page_size"
+            }
+            Self::ZeroSize { .. } => "zero_size",
+            Self::Unaligned { .. } => "unaligned",
+            Self::Overflow { .. } => "overflow",
+            Self::Overlap { .. } => "overlap",
+            Self::PastEndOfFile { .. } => "past_end_of_file",
+            Self::Recv(_) => "recv",
+        }
+    }
+}
+
 /// Parses the JSON payload of a handshake.
 pub fn parse_mappings(bytes: &[u8]) -> Result<Vec<GuestRegionUffdMapping>, HandshakeError> {
     if bytes.is_empty() {

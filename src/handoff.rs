@@ -1,9 +1,10 @@
 //! Supervisor → pager session handoff: file descriptors cannot travel over gRPC, so a session
 //! reaches its pager over a Unix `SOCK_SEQPACKET` socket, one connection per handoff:
 //!
-//! 1. the supervisor sends ONE message: a JSON [`HandoffRequest`] with three or four descriptors
+//! 1. the supervisor sends ONE message: a JSON [`HandoffRequest`] with three to five descriptors
 //!    attached (`SCM_RIGHTS`), in this order: the userfaultfd, the memory file (read-only), the VMM
-//!    stream, and the session's removed-ranges log (`crate::removed_log`, a memfd), if any;
+//!    stream, the session's removed-ranges log (`crate::removed_log`, a memfd), if any, and last,
+//!    when the request lists overlays, the sealed memfd of their bytes (`crate::overlay`);
 //! 2. the pager answers ONE message: a JSON [`HandoffReply`], sent only once the session is being
 //!    served (or refused, with the reason).
 //!
@@ -20,6 +21,7 @@ use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixA
 use serde::{Deserialize, Serialize};
 
 use crate::firecracker::Region;
+use crate::overlay::OverlaySpan;
 use crate::scm;
 
 /// Largest handoff message (a request lists regions and removed ranges).
@@ -42,6 +44,10 @@ pub struct HandoffRequest {
     /// Guest address ranges `[start, end)` the VMM discarded (balloon) that must read as zero.
     #[serde(default)]
     pub removed: Vec<(u64, u64)>,
+    /// The session's overlays: pages served from the overlay memfd (the last descriptor)
+    /// instead of the memory file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<OverlaySpan>,
 }
 
 /// The pager's answer to a handoff.
@@ -60,6 +66,8 @@ pub struct SessionFds {
     pub vmm_stream: OwnedFd,
     /// The session's removed-ranges log (a memfd the supervisor keeps), if any.
     pub removed_log: Option<OwnedFd>,
+    /// The sealed memfd of the session's overlay bytes; sent only with overlays listed.
+    pub overlay: Option<OwnedFd>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +82,10 @@ pub enum HandoffError {
     Closed,
     #[error("handoff message is not valid: {0}")]
     Malformed(String),
-    #[error("handoff carried {0} descriptors; 3 or 4 are expected (uffd, memory file, VMM stream, removed log)")]
+    #[error("handoff carried {0} descriptors; 3 or 4 are expected (uffd, memory file, VMM stream, removed log), and one more with overlays")]
     WrongFdCount(usize),
+    #[error("the request lists overlays, but no overlay memfd was attached")]
+    NoOverlayData,
     #[error("the pager refused the session: {0}")]
     Refused(String),
     #[error("socket setup: {0}")]
@@ -101,6 +111,9 @@ pub fn send_session(
     let bytes = serde_json::to_vec(request).expect("handoff request serialises");
     let mut attached = vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
     attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
+    if !request.overlays.is_empty() {
+        attached.push(fds.overlay.as_ref().ok_or(HandoffError::NoOverlayData)?.as_fd());
+    }
     scm::send_with_fds(stream.as_fd(), &bytes, &attached).map_err(HandoffError::Send)?;
     let reply =
         scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
@@ -128,12 +141,18 @@ pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds)
     let request: HandoffRequest =
         serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
     let n = msg.fds.len();
-    let mut fds = msg.fds.into_iter();
+    let mut all = msg.fds;
+    // With overlays listed, their memfd is the last descriptor.
+    let overlay = if request.overlays.is_empty() || n < 4 { None } else { all.pop() };
+    if !request.overlays.is_empty() && overlay.is_none() {
+        return Err(HandoffError::WrongFdCount(n));
+    }
+    let mut fds = all.into_iter();
     match (fds.next(), fds.next(), fds.next(), fds.next(), fds.next()) {
         (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None)
             if !msg.fds_truncated =>
         {
-            Ok((request, SessionFds { uffd, memory_file, vmm_stream, removed_log }))
+            Ok((request, SessionFds { uffd, memory_file, vmm_stream, removed_log, overlay }))
         }
         _ => Err(HandoffError::WrongFdCount(n)),
     }
@@ -182,12 +201,19 @@ mod tests {
             connected_at_ms: 1,
             adopt: false,
             removed: vec![(0x10000, 0x11000)],
+            overlays: vec![],
         }
     }
 
     fn fds() -> SessionFds {
         let f = || OwnedFd::from(tempfile::tempfile().unwrap());
-        SessionFds { uffd: f(), memory_file: f(), vmm_stream: f(), removed_log: Some(f()) }
+        SessionFds {
+            uffd: f(),
+            memory_file: f(),
+            vmm_stream: f(),
+            removed_log: Some(f()),
+            overlay: Some(f()),
+        }
     }
 
     #[test]
@@ -203,6 +229,31 @@ mod tests {
         });
         send_session(&path, &request(), &fds(), Duration::from_secs(5)).unwrap();
         assert_eq!(server.join().unwrap(), request());
+    }
+
+    #[test]
+    fn a_session_with_overlays_crosses_with_their_memfd_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = bind_listener(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let got = recv_session(&conn);
+            reply(&conn, Ok(())).unwrap();
+            got.unwrap()
+        });
+        let mut req = request();
+        req.overlays = vec![OverlaySpan { offset: 4096, len: 4096, data_offset: 0 }];
+        let mut sent = fds();
+        let mut marked = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut marked, b"overlay").unwrap();
+        sent.overlay = Some(OwnedFd::from(marked));
+        send_session(&path, &req, &sent, Duration::from_secs(5)).unwrap();
+        let (got, fds) = server.join().unwrap();
+        assert_eq!(got, req);
+        assert!(fds.removed_log.is_some());
+        let overlay = std::fs::File::from(fds.overlay.expect("the overlay memfd"));
+        assert_eq!(overlay.metadata().unwrap().len(), 7, "the last descriptor is the overlay's");
     }
 
     #[test]

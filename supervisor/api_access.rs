@@ -1,23 +1,22 @@
-//! Who may call the Supervisor API, from the command line: the Unix socket's callers (root and
-//! the `--api-group`, checked by their `SO_PEERCRED`), and what the TCP listener serves (TLS
-//! with client certificates, or plain TCP on loopback when explicitly asked). Decided and loaded
-//! before anything starts, so a bad certificate path fails the start, not the first client.
+//! Who may call the Supervisor API, from the settings: the Unix socket's callers (root and the
+//! `api_group`, checked by their `SO_PEERCRED`), and what the TCP listener serves (TLS with
+//! client certificates, or plain TCP on loopback when explicitly asked; decided by
+//! `Settings::resolve`). Loaded before anything starts, so a bad certificate path or group fails
+//! the start, not the first client.
 
 use std::net::SocketAddr;
 
 use tonic::transport::ServerTlsConfig;
 use uffdpager::peer_auth::{ApiGroup, ApiGroupError, CallerPolicy};
-use uffdpager::tls::{TcpSecurity, TcpSecurityError, TlsLoadError};
+use uffdpager::tls::{TcpSecurity, TlsLoadError};
 
-use crate::cli::Cli;
+use crate::cli::Resolved;
 
 /// Why the API's access settings cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiAccessError {
     #[error(transparent)]
     Group(#[from] ApiGroupError),
-    #[error(transparent)]
-    Tcp(#[from] TcpSecurityError),
     #[error(transparent)]
     Tls(#[from] TlsLoadError),
 }
@@ -39,18 +38,11 @@ pub struct ApiAccess {
 }
 
 impl ApiAccess {
-    pub fn from_cli(cli: &Cli) -> Result<Self, ApiAccessError> {
-        let group = cli.api_group.as_deref().map(ApiGroup::resolve).transpose()?;
-        let security = uffdpager::tls::tcp_security(
-            cli.listen_tcp,
-            cli.tls_cert.as_deref(),
-            cli.tls_key.as_deref(),
-            cli.tls_client_ca.as_deref(),
-            cli.insecure_plaintext_tcp,
-        )?;
-        let tcp = match (cli.listen_tcp, security) {
+    pub fn from_settings(settings: &Resolved) -> Result<Self, ApiAccessError> {
+        let group = settings.api_group.as_deref().map(ApiGroup::resolve).transpose()?;
+        let tcp = match (settings.listen_tcp, &settings.tcp_security) {
             (Some(addr), Some(TcpSecurity::Tls(files))) => {
-                Some(TcpListen { addr, tls: Some(uffdpager::tls::server_config(&files)?) })
+                Some(TcpListen { addr, tls: Some(uffdpager::tls::server_config(files)?) })
             }
             (Some(addr), Some(TcpSecurity::Plaintext)) => Some(TcpListen { addr, tls: None }),
             _ => None,
@@ -79,20 +71,15 @@ mod tests {
     use clap::Parser;
 
     fn access(args: &[&str]) -> Result<ApiAccess, ApiAccessError> {
-        let cli =
-            Cli::try_parse_from(std::iter::once("uffd-supervisor").chain(args.iter().copied()))
-                .unwrap();
-        ApiAccess::from_cli(&cli)
+        let cli = crate::cli::Cli::try_parse_from(
+            std::iter::once("uffd-supervisor").chain(args.iter().copied()),
+        )
+        .unwrap();
+        ApiAccess::from_settings(&cli.resolve().unwrap())
     }
 
     #[test]
-    fn tcp_without_tls_or_the_explicit_flag_is_refused() {
-        let err = access(&["--listen-tcp", "127.0.0.1:7000"]).unwrap_err().to_string();
-        assert!(err.contains("--insecure-plaintext-tcp"), "{err}");
-        let err = access(&["--listen-tcp", "0.0.0.0:7000", "--insecure-plaintext-tcp"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not a loopback address"), "{err}");
+    fn plain_tcp_explicitly_asked_for_serves_plaintext() {
         let a = access(&["--listen-tcp", "127.0.0.1:7000", "--insecure-plaintext-tcp"]).unwrap();
         assert_eq!(a.tcp_mode(), "plaintext (insecure, loopback)");
     }

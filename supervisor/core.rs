@@ -46,6 +46,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Deadline of the supervisor's own short calls to a pager (list, get, end session).
     pub pager_call_timeout: Duration,
+    /// Most bytes of overlays one session may have (`--max-overlay-bytes`).
+    pub max_overlay_bytes: u64,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ impl Config {
             stop_grace: Duration::from_secs(5),
             poll_interval: Duration::from_millis(250),
             pager_call_timeout: Duration::from_secs(2),
+            max_overlay_bytes: 64 << 20,
         }
     }
 }
@@ -78,6 +81,9 @@ pub struct Held {
     /// removed-ranges log). It never reads from the uffd: that would steal the pager's faults.
     /// They exist so that another pager can adopt the session if this one dies.
     pub fds: Option<SessionFds>,
+    /// The session's overlays (the sealed memfd of their bytes and where they go), from
+    /// CreateSession on; handed to the pager with the session and to any pager adopting it.
+    pub overlays: Option<Arc<uffdpager::overlay::Overlays>>,
     /// The handoff that made the session SERVING, to send again (with `adopt`) on re-adoption.
     pub request: Option<HandoffRequest>,
     /// The task accepting on the session socket (aborting it closes the socket).
@@ -96,6 +102,8 @@ pub struct Core {
     closing: watch::Sender<bool>,
     /// Serialises DeployVersion / ActivateVersion.
     pub deploy_lock: tokio::sync::Mutex<()>,
+    /// Counters for `/metrics`.
+    pub metrics: crate::metrics::SupervisorMetrics,
 }
 
 impl Core {
@@ -107,6 +115,7 @@ impl Core {
             held: Mutex::new(HashMap::new()),
             closing: watch::channel(false).0,
             deploy_lock: tokio::sync::Mutex::new(()),
+            metrics: Default::default(),
         })
     }
 

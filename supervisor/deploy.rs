@@ -12,10 +12,12 @@ use tracing::{error, info, warn};
 use uffdpager::api::{PagerVersion, VersionState};
 
 use crate::core::Core;
+use crate::metrics::exit_cause;
 use crate::pager_binary::{check_binary, probe_version};
 use crate::pagers::{Exit, PagerError, PagerPaths, PagerProcess};
 use crate::session_id;
 use crate::status::ServiceError;
+use crate::tuning::PagerTuning;
 use crate::versions::{state_name, Table, VersionEntry};
 
 /// Restarts in a row of an active version before it is declared FAILED.
@@ -79,7 +81,7 @@ impl Core {
         binary_path: &str,
         label: &str,
     ) -> Result<PagerVersion, ServiceError> {
-        self.start_version(binary_path, label, Role::Active).await
+        self.start_version(binary_path, label, Role::Active, &PagerTuning::default()).await
     }
 
     /// The label a version will run as: `label`, checked, or (empty) what the binary reports.
@@ -99,6 +101,7 @@ impl Core {
         binary_path: &str,
         label: &str,
         role: Role,
+        tuning: &PagerTuning,
     ) -> Result<PagerVersion, ServiceError> {
         if self.is_closing() {
             return Err(ServiceError::ShuttingDown);
@@ -125,7 +128,9 @@ impl Core {
                     });
                 }
             }
-            t.entries.insert(label.clone(), VersionEntry::new(&label, binary.clone()));
+            let mut entry = VersionEntry::new(&label, binary.clone());
+            entry.tuning = tuning.clone();
+            t.entries.insert(label.clone(), entry);
             Ok(())
         })?;
         info!(version = %label, binary = %binary.display(), ?role, "deploying pager version");
@@ -232,8 +237,12 @@ impl Core {
         binary: &Path,
     ) -> Result<Arc<PagerProcess>, PagerError> {
         let paths = PagerPaths::new(&self.config.pagers_dir, version);
+        let args = self
+            .versions
+            .read(|t| t.entries.get(version).map(|e| e.tuning.args()))
+            .unwrap_or_default();
         let process =
-            PagerProcess::start(version, binary, paths, self.config.ready_timeout).await?;
+            PagerProcess::start(version, binary, &args, paths, self.config.ready_timeout).await?;
         self.versions.update(|t| {
             if let Some(e) = t.entries.get_mut(version) {
                 e.process = Some(process.clone());
@@ -294,10 +303,12 @@ impl Core {
             ExitOutcome::Stale => return,
             ExitOutcome::Stopped => {
                 info!(version = %version, pid, status = %exit.status, "pager exited");
+                self.metrics.pager_exits.inc(&[&version, exit_cause(true, &exit.status)]);
                 return;
             }
             ExitOutcome::Lost { respawn_after } => respawn_after,
         };
+        self.metrics.pager_exits.inc(&[&version, exit_cause(false, &exit.status)]);
         error!(version = %version, pid, exit = %exit, "pager exited unexpectedly");
         // Before the respawn: the sessions are marked as being re-adopted before a fresh
         // process of this version could list (and so lose) them.
@@ -335,6 +346,7 @@ impl Core {
                     });
                     let state = state.map_or("?", state_name);
                     info!(version = %version, pid = process.pid, state, "pager version respawned");
+                    self.metrics.pager_restarts.inc(&[&version]);
                     return;
                 }
                 Err(err) => err,

@@ -3,9 +3,10 @@
 //! It creates sessions and their VMM sockets, reads each VMM's Firecracker handshake, hands the
 //! session to the active pager version (a child process), routes every per-session call to the
 //! version that owns the session, streams the inventory, and keeps pager versions running
-//! (respawn, drain, stop). See `/work/shared/DESIGN.md` and the modules below:
+//! (respawn, drain, stop). See `docs/DESIGN.md` and the modules below:
 //!
-//! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP); `shutdown`: signals and the order of shutdown;
+//! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP);
+//!   `shutdown`: signals and the order of shutdown;
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
@@ -25,6 +26,7 @@ mod core;
 mod deploy;
 mod inventory;
 mod memory_file;
+mod metrics;
 mod monitor;
 mod pager_binary;
 mod pager_stderr;
@@ -40,10 +42,10 @@ mod sessions;
 mod shutdown;
 mod startup;
 mod status;
+mod tuning;
 mod versions;
 
 use std::future::Future;
-use std::io::IsTerminal;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
@@ -57,19 +59,26 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 use uffdpager::api::supervisor_server::SupervisorServer;
 use uffdpager::peer_auth::{checked_incoming, RequireAllowedCaller};
 
 use crate::api_access::ApiAccess;
-use crate::cli::{Cli, LogFormat};
+use crate::cli::{Cli, Resolved};
 use crate::core::{Config, Core};
 use crate::service::SupervisorService;
 use crate::shutdown::Signals;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let settings = match cli.resolve() {
+        Ok(s) => s,
+        Err(e) => {
+            uffdpager::logging::init(cli.settings.log_format.unwrap_or_default());
+            error!(error = %e, "uffd-supervisor cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
+    uffdpager::logging::init(settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -77,7 +86,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = format!("{e:#}"), "uffd-supervisor failed");
@@ -86,25 +95,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt()
-        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
-        // a pager must not die of its log.
-        .log_internal_errors(false)
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt.json().flatten_event(true).init(),
-    }
-}
-
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Resolved) -> anyhow::Result<()> {
     let mut signals = Signals::install().context("installing the signal handlers")?;
-    let access = ApiAccess::from_cli(&cli)?;
-    let config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    let access = ApiAccess::from_settings(&cli)?;
+    let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
+    config.max_overlay_bytes = cli.max_overlay_bytes;
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path, access.group_gid())?;
 
@@ -112,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         &cli.pager_binary,
         cli.pager_version.as_deref(),
         cli.versions_config.as_deref(),
+        cli.versions.clone(),
     )?;
 
     let core = Core::new(config);
@@ -122,8 +118,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     startup::start_versions(&core, &specs, &recovered).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_metrics = stop_rx.clone();
     let (health, servers) = serve(&core, &uds_path, &access, stop_rx).await?;
     let monitor = tokio::spawn(monitor::run(core.clone()));
+    let metrics = match cli.metrics_listen {
+        Some(addr) => {
+            let c = core.clone();
+            let render: uffdpager::metrics::Render =
+                Arc::new(move || Box::pin(metrics::render(c.clone())));
+            let (bound, task) = uffdpager::metrics::serve(addr, render, stop_rx_metrics).await?;
+            info!(addr = %bound, "metrics served on /metrics");
+            Some(task)
+        }
+        None => None,
+    };
     info!(
         socket = %uds_path.display(),
         callers = %access.callers,
@@ -160,6 +168,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .await;
     let _ = monitor.await;
+    if let Some(task) = metrics {
+        // A scraper's open connection must not hold the shutdown up.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     core.close_all_sockets();
     shutdown::stop_idle_pagers(&core).await;
     let _ = std::fs::remove_file(&uds_path);

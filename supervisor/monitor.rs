@@ -25,6 +25,7 @@ pub fn merge_live(r: &mut Record, live: &Session) {
     s.removed_bytes = live.removed_bytes;
     s.zero_bytes = live.zero_bytes;
     s.faults = live.faults;
+    s.overlay_faults = live.overlay_faults;
     if !live.error.is_empty() {
         s.error = live.error.clone();
     }

@@ -127,6 +127,7 @@ impl PagerProcess {
     pub async fn start(
         version: &str,
         binary: &Path,
+        args: &[String],
         paths: PagerPaths,
         ready_timeout: Duration,
     ) -> Result<Arc<Self>, PagerError> {
@@ -154,6 +155,7 @@ impl PagerProcess {
             .arg(&paths.handoff_socket)
             .arg("--version-label")
             .arg(version)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -434,7 +436,8 @@ mod tests {
         std::fs::write(&p, "#!/bin/sh\necho 'cannot bind socket' >&2\nexit 7\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let paths = PagerPaths::new(d.path(), "v1");
-        let err = PagerProcess::start("v1", &p, paths, Duration::from_secs(5)).await.unwrap_err();
+        let err =
+            PagerProcess::start("v1", &p, &[], paths, Duration::from_secs(5)).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains("exited before it was ready"), "{text}");
         assert!(text.contains("exit status: 7") && text.contains("cannot bind socket"), "{text}");
@@ -447,7 +450,7 @@ mod tests {
         std::fs::write(&p, "#!/bin/sh\necho 'starting slowly' >&2\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let paths = PagerPaths::new(d.path(), "v1");
-        let err = PagerProcess::start("v1", &p, paths.clone(), Duration::from_millis(300))
+        let err = PagerProcess::start("v1", &p, &[], paths.clone(), Duration::from_millis(300))
             .await
             .unwrap_err();
         let text = err.to_string();

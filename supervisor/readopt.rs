@@ -65,6 +65,7 @@ fn dup_fds(fds: &SessionFds) -> std::io::Result<SessionFds> {
         memory_file: fds.memory_file.try_clone()?,
         vmm_stream: fds.vmm_stream.try_clone()?,
         removed_log: fds.removed_log.as_ref().map(|f| f.try_clone()).transpose()?,
+        overlay: fds.overlay.as_ref().map(|f| f.try_clone()).transpose()?,
     })
 }
 
@@ -212,6 +213,7 @@ impl Core {
         });
         drop(held);
         info!(session = %id, to = %to, pid, "session re-adopted");
+        self.metrics.readoptions.inc(&[&to]);
         Ok(Outcome::Adopted)
     }
 }

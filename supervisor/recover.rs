@@ -211,6 +211,17 @@ impl Core {
         session.outdated = false;
         if let Some(meta) = &meta {
             meta.apply_to(&mut session);
+            // The overlays are held again, as at CreateSession: a pager adopting the session
+            // later gets them with it.
+            match runtime_state::read_session_overlays(&self.config.sessions_dir, meta) {
+                Ok(Some(o)) => {
+                    self.held().entry(id.clone()).or_default().overlays = Some(Arc::new(o));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(session = %id, error = %e, "cannot read the session's overlays back");
+                }
+            }
         }
         let inserted = self.inventory.insert_with(&id, || Ok::<_, ()>(session));
         match inserted {

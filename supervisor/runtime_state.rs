@@ -3,7 +3,10 @@
 //!
 //! - `DIR/active-version`: the active version's label, rewritten whenever it changes;
 //! - `DIR/sessions/<id>.json`: a session's metadata that no pager knows (labels, creation time,
-//!   VMM socket path), written when the session is created and removed when it is forgotten;
+//!   VMM socket path, where its overlays go), written when the session is created and removed
+//!   when it is forgotten;
+//! - `DIR/sessions/<id>.overlay`: the bytes of a session's overlays (a copy of its sealed
+//!   memfd), beside its metadata, so that a restarted supervisor holds them again;
 //! - `DIR/pagers/<version>/{pid,grpc.sock,handoff.sock,pager.log}`: written by `pagers.rs`.
 //!
 //! Files are replaced atomically (written beside, then renamed), so a supervisor killed at any
@@ -16,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use uffdpager::api::Session;
+use uffdpager::overlay::{self, OverlaySpan, Overlays};
 
 use crate::session_id;
 
@@ -35,10 +39,13 @@ pub struct SessionMeta {
     pub created_at_nanos: i32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Where the session's overlays go; their bytes are in `<id>.overlay`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlays: Vec<OverlaySpan>,
 }
 
 impl SessionMeta {
-    pub fn of(session: &Session) -> Self {
+    pub fn of(session: &Session, overlays: Option<&Overlays>) -> Self {
         let created = session.created_at.unwrap_or_default();
         Self {
             id: session.id.clone(),
@@ -47,6 +54,7 @@ impl SessionMeta {
             created_at_secs: created.seconds,
             created_at_nanos: created.nanos,
             labels: session.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            overlays: overlays.map(|o| o.spans.clone()).unwrap_or_default(),
         }
     }
 
@@ -63,11 +71,19 @@ impl SessionMeta {
             });
         }
         session.labels = self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if session.overlay_count == 0 && !self.overlays.is_empty() {
+            session.overlay_count = u32::try_from(self.overlays.len()).unwrap_or(u32::MAX);
+            session.overlay_bytes = overlay::total_bytes(&self.overlays);
+        }
     }
 }
 
 fn meta_path(sessions_dir: &Path, id: &str) -> PathBuf {
     sessions_dir.join(format!("{id}.json"))
+}
+
+fn overlay_path(sessions_dir: &Path, id: &str) -> PathBuf {
+    sessions_dir.join(format!("{id}.overlay"))
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename.
@@ -83,8 +99,16 @@ fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Records a session's metadata. Best effort: a failure is logged (a restarted supervisor would
 /// then show the session without labels or creation time).
-pub fn write_session_meta(sessions_dir: &Path, session: &Session) {
-    let meta = SessionMeta::of(session);
+pub fn write_session_meta(sessions_dir: &Path, session: &Session, overlays: Option<&Overlays>) {
+    let meta = SessionMeta::of(session, overlays);
+    if let Some(o) = overlays {
+        // The bytes first: metadata that lists overlays always finds them.
+        let bytes = read_memfd(o);
+        let written = bytes.and_then(|b| replace_file(&overlay_path(sessions_dir, &meta.id), &b));
+        if let Err(e) = written {
+            warn!(session = %meta.id, error = %e, "cannot record the session's overlays");
+        }
+    }
     let result = serde_json::to_vec_pretty(&meta)
         .map_err(io::Error::other)
         .and_then(|bytes| replace_file(&meta_path(sessions_dir, &meta.id), &bytes));
@@ -95,12 +119,43 @@ pub fn write_session_meta(sessions_dir: &Path, session: &Session) {
 
 /// Removes a session's metadata file, if any.
 pub fn remove_session_meta(sessions_dir: &Path, id: &str) {
-    match std::fs::remove_file(meta_path(sessions_dir, id)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            debug!(session = %id, error = %e, "cannot remove the session's metadata");
+    for path in [meta_path(sessions_dir, id), overlay_path(sessions_dir, id)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                debug!(session = %id, path = %path.display(), error = %e, "cannot remove the session's metadata");
+            }
+            _ => {}
         }
-        _ => {}
     }
+}
+
+fn read_memfd(o: &Overlays) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::from(o.fd.try_clone()?);
+    let mut bytes =
+        vec![0u8; usize::try_from(overlay::data_len(&o.spans)).map_err(io::Error::other)?];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
+/// The overlays a session's metadata lists, their bytes read back from `<id>.overlay` into a
+/// new sealed memfd. `None` without overlays; an error if the bytes are missing or short.
+pub fn read_session_overlays(
+    sessions_dir: &Path,
+    meta: &SessionMeta,
+) -> io::Result<Option<Overlays>> {
+    if meta.overlays.is_empty() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(overlay_path(sessions_dir, &meta.id))?;
+    let need = overlay::data_len(&meta.overlays);
+    if (bytes.len() as u64) < need {
+        return Err(io::Error::other(format!(
+            "the overlay file holds {} bytes, the overlays need {need}",
+            bytes.len()
+        )));
+    }
+    Ok(Some(Overlays { spans: meta.overlays.clone(), fd: overlay::memfd_of(&bytes)? }))
 }
 
 /// Every readable session metadata file, by session id. Unreadable ones are logged and skipped.
@@ -158,7 +213,7 @@ mod tests {
             labels: [("team".to_string(), "a".to_string())].into(),
             ..Default::default()
         };
-        write_session_meta(dir.path(), &session);
+        write_session_meta(dir.path(), &session, None);
         std::fs::write(dir.path().join("vm-2.json"), "not json").unwrap();
         std::fs::write(dir.path().join("vm-1.sock"), "").unwrap();
         let metas = read_session_metas(dir.path());
@@ -171,6 +226,34 @@ mod tests {
         assert_eq!(rebuilt.memory_file, "/snap/mem");
         remove_session_meta(dir.path(), "vm-1");
         assert!(read_session_metas(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_sessions_overlays_survive_a_round_trip_through_the_runtime_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = vec![
+            overlay::OverlayInput {
+                offset: 8192,
+                source: overlay::OverlaySource::Data(vec![7; 4096]),
+            },
+            overlay::OverlayInput {
+                offset: 0,
+                source: overlay::OverlaySource::Data(vec![9; 4096]),
+            },
+        ];
+        let o = overlay::load(inputs, 1 << 20, 1 << 20).unwrap().unwrap();
+        let session = Session { id: "vm-1".into(), ..Default::default() };
+        write_session_meta(dir.path(), &session, Some(&o));
+        let metas = read_session_metas(dir.path());
+        assert_eq!(metas["vm-1"].overlays, o.spans);
+        let back = read_session_overlays(dir.path(), &metas["vm-1"]).unwrap().unwrap();
+        assert_eq!(back.spans, o.spans);
+        assert_eq!(read_memfd(&back).unwrap(), read_memfd(&o).unwrap());
+        let mut shown = Session::default();
+        metas["vm-1"].apply_to(&mut shown);
+        assert_eq!((shown.overlay_count, shown.overlay_bytes), (2, 8192));
+        remove_session_meta(dir.path(), "vm-1");
+        assert!(!dir.path().join("vm-1.overlay").exists());
     }
 
     #[test]

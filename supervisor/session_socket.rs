@@ -135,6 +135,18 @@ pub enum HandshakeFailure {
     Join(String),
 }
 
+impl HandshakeFailure {
+    /// The `reason` label of a refusal in `/metrics`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Setup(_) => "setup",
+            Self::TimedOut(_) => "timed_out",
+            Self::Invalid(e) => e.reason(),
+            Self::Join(_) => "internal",
+        }
+    }
+}
+
 impl fmt::Display for HandshakeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

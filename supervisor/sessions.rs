@@ -13,6 +13,7 @@ use uffdpager::api::{
 };
 use uffdpager::firecracker::Handshake;
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::overlay;
 
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
@@ -60,6 +61,16 @@ impl Core {
         let memory = tokio::task::spawn_blocking(move || memory_file::open(&path))
             .await
             .map_err(|e| ServiceError::Internal(format!("opening the memory file: {e}")))??;
+        let (inputs, file_len, max) =
+            (overlay_inputs(&req.overlays), memory.len, self.config.max_overlay_bytes);
+        let overlays = tokio::task::spawn_blocking(move || overlay::load(inputs, file_len, max))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("reading the overlays: {e}")))??
+            .map(Arc::new);
+        let (overlay_count, overlay_bytes) = overlays
+            .as_ref()
+            .map(|o| (u32::try_from(o.spans.len()).unwrap_or(u32::MAX), o.bytes()))
+            .unwrap_or_default();
 
         let mut held = self.held();
         let mut attempts = 0;
@@ -91,6 +102,8 @@ impl Core {
                     created_at: Some(uffdpager::grpc::timestamp(SystemTime::now())),
                     labels: req.labels.clone(),
                     vmm_uid: req.vmm_uid,
+                    overlay_count,
+                    overlay_bytes,
                     ..Default::default()
                 })
             });
@@ -131,18 +144,22 @@ impl Core {
                 socket_path,
                 socket_open: true,
                 fds: None,
+                overlays: overlays.clone(),
                 request: None,
                 accept: Some(accept.abort_handle()),
                 setup: None,
             },
         );
         drop(held);
-        runtime_state::write_session_meta(&self.config.sessions_dir, &session);
+        self.metrics.session_created();
+        runtime_state::write_session_meta(&self.config.sessions_dir, &session, overlays.as_deref());
         info!(
             session = %id,
             memory_file = %session.memory_file,
             socket = %session.socket_path,
             vmm_uid = ?session.vmm_uid,
+            overlays = overlay_count,
+            overlay_bytes,
             "session created; waiting for the VMM",
         );
         Ok(session)
@@ -169,10 +186,23 @@ impl Core {
             Ok(ok) => ok,
             Err(e) => {
                 warn!(error = %e, "handshake refused; the session FAILED");
+                self.metrics.handshake_refusals.inc(&[e.reason()]);
                 self.fail_session(&id, e.to_string(), false);
                 return;
             }
         };
+        let overlays = self.held().get(&id).and_then(|h| h.overlays.clone());
+        if let Some(o) = &overlays {
+            if let Err(e) = overlay::check_regions(&o.spans, &hs.regions) {
+                warn!(error = %e, "the overlays do not fit the VMM's regions; the session FAILED");
+                self.fail_session(
+                    &id,
+                    format!("the overlays do not fit the VMM's regions: {e}"),
+                    false,
+                );
+                return;
+            }
+        }
         let connected_at_ms = uffdpager::grpc::now_ms();
         // From here the session cannot be deleted until the pager has answered.
         let claimed = self.inventory.modify(&id, |r| {
@@ -191,8 +221,16 @@ impl Core {
             connected_at_ms,
             adopt: false,
             removed: vec![],
+            overlays: overlays.as_ref().map(|o| o.spans.clone()).unwrap_or_default(),
         };
-        let mut fds = Some(session_fds(hs, memory_file, vmm));
+        let overlay_fd = match overlays.as_ref().map(|o| o.fd.try_clone()).transpose() {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.fail_session(&id, format!("duplicating the overlay memfd: {e}"), false);
+                return;
+            }
+        };
+        let mut fds = Some(session_fds(hs, memory_file, vmm, overlay_fd));
         let mut attempt = 0;
         // The reservation is held until the outcome is recorded, so that the version is not
         // stopped meanwhile.
@@ -342,7 +380,11 @@ impl Core {
     /// ListSessions.
     pub fn list_sessions(&self) -> ListSessionsResponse {
         let (sessions, active_version) = self.inventory.list();
-        ListSessionsResponse { sessions, active_version }
+        ListSessionsResponse {
+            sessions,
+            active_version,
+            host_available_memory_bytes: crate::metrics::host_available_memory(),
+        }
     }
 
     /// DeleteSession: cancels a PENDING session, forgets a finished one; refuses a live one.
@@ -389,7 +431,12 @@ impl Core {
 /// The descriptors handed to the pager; the supervisor keeps them as its own copies afterwards.
 /// A new removed-ranges log (memfd) goes with them, so that a pager that adopts the session after
 /// a crash knows which ranges the VMM discarded.
-fn session_fds(hs: Handshake, memory_file: std::fs::File, vmm: StdUnixStream) -> SessionFds {
+fn session_fds(
+    hs: Handshake,
+    memory_file: std::fs::File,
+    vmm: StdUnixStream,
+    overlay: Option<OwnedFd>,
+) -> SessionFds {
     let removed_log = match uffdpager::removed_log::RemovedLog::create() {
         Ok((_mapping, fd)) => Some(fd),
         Err(e) => {
@@ -402,7 +449,24 @@ fn session_fds(hs: Handshake, memory_file: std::fs::File, vmm: StdUnixStream) ->
         memory_file: OwnedFd::from(memory_file),
         vmm_stream: OwnedFd::from(vmm),
         removed_log,
+        overlay,
     }
+}
+
+/// The overlays of a CreateSession request, as the checks take them.
+fn overlay_inputs(overlays: &[uffdpager::api::Overlay]) -> Vec<overlay::OverlayInput> {
+    use uffdpager::api::overlay::Source;
+    overlays
+        .iter()
+        .map(|o| overlay::OverlayInput {
+            offset: o.offset,
+            source: match &o.source {
+                Some(Source::Data(d)) => overlay::OverlaySource::Data(d.clone()),
+                Some(Source::Path(p)) => overlay::OverlaySource::Path(p.clone()),
+                None => overlay::OverlaySource::Missing,
+            },
+        })
+        .collect()
 }
 
 pub fn to_proto_region(r: &uffdpager::firecracker::Region) -> Region {

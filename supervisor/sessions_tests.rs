@@ -36,7 +36,7 @@ async fn create(core: &Arc<Core>, id: &str, mem: &str) -> Result<Session, Servic
         session_id: id.into(),
         memory_file: mem.into(),
         labels: [("team".to_string(), "a".to_string())].into(),
-        vmm_uid: None,
+        ..Default::default()
     };
     core.create_session(req).await
 }

@@ -26,13 +26,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use crate::core::Core;
 use crate::deploy::Role;
 use crate::recover::Recovered;
 use crate::session_id::{self, NameError};
+use crate::tuning::PagerTuning;
 
 /// Why the list of versions to start is refused.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub struct VersionSpec {
     /// Empty: what the binary prints with `--print-version`.
     pub label: String,
     pub active: bool,
+    /// Flags passed to each process of this version.
+    pub tuning: PagerTuning,
 }
 
 /// Parses `PATH` or `PATH=LABEL` (split at the last `=` when what follows is a valid label).
@@ -78,7 +81,12 @@ pub fn parse_version_spec(s: &str) -> Result<VersionSpec, VersionsError> {
         }
         _ => (s, ""),
     };
-    Ok(VersionSpec { binary: PathBuf::from(binary), label: label.to_string(), active: false })
+    Ok(VersionSpec {
+        binary: PathBuf::from(binary),
+        label: label.to_string(),
+        active: false,
+        tuning: PagerTuning::default(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,29 +95,55 @@ struct VersionsFile {
     versions: Vec<VersionsFileEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[[versions]]` table (of a versions file or of the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct VersionsFileEntry {
-    binary_path: PathBuf,
+pub struct VersionsFileEntry {
+    /// The pager binary; relative: to the file's directory.
+    pub binary_path: PathBuf,
+    /// Empty: what the binary prints with `--print-version`.
     #[serde(default)]
-    version: String,
+    pub version: String,
     #[serde(default)]
-    active: bool,
+    pub active: bool,
+    /// `uffd-pager --fault-threads`.
+    pub fault_threads: Option<u32>,
+    /// `uffd-pager --copy-threads`.
+    pub copy_threads: Option<u32>,
+    /// `uffd-pager --complete-step-bytes`.
+    pub complete_step_bytes: Option<u64>,
+    /// `uffd-pager --fault-spin-us`.
+    pub fault_spin_us: Option<u64>,
+}
+
+impl VersionsFileEntry {
+    fn spec(self, base: &Path) -> VersionSpec {
+        VersionSpec {
+            binary: base.join(self.binary_path),
+            label: self.version,
+            active: self.active,
+            tuning: PagerTuning {
+                fault_threads: self.fault_threads,
+                copy_threads: self.copy_threads,
+                complete_step_bytes: self.complete_step_bytes,
+                fault_spin_us: self.fault_spin_us,
+            },
+        }
+    }
 }
 
 /// Parses a versions file; relative binary paths are taken from `base`.
 pub fn parse_versions_file(text: &str, base: &Path) -> Result<Vec<VersionSpec>, VersionsError> {
     let file: VersionsFile = toml::from_str(text)?;
-    let specs: Vec<VersionSpec> = file
-        .versions
-        .into_iter()
-        .map(|e| VersionSpec {
-            binary: base.join(e.binary_path),
-            label: e.version,
-            active: e.active,
-        })
-        .collect();
-    check_specs(specs)
+    versions_from_entries(file.versions, base)
+}
+
+/// The versions of `[[versions]]` tables; relative binary paths are taken from `base`.
+pub fn versions_from_entries(
+    entries: Vec<VersionsFileEntry>,
+    base: &Path,
+) -> Result<Vec<VersionSpec>, VersionsError> {
+    check_specs(entries.into_iter().map(|e| e.spec(base)).collect())
 }
 
 /// Checks labels and picks the active version (the one marked, else the last).
@@ -139,14 +173,26 @@ fn check_specs(mut specs: Vec<VersionSpec>) -> Result<Vec<VersionSpec>, Versions
     Ok(specs)
 }
 
-/// The versions to start: from `--versions-config`, or `--pager-binary` (with `--pager-version`
-/// for a single one), or the pager beside this executable. Binary paths are made absolute.
+/// The versions to start: `--pager-binary` (with `--pager-version` for a single one), or
+/// `--versions-config`, or the config file's `[[versions]]` (`file_versions`, binary paths
+/// already resolved), or the pager beside this executable. Binary paths are made absolute.
 pub fn version_specs(
     pager_binaries: &[VersionSpec],
     pager_version: Option<&str>,
     versions_config: Option<&Path>,
+    file_versions: Vec<VersionsFileEntry>,
 ) -> anyhow::Result<Vec<VersionSpec>> {
+    if pager_binaries.is_empty() && versions_config.is_none() && !file_versions.is_empty() {
+        if pager_version.is_some() {
+            bail!("pager_version labels --pager-binary; label `[[versions]]` with `version`");
+        }
+        return versions_from_entries(file_versions, Path::new("/"))
+            .context("in the config file's [[versions]]");
+    }
     if let Some(path) = versions_config {
+        if !pager_binaries.is_empty() {
+            bail!("--versions-config and --pager-binary: give one");
+        }
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let base = std::path::absolute(path)?.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -157,7 +203,12 @@ pub fn version_specs(
     if specs.is_empty() {
         let binary = crate::cli::default_pager_binary()
             .context("locating the pager beside this executable")?;
-        specs.push(VersionSpec { binary, label: String::new(), active: false });
+        specs.push(VersionSpec {
+            binary,
+            label: String::new(),
+            active: false,
+            tuning: PagerTuning::default(),
+        });
     }
     if let Some(label) = pager_version {
         match specs.as_mut_slice() {
@@ -208,7 +259,7 @@ pub async fn start_versions(
             continue;
         }
         let role = if makes_active { Role::Active } else { Role::Standby };
-        match core.start_version(binary, &label, role).await {
+        match core.start_version(binary, &label, role, &spec.tuning).await {
             Ok(_) => {}
             Err(e) if makes_active => {
                 return Err(anyhow::Error::new(e)).context("starting the active pager version")
@@ -251,6 +302,7 @@ mod tests {
             &[parse_version_spec("/p1=v1").unwrap(), parse_version_spec("/p2=v2").unwrap()],
             None,
             None,
+            Vec::new(),
         )
         .unwrap();
         assert_eq!(specs.iter().map(|s| s.active).collect::<Vec<_>>(), [false, true]);
@@ -291,11 +343,11 @@ mod tests {
     #[test]
     fn pager_version_labels_a_single_binary_only() {
         let one = [parse_version_spec("/p").unwrap()];
-        let specs = version_specs(&one, Some("v1"), None).unwrap();
+        let specs = version_specs(&one, Some("v1"), None, Vec::new()).unwrap();
         assert_eq!((specs[0].label.as_str(), specs[0].active), ("v1", true));
         let two = [parse_version_spec("/p=a").unwrap(), parse_version_spec("/q=b").unwrap()];
-        assert!(version_specs(&two, Some("v1"), None).is_err());
+        assert!(version_specs(&two, Some("v1"), None, Vec::new()).is_err());
         let labelled = [parse_version_spec("/p=a").unwrap()];
-        assert!(version_specs(&labelled, Some("v1"), None).is_err());
+        assert!(version_specs(&labelled, Some("v1"), None, Vec::new()).is_err());
     }
 }

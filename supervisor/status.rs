@@ -19,6 +19,8 @@ pub enum ServiceError {
     InvalidVersionLabel { label: String, source: NameError },
     #[error(transparent)]
     MemoryFile(#[from] MemoryFileError),
+    #[error(transparent)]
+    Overlay(#[from] uffdpager::overlay::OverlayError),
     #[error(
         "session socket path {path} is {len} bytes long, more than a Unix socket allows (107): \
          use a shorter session id or runtime directory"
@@ -75,9 +77,11 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         use ServiceError::*;
         match self {
+            Overlay(uffdpager::overlay::OverlayError::Memfd(_)) => Code::Internal,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)
+            | Overlay(_)
             | SocketPathTooLong { .. }
             | Deploy(PagerError::Binary { .. }) => Code::InvalidArgument,
             SessionExists(_) | VersionRunning { .. } => Code::AlreadyExists,

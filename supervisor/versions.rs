@@ -41,6 +41,8 @@ pub struct VersionEntry {
     /// Started at startup beside the active version, as a roll-back target: DRAINING, but kept
     /// running while idle until it is first made active.
     pub standby: bool,
+    /// Flags passed to each process of this version.
+    pub tuning: crate::tuning::PagerTuning,
 }
 
 impl VersionEntry {
@@ -57,6 +59,7 @@ impl VersionEntry {
             stopping: false,
             next_stop_attempt: None,
             standby: false,
+            tuning: Default::default(),
         }
     }
 

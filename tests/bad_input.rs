@@ -125,7 +125,7 @@ async fn unknown_sessions_and_bad_memory_files_get_codes_a_client_can_act_on() {
         session_id: id.into(),
         memory_file: file.into(),
         labels: Default::default(),
-        vmm_uid: None,
+        ..Default::default()
     };
     let e = c.create_session(create("/nonexistent/vm.mem", "")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");

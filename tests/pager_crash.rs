@@ -190,7 +190,7 @@ async fn a_pager_that_crashes_in_a_loop_is_restarted_a_few_times_then_failed_and
             session_id: "c".into(),
             memory_file: mem.display().to_string(),
             labels: Default::default(),
-            vmm_uid: None,
+            ..Default::default()
         })
         .await
         .expect_err("no version to serve a new session");

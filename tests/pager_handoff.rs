@@ -20,6 +20,7 @@ fn session_fds(guest: &Guest, mem: &Path, vmm: &UnixStream, log: Option<&OwnedFd
         memory_file: OwnedFd::from(File::open(mem).unwrap()),
         vmm_stream: OwnedFd::from(vmm.try_clone().unwrap()),
         removed_log: log.map(|l| l.try_clone().unwrap()),
+        overlay: None,
     }
 }
 
@@ -38,6 +39,7 @@ fn handoff_request(id: &str, guest: &Guest, mem: &Path) -> HandoffRequest {
         connected_at_ms: 1,
         adopt: false,
         removed: vec![],
+        overlays: vec![],
     }
 }
 

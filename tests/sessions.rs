@@ -195,12 +195,12 @@ async fn when_the_vmm_exits_the_session_ends_and_the_pager_lets_go_of_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hugepage_vm_is_served_and_graduates_correctly() {
-    if !uffdpager::vmsim::hugepages::hugepages_available(16) {
-        eprintln!(
-            "SKIPPED: this host cannot reserve 16 2 MiB hugepages (/proc/sys/vm/nr_hugepages)"
-        );
+    // The VM's 12 hugepages (24 MiB), and 4 of slack.
+    let Some(_hugepages) =
+        uffdpager::vmsim::reserve_hugepages_for_test("sessions::a_hugepage_vm", 16)
+    else {
         return;
-    }
+    };
     let env = Env::start().await;
     let mem = env.memfile("mem", 32 * MIB, 0.25, 0.25);
     let mut vm = env.restore("huge", &mem, &["16M@0:2M", "8M@16M:2M"]).await;

@@ -26,7 +26,7 @@ async fn restore_labelled(env: &Env, id: &str, mem: &Path) -> VmProcess {
             session_id: id.into(),
             memory_file: mem.display().to_string(),
             labels: [("vm".to_string(), id.to_string())].into(),
-            vmm_uid: None,
+            ..Default::default()
         })
         .await
         .expect("CreateSession")

@@ -72,7 +72,7 @@ async fn restore(
             session_id: id.into(),
             memory_file: memfile.display().to_string(),
             labels: [("demo".to_string(), "true".to_string())].into(),
-            vmm_uid: None,
+            ..Default::default()
         })
         .await
         .with_context(|| format!("CreateSession {id}"))?

@@ -79,6 +79,10 @@ struct Run {
     /// stdin until it closes.
     #[arg(long)]
     hold: bool,
+    /// `OFFSET:FILE`: the session was given FILE's bytes as an overlay at OFFSET of the memory
+    /// file (CreateSession `overlays`): expect them there instead of the file's. Repeatable.
+    #[arg(long = "overlay", value_name = "OFFSET:FILE", value_parser = overlay_arg)]
+    overlays: Vec<(u64, PathBuf)>,
     /// Give up on a command after this many seconds (a pager that never serves a fault blocks
     /// the VM forever): print an error line and exit with status 3.
     #[arg(long, value_name = "SECONDS")]
@@ -87,6 +91,15 @@ struct Run {
 
 fn size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+fn overlay_arg(s: &str) -> Result<(u64, PathBuf), String> {
+    let (offset, file) = s.split_once(':').ok_or_else(|| format!("{s:?} is not OFFSET:FILE"))?;
+    let offset = parse_size(offset).map_err(|e| format!("overlay offset {offset:?}: {e}"))?;
+    if file.is_empty() {
+        return Err(format!("{s:?}: no FILE after the offset"));
+    }
+    Ok((offset, PathBuf::from(file)))
 }
 
 fn region_arg(s: &str) -> Result<GuestRegionSpec, String> {
@@ -224,7 +237,13 @@ fn run(args: Run) -> anyhow::Result<ExitCode> {
     } else {
         args.regions
     };
-    let vm = match Vm::restore(&args.socket, &args.memory_file, &regions) {
+    let mut overlays = Vec::with_capacity(args.overlays.len());
+    for (offset, path) in &args.overlays {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading the overlay {}", path.display()))?;
+        overlays.push((*offset, bytes));
+    }
+    let vm = match Vm::restore_with_overlays(&args.socket, &args.memory_file, &regions, &overlays) {
         Ok(vm) => vm,
         Err(e) => {
             let e = anyhow::Error::new(e);

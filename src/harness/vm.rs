@@ -45,7 +45,23 @@ impl VmProcess {
         regions: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
-        Self::start(Self::restore_command(vmsim, socket, memory_file, regions), timeout)
+        Self::restore_with_overlays(vmsim, socket, memory_file, regions, &[], timeout)
+    }
+
+    /// Like [`VmProcess::restore`], expecting overlays (`--overlay OFFSET:FILE` each).
+    pub fn restore_with_overlays(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+        overlays: &[(u64, &Path)],
+        timeout: Duration,
+    ) -> Result<Self, VmProcessError> {
+        let mut cmd = Self::restore_command(vmsim, socket, memory_file, regions);
+        for (offset, file) in overlays {
+            cmd.arg("--overlay").arg(format!("{offset}:{}", file.display()));
+        }
+        Self::start(cmd, timeout)
     }
 
     /// The command line of [`VmProcess::restore`], to adjust (e.g. the uid it runs as) before

@@ -182,6 +182,18 @@ impl Vm {
         memory_file: &Path,
         regions: &[GuestRegionSpec],
     ) -> Result<Vm, VmError> {
+        Self::restore_with_overlays(socket, memory_file, regions, &[])
+    }
+
+    /// Like [`Vm::restore`], for a session given overlay pages: the guest expects `overlays`
+    /// (`(offset in the memory file, bytes)`) where the file has other bytes, and still checks
+    /// every byte it reads.
+    pub fn restore_with_overlays(
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[GuestRegionSpec],
+        overlays: &[(u64, Vec<u8>)],
+    ) -> Result<Vm, VmError> {
         if regions.is_empty() {
             return Err(VmError::NoRegions);
         }
@@ -192,7 +204,7 @@ impl Vm {
         for (index, spec) in regions.iter().enumerate() {
             check_region(index, spec, file_len)?;
         }
-        let image = FileImage::map(&file).map_err(map_err)?;
+        let image = FileImage::map_with_overlays(&file, overlays).map_err(map_err)?;
 
         // 1. Map guest memory.
         let mut mapped = Vec::with_capacity(regions.len());

@@ -122,6 +122,32 @@ impl FileImage {
         Ok(FileImage { map })
     }
 
+    /// Maps `file` privately and lays `overlays` (`(offset, bytes)`, inside the file) over it:
+    /// the image of a session given overlay pages. Copy-on-write: only the overlay pages get
+    /// memory of their own, and the file is never written.
+    pub(crate) fn map_with_overlays(
+        file: &File,
+        overlays: &[(u64, Vec<u8>)],
+    ) -> io::Result<FileImage> {
+        if overlays.is_empty() {
+            return Self::map(file);
+        }
+        // SAFETY: as in `map`; a private mapping's writes go to anonymous copies of its pages,
+        // never to the file.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(file) }?;
+        for (offset, bytes) in overlays {
+            let start = usize::try_from(*offset).map_err(io::Error::other)?;
+            let dst = start
+                .checked_add(bytes.len())
+                .and_then(|end| map.get_mut(start..end))
+                .ok_or_else(|| {
+                    io::Error::other(format!("overlay at {offset} lies past the end of the file"))
+                })?;
+            dst.copy_from_slice(bytes);
+        }
+        Ok(FileImage { map: map.make_read_only()? })
+    }
+
     /// The file's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.map

@@ -28,6 +28,7 @@ pub mod memfile;
 pub mod parse;
 pub mod reader;
 pub mod report;
+pub mod requirement;
 pub mod smaps;
 pub mod standby;
 pub mod workload;
@@ -42,7 +43,7 @@ pub use control::{parse_workload_list, Command, CommandRunner, Reply};
 pub use deadline::{run_with_deadline, DeadlineError};
 pub use expect::{PageState, MAX_GENERATION};
 pub use guest::{GuestRegionSpec, Vm, VmError};
-pub use hugepages::hugepages_available;
+pub use hugepages::{reserve_for_test as reserve_hugepages_for_test, HugepageReservation};
 pub use memfile::{
     write_memory_file, write_memory_file_layout, MemoryFileLayout, MemoryFileSpec, PageCounts,
     PageKind,
@@ -50,6 +51,7 @@ pub use memfile::{
 pub use parse::{parse_size, Amount};
 pub use reader::ReaderHandle;
 pub use report::Report;
+pub use requirement::machine_lacks;
 pub use smaps::{uffd_registered_vmas, uffd_registered_vmas_in};
 pub use standby::{SnapshotInfo, StandbyError};
 pub use workload::WorkloadError;

@@ -83,7 +83,7 @@ impl Env {
                 session_id: id.into(),
                 memory_file: memfile.display().to_string(),
                 labels: Default::default(),
-                vmm_uid: None,
+                ..Default::default()
             })
             .await
             .expect("CreateSession")

@@ -1,0 +1,50 @@
+//! A pager version's tuning (`[[versions]]` keys in the config file): the `uffd-pager` flags
+//! the supervisor passes to each process of that version, respawns included. Unset: the pager's
+//! own default. The pager checks the values; a version it refuses FAILs with its last words.
+
+use serde::{Deserialize, Serialize};
+
+/// The pager's tuning flags, by their names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagerTuning {
+    /// `--fault-threads`: threads serving faults.
+    pub fault_threads: Option<u32>,
+    /// `--copy-threads`: threads helping graduation copy (0: none).
+    pub copy_threads: Option<u32>,
+    /// `--complete-step-bytes`: bytes a completion copies between checks for faults.
+    pub complete_step_bytes: Option<u64>,
+    /// `--fault-spin-us`: microseconds a fault worker polls after a fault.
+    pub fault_spin_us: Option<u64>,
+}
+
+impl PagerTuning {
+    /// The command-line arguments of the set values.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut push = |flag: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                args.push(flag.to_string());
+                args.push(v.to_string());
+            }
+        };
+        push("--fault-threads", self.fault_threads.map(u64::from));
+        push("--copy-threads", self.copy_threads.map(u64::from));
+        push("--complete-step-bytes", self.complete_step_bytes);
+        push("--fault-spin-us", self.fault_spin_us);
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_set_values_become_pager_flags() {
+        assert!(PagerTuning::default().args().is_empty());
+        let t =
+            PagerTuning { fault_threads: Some(3), fault_spin_us: Some(0), ..Default::default() };
+        assert_eq!(t.args(), ["--fault-threads", "3", "--fault-spin-us", "0"]);
+    }
+}
