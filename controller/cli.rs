@@ -51,8 +51,9 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
     pub failure_backoff: Option<String>,
 
-    /// Supervisor endpoints, `unix:/path` or `http://host:port`; repeat the flag or separate
-    /// with commas. Replaces the file's list.
+    /// Supervisor endpoints, `unix:/path`, `https://host:port` (with --supervisor-tls-*) or
+    /// `http://` and a loopback host; repeat the flag or separate with commas. Replaces the
+    /// file's list.
     #[arg(long, alias = "supervisor", value_name = "ENDPOINT", value_delimiter = ',')]
     pub supervisors: Vec<String>,
 
@@ -60,9 +61,44 @@ pub struct Cli {
     #[arg(long, value_name = "unix:PATH")]
     pub listen: Option<String>,
 
-    /// Also serve the Controller API on this TCP address (IP:PORT).
+    /// Members of this group (name or gid) may call the API on the Unix socket, besides root
+    /// (the socket becomes 0660 and of that group); others get PERMISSION_DENIED.
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
+
+    /// Also serve the Controller API on this TCP address (IP:PORT): TLS with client
+    /// certificates (--tls-cert, --tls-key, --tls-client-ca), or plain TCP on loopback with
+    /// --insecure-plaintext-tcp.
     #[arg(long, value_name = "IP:PORT")]
     pub listen_tcp: Option<String>,
+
+    /// The TCP listener's certificate (chain), PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TCP listener's private key, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that signs the certificates of the TCP clients allowed to call, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve --listen-tcp as plain, unauthenticated TCP (loopback addresses only).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub insecure_plaintext_tcp: Option<bool>,
+
+    /// The controller's client certificate for https:// supervisors, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub supervisor_tls_cert: Option<PathBuf>,
+
+    /// The private key of --supervisor-tls-cert, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub supervisor_tls_key: Option<PathBuf>,
+
+    /// The CA that signs the supervisors' certificates, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub supervisor_tls_ca: Option<PathBuf>,
 
     /// Graduation outcomes kept for GetStatus [default: 100].
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
@@ -96,7 +132,15 @@ impl Cli {
             failure_backoff: self.failure_backoff.clone(),
             supervisors: (!self.supervisors.is_empty()).then(|| self.supervisors.clone()),
             listen: self.listen.clone(),
+            api_group: self.api_group.clone(),
             listen_tcp: self.listen_tcp.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+            insecure_plaintext_tcp: self.insecure_plaintext_tcp,
+            supervisor_tls_cert: self.supervisor_tls_cert.clone(),
+            supervisor_tls_key: self.supervisor_tls_key.clone(),
+            supervisor_tls_ca: self.supervisor_tls_ca.clone(),
             outcome_history: self.outcome_history,
             min_available_memory: self.min_available_memory.clone(),
             metrics_listen: self.metrics_listen.clone(),
@@ -140,11 +184,25 @@ mod tests {
             "--supervisors",
             "unix:/a,unix:/b",
             "--supervisor",
-            "http://127.0.0.1:1",
+            "https://10.0.0.2:1",
             "--listen",
             "unix:/tmp/c.sock",
+            "--api-group",
+            "uffd",
             "--listen-tcp",
-            "127.0.0.1:7101",
+            "0.0.0.0:7101",
+            "--tls-cert",
+            "/etc/uffd/controller.pem",
+            "--tls-key",
+            "/etc/uffd/controller.key",
+            "--tls-client-ca",
+            "/etc/uffd/ca.pem",
+            "--supervisor-tls-cert",
+            "/etc/uffd/client.pem",
+            "--supervisor-tls-key",
+            "/etc/uffd/client.key",
+            "--supervisor-tls-ca",
+            "/etc/uffd/ca.pem",
             "--outcome-history",
             "5",
         ]);
@@ -152,9 +210,16 @@ mod tests {
         assert_eq!((s.enabled, s.dry_run), (Some(true), Some(true)));
         assert_eq!(s.min_session_age.as_deref(), Some("1s"));
         assert_eq!((s.max_concurrent, s.max_active_sessions), (Some(2), Some(3)));
-        assert_eq!(s.supervisors.unwrap(), ["unix:/a", "unix:/b", "http://127.0.0.1:1"]);
+        assert_eq!(s.supervisors.as_deref().unwrap(), ["unix:/a", "unix:/b", "https://10.0.0.2:1"]);
+        assert_eq!(s.api_group.as_deref(), Some("uffd"));
+        let config = s.resolve().unwrap();
+        assert!(matches!(config.listen_security, Some(uffdpager::tls::TcpSecurity::Tls(_))));
+        assert_eq!(config.supervisor_tls.unwrap().cert, PathBuf::from("/etc/uffd/client.pem"));
         let config = cli(&["--enabled", "--supervisors", "unix:/a"]).settings().resolve().unwrap();
         assert!(config.enabled);
+        let plain = cli(&["--listen-tcp", "127.0.0.1:7101", "--insecure-plaintext-tcp"]);
+        let config = plain.settings().resolve().unwrap();
+        assert_eq!(config.listen_security, Some(uffdpager::tls::TcpSecurity::Plaintext));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use uffdpager::tls::{TcpSecurity, TlsFiles};
 
 /// Where the Controller API listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "unix:/run/uffd-pager/controller.sock";
@@ -79,12 +80,19 @@ pub struct Config {
     /// Runs the loop but records instead of calling CompleteSession.
     pub dry_run: bool,
     pub policy: Policy,
-    /// Supervisor endpoints: `unix:/path` or `http://host:port`.
+    /// Supervisor endpoints: `unix:/path`, `https://host:port` (mutual TLS with
+    /// `supervisor_tls`), or `http://` and a loopback host (a supervisor serving plain TCP).
     pub supervisors: Vec<String>,
     /// The Controller API's Unix socket.
     pub listen: PathBuf,
+    /// Members of this group (name or gid) may call the API on the Unix socket, besides root.
+    pub api_group: Option<String>,
     /// Also serve the Controller API on this TCP address.
     pub listen_tcp: Option<SocketAddr>,
+    /// What the TCP listener serves (Some exactly when `listen_tcp` is).
+    pub listen_security: Option<TcpSecurity>,
+    /// The controller's certificate, key and the CA of the supervisors it dials over https://.
+    pub supervisor_tls: Option<TlsFiles>,
     /// Outcomes kept for GetStatus.
     pub outcome_history: usize,
     /// Serve Prometheus metrics on this address (`/metrics`).
@@ -105,7 +113,15 @@ pub struct Settings {
     pub failure_backoff: Option<String>,
     pub supervisors: Option<Vec<String>>,
     pub listen: Option<String>,
+    pub api_group: Option<String>,
     pub listen_tcp: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub insecure_plaintext_tcp: Option<bool>,
+    pub supervisor_tls_cert: Option<PathBuf>,
+    pub supervisor_tls_key: Option<PathBuf>,
+    pub supervisor_tls_ca: Option<PathBuf>,
     pub outcome_history: Option<i64>,
     pub min_available_memory: Option<String>,
     pub metrics_listen: Option<String>,
@@ -138,7 +154,15 @@ impl Settings {
             failure_backoff: over.failure_backoff.or(self.failure_backoff),
             supervisors: over.supervisors.or(self.supervisors),
             listen: over.listen.or(self.listen),
+            api_group: over.api_group.or(self.api_group),
             listen_tcp: over.listen_tcp.or(self.listen_tcp),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            tls_client_ca: over.tls_client_ca.or(self.tls_client_ca),
+            insecure_plaintext_tcp: over.insecure_plaintext_tcp.or(self.insecure_plaintext_tcp),
+            supervisor_tls_cert: over.supervisor_tls_cert.or(self.supervisor_tls_cert),
+            supervisor_tls_key: over.supervisor_tls_key.or(self.supervisor_tls_key),
+            supervisor_tls_ca: over.supervisor_tls_ca.or(self.supervisor_tls_ca),
             outcome_history: over.outcome_history.or(self.outcome_history),
             min_available_memory: over.min_available_memory.or(self.min_available_memory),
             metrics_listen: over.metrics_listen.or(self.metrics_listen),
@@ -183,10 +207,18 @@ impl Settings {
             },
         };
         let enabled = self.enabled.unwrap_or(false);
+        let supervisor_tls = uffdpager::tls::tls_files(
+            self.supervisor_tls_cert.as_deref(),
+            self.supervisor_tls_key.as_deref(),
+            self.supervisor_tls_ca.as_deref(),
+            ["supervisor_tls_cert", "supervisor_tls_key", "supervisor_tls_ca"],
+        )
+        .map_err(|e| invalid("supervisor_tls", e.to_string()))?;
         let supervisors = self.supervisors.unwrap_or_default();
         let mut seen = BTreeSet::new();
         for s in &supervisors {
-            check_endpoint(s).map_err(|reason| invalid("supervisors", reason))?;
+            check_endpoint(s, supervisor_tls.is_some())
+                .map_err(|reason| invalid("supervisors", reason))?;
             if !seen.insert(s.as_str()) {
                 return Err(invalid("supervisors", format!("{s:?} is listed twice")));
             }
@@ -215,6 +247,19 @@ impl Settings {
                     .map_err(|e| invalid("listen_tcp", format!("{a:?} is not IP:PORT: {e}")))
             })
             .transpose()?;
+        let listen_security = uffdpager::tls::tcp_security(
+            listen_tcp,
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+            self.insecure_plaintext_tcp.unwrap_or(false),
+        )
+        .map_err(|e| invalid("listen_tcp", e.to_string()))?;
+        if let Some(g) =
+            self.api_group.as_deref().filter(|g| g.is_empty() || g.contains(char::is_whitespace))
+        {
+            return Err(invalid("api_group", format!("{g:?} is not a group name or gid")));
+        }
         let metrics_listen = self
             .metrics_listen
             .map(|a| {
@@ -235,7 +280,10 @@ impl Settings {
             policy,
             supervisors,
             listen,
+            api_group: self.api_group,
             listen_tcp,
+            listen_security,
+            supervisor_tls,
             outcome_history: usize::try_from(history).unwrap_or(DEFAULT_OUTCOME_HISTORY),
             metrics_listen,
         })
@@ -314,24 +362,48 @@ fn count(
     u32::try_from(n).map_err(|_| invalid(setting, format!("{n} is too large")))
 }
 
-/// Checks a supervisor endpoint: `unix:` and an absolute path, or `http://host[:port]`.
-pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+/// Checks a supervisor endpoint: `unix:` and an absolute path; `https://host[:port]` (mutual
+/// TLS: needs the supervisor TLS files, `client_tls`); or `http://` and a loopback host, since a
+/// supervisor serves plain TCP (`--insecure-plaintext-tcp`) on loopback only.
+pub fn check_endpoint(endpoint: &str, client_tls: bool) -> Result<(), String> {
     if let Some(path) = endpoint.strip_prefix("unix:") {
         if Path::new(path).is_absolute() {
             return Ok(());
         }
         return Err(format!("{endpoint:?}: `unix:` must be followed by an absolute path"));
     }
-    if endpoint.starts_with("https://") {
-        return Err(format!("{endpoint:?}: TLS is not supported; use http:// or unix:"));
+    let uri: tonic::transport::Uri = endpoint.parse().map_err(|e| {
+        format!("{endpoint:?} is not `unix:/path`, `https://host:port` or `http://host:port`: {e}")
+    })?;
+    let host = match uri.authority() {
+        Some(a) if !a.host().is_empty() => a.host(),
+        _ => return Err(format!("{endpoint:?} names no host")),
+    };
+    match uri.scheme_str() {
+        Some("https") if client_tls => Ok(()),
+        Some("https") => Err(format!(
+            "{endpoint:?}: https:// needs the controller's client certificate: set \
+             supervisor_tls_cert, supervisor_tls_key and supervisor_tls_ca"
+        )),
+        Some("http") if is_loopback_host(host) => Ok(()),
+        Some("http") => Err(format!(
+            "{endpoint:?}: plain http:// only to a loopback supervisor (one started with \
+             --insecure-plaintext-tcp); reach other hosts over https:// with client certificates"
+        )),
+        _ => Err(format!(
+            "{endpoint:?} is not `unix:/path`, `https://host:port` or `http://host:port`"
+        )),
     }
-    let uri: tonic::transport::Uri = endpoint
-        .parse()
-        .map_err(|e| format!("{endpoint:?} is not `unix:/path` or `http://host:port`: {e}"))?;
-    match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(a)) if !a.host().is_empty() => Ok(()),
-        _ => Err(format!("{endpoint:?} is not `unix:/path` or `http://host:port`")),
-    }
+}
+
+/// `localhost`, or a loopback IP address (IPv6 in brackets, as URIs write it).
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 #[cfg(test)]

@@ -34,9 +34,14 @@ fn every_setting_is_read_from_the_file() {
         scan_interval = "10s"
         completion_timeout = "2m"
         failure_backoff = "1h 30m"
-        supervisors = ["unix:/run/uffd-pager/supervisor.sock", "http://10.0.0.2:7000"]
+        supervisors = ["unix:/run/uffd-pager/supervisor.sock", "https://10.0.0.2:7000"]
+        supervisor_tls_cert = "/etc/uffd/controller-client.pem"
+        supervisor_tls_key = "/etc/uffd/controller-client.key"
+        supervisor_tls_ca = "/etc/uffd/ca.pem"
         listen = "unix:/tmp/c.sock"
+        api_group = "uffd"
         listen_tcp = "127.0.0.1:7100"
+        insecure_plaintext_tcp = true
         outcome_history = 7
         "#,
     )
@@ -51,6 +56,9 @@ fn every_setting_is_read_from_the_file() {
     assert_eq!(c.supervisors.len(), 2);
     assert_eq!(c.listen, PathBuf::from("/tmp/c.sock"));
     assert_eq!(c.listen_tcp, Some("127.0.0.1:7100".parse().unwrap()));
+    assert_eq!(c.listen_security, Some(uffdpager::tls::TcpSecurity::Plaintext));
+    assert_eq!(c.api_group.as_deref(), Some("uffd"));
+    assert_eq!(c.supervisor_tls.unwrap().ca, PathBuf::from("/etc/uffd/ca.pem"));
     assert_eq!(c.outcome_history, 7);
 }
 
@@ -141,16 +149,39 @@ fn an_enabled_controller_needs_a_supervisor() {
 
 #[test]
 fn supervisor_endpoints_are_checked() {
-    for bad in ["unix:relative.sock", "/run/x.sock", "https://h:1", "ftp://h:1", "http://", ""] {
-        assert!(check_endpoint(bad).is_err(), "{bad:?}");
+    for bad in ["unix:relative.sock", "/run/x.sock", "ftp://h:1", "http://", "https://", ""] {
+        assert!(check_endpoint(bad, true).is_err(), "{bad:?}");
         let e = err(&format!("supervisors = [{bad:?}]"));
         assert!(e.contains("`supervisors`"), "{e}");
     }
-    for good in ["unix:/run/uffd-pager/supervisor.sock", "http://127.0.0.1:7000", "http://host:1"] {
-        assert_eq!(check_endpoint(good), Ok(()), "{good}");
+    for good in ["unix:/run/uffd-pager/supervisor.sock", "http://127.0.0.1:7000", "http://[::1]:1"]
+    {
+        assert_eq!(check_endpoint(good, false), Ok(()), "{good}");
     }
+    assert_eq!(check_endpoint("http://localhost:7000", false), Ok(()));
+    assert_eq!(check_endpoint("https://host:1", true), Ok(()));
+    let e = check_endpoint("https://host:1", false).unwrap_err();
+    assert!(e.contains("supervisor_tls_cert"), "{e}");
+    let e = check_endpoint("http://10.0.0.2:7000", true).unwrap_err();
+    assert!(e.contains("loopback"), "{e}");
     let e = err("supervisors = [\"unix:/a\", \"unix:/a\"]");
     assert!(e.contains("twice"), "{e}");
+}
+
+#[test]
+fn tcp_listeners_need_tls_or_the_explicit_plaintext_flag_on_loopback() {
+    let e = err("listen_tcp = \"127.0.0.1:7100\"");
+    assert!(e.contains("`listen_tcp`") && e.contains("--insecure-plaintext-tcp"), "{e}");
+    let e = err("listen_tcp = \"0.0.0.0:7100\"\ninsecure_plaintext_tcp = true");
+    assert!(e.contains("not a loopback address"), "{e}");
+    let c = parse(
+        "listen_tcp = \"0.0.0.0:7100\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n\
+         tls_client_ca = \"/ca.pem\"",
+    )
+    .unwrap();
+    assert!(matches!(c.listen_security, Some(uffdpager::tls::TcpSecurity::Tls(_))));
+    let e = err("supervisor_tls_cert = \"/c.pem\"");
+    assert!(e.contains("`supervisor_tls`") && e.contains("supervisor_tls_key"), "{e}");
 }
 
 #[test]

@@ -51,6 +51,8 @@ use tonic::transport::server::Router;
 use tonic::transport::Server;
 use tracing::{error, info, warn};
 use uffdpager::api::controller_server::ControllerServer;
+use uffdpager::peer_auth::{checked_incoming, ApiGroup, CallerPolicy, RequireAllowedCaller};
+use uffdpager::tls::TcpSecurity;
 
 use crate::cli::Cli;
 use crate::config::{Config, Settings};
@@ -105,7 +107,14 @@ fn log_config(c: &Config) {
         metrics_listen = ?c.metrics_listen,
         dry_run = c.dry_run,
         listen = %c.listen.display(),
+        api_group = c.api_group.as_deref().unwrap_or(""),
         listen_tcp = ?c.listen_tcp,
+        tcp_mode = match &c.listen_security {
+            None => "none",
+            Some(TcpSecurity::Tls(_)) => "tls (client certificates required)",
+            Some(TcpSecurity::Plaintext) => "plaintext (insecure, loopback)",
+        },
+        supervisor_tls = c.supervisor_tls.is_some(),
         "uffd-controller starting"
     );
     if !c.enabled {
@@ -132,13 +141,16 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Health (SERVING), reflection (v1 and v1alpha: PyPI's grpcurl speaks only v1alpha) and the
-/// Controller service.
-async fn router(shared: &Arc<Shared>) -> anyhow::Result<Router> {
+/// Controller service, on `server`.
+async fn router<L: Clone>(
+    shared: &Arc<Shared>,
+    mut server: Server<L>,
+) -> anyhow::Result<Router<L>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ControllerServer<ControllerService>>().await;
     let reflection_v1 = reflection().build_v1().context("building reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("building reflection v1alpha")?;
-    Ok(Server::builder()
+    Ok(server
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -161,7 +173,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = load_config(&cli)?;
     let signaled = shutdown_signal()?;
     log_config(&config);
-    let shared = Shared::new(config, Clock::System);
+    // Everything that reads a file or a group is resolved before anything listens.
+    let callers =
+        CallerPolicy::with_group(config.api_group.as_deref().map(ApiGroup::resolve).transpose()?);
+    let tcp_tls = match &config.listen_security {
+        Some(TcpSecurity::Tls(files)) => Some(uffdpager::tls::server_config(files)?),
+        _ => None,
+    };
+    let supervisor_tls =
+        config.supervisor_tls.as_ref().map(uffdpager::tls::client_config).transpose()?;
+    let shared = Shared::new(config, Clock::System, supervisor_tls.clone());
     let config = &shared.config;
 
     let (stop_tx, stop_rx) = signal_watch::channel(false);
@@ -170,24 +191,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let mut servers = tokio::task::JoinSet::new();
     check_listen_dir(&config.listen)?;
-    let uds = uffdpager::grpc::bind_uds(&config.listen)
+    let uds = uffdpager::grpc::bind_api_uds(&config.listen, callers.group.as_ref().map(|g| g.gid))
         .with_context(|| format!("listening on unix:{}", config.listen.display()))?;
-    let uds_server =
-        router(&shared).await?.serve_with_incoming_shutdown(uds, stopped(stop_rx.clone()));
+    let uds = checked_incoming(uds, callers.clone(), config.listen.display().to_string());
+    let uds_server = router(&shared, Server::builder().layer(RequireAllowedCaller))
+        .await?
+        .serve_with_incoming_shutdown(uds, stopped(stop_rx.clone()));
     servers.spawn(uds_server);
-    info!(listen = %config.listen.display(), "Controller API listening");
+    info!(listen = %config.listen.display(), callers = %callers, "Controller API listening");
     if let Some(addr) = config.listen_tcp {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
-        servers.spawn(
-            router(&shared).await?.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
-        );
-        info!(listen_tcp = %addr, "Controller API listening on TCP");
-        if !addr.ip().to_canonical().is_loopback() {
-            warn!(listen_tcp = %addr, "the Controller API has no authentication and is reachable off this host");
+        let mut server = Server::builder();
+        if let Some(tls) = &tcp_tls {
+            server = server.tls_config(tls.clone()).context("the TCP listener's TLS")?;
         }
+        servers.spawn(
+            router(&shared, server)
+                .await?
+                .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())),
+        );
+        let tls = if tcp_tls.is_some() { "tls" } else { "plaintext" };
+        info!(listen_tcp = %addr, tls, "Controller API listening on TCP");
     }
 
     let metrics_server = match config.metrics_listen {
@@ -211,7 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
 
-    let runner = Runner::new(shared.clone(), GrpcCompleter);
+    let runner = Runner::new(shared.clone(), GrpcCompleter { tls: supervisor_tls });
     let loop_done = runner.run(async move {
         let name = signaled.await;
         info!(signal = name, "shutting down");

@@ -40,7 +40,10 @@ pub trait Completer: Send + Sync + 'static {
 /// CompleteSession over gRPC, on a fresh channel per call (calls are few, and a fresh channel
 /// never carries a broken connection over from before a supervisor restart).
 #[derive(Debug, Default)]
-pub struct GrpcCompleter;
+pub struct GrpcCompleter {
+    /// TLS for `https://` supervisors.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
 
 impl Completer for GrpcCompleter {
     fn complete(
@@ -49,7 +52,7 @@ impl Completer for GrpcCompleter {
         session: &str,
         deadline: Duration,
     ) -> impl Future<Output = Result<CompleteSessionResponse, Status>> + Send {
-        let channel = channel(supervisor);
+        let channel = channel(supervisor, self.tls.as_ref());
         let session_id = session.to_string();
         async move {
             let channel = channel.map_err(|e| Status::unavailable(format!("channel: {e}")))?;

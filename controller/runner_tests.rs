@@ -96,7 +96,7 @@ fn setup(settings: Settings, n: usize) -> Arc<Shared> {
         min_session_age: Some("10m".into()),
         ..settings
     };
-    let shared = Shared::new(settings.resolve().unwrap(), Clock::tokio_at(wall()));
+    let shared = Shared::new(settings.resolve().unwrap(), Clock::tokio_at(wall()), None);
     {
         let mut st = shared.lock();
         let sup = st.supervisor_mut(SUP).unwrap();

@@ -55,7 +55,7 @@ mod tests {
         }
         .resolve()
         .unwrap();
-        Shared::new(config, Clock::System)
+        Shared::new(config, Clock::System, None)
     }
 
     fn serving(id: &str, version: &str, age: Duration) -> TrackedSession {

@@ -232,11 +232,19 @@ pub struct Shared {
     pub started_at: SystemTime,
     /// Wakes the runner for a scan (stream events, reconnects).
     pub wake: Notify,
+    /// TLS (client certificate, CA) for `https://` supervisors.
+    pub supervisor_tls: Option<tonic::transport::ClientTlsConfig>,
     state: Mutex<State>,
 }
 
 impl Shared {
-    pub fn new(config: Config, clock: Clock) -> Arc<Self> {
+    /// The state of a controller with `config`; it dials `https://` supervisors with
+    /// `supervisor_tls`.
+    pub fn new(
+        config: Config,
+        clock: Clock,
+        supervisor_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Arc<Self> {
         let conn = if config.enabled { ConnState::Connecting } else { ConnState::NotWatched };
         let supervisors = config
             .supervisors
@@ -267,6 +275,7 @@ impl Shared {
             clock,
             config,
             wake: Notify::new(),
+            supervisor_tls,
             state: Mutex::new(state),
         })
     }

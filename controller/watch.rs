@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch as signal;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 use uffdpager::api::supervisor_client::SupervisorClient;
 use uffdpager::api::{
@@ -44,14 +44,22 @@ pub enum WatchError {
     Event(#[from] EventError),
 }
 
-/// A lazily connecting channel to a supervisor: `unix:/path`, or `http://host:port` with HTTP/2
-/// keepalives (so that a host that vanished without closing the connection is noticed).
-pub fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+/// A lazily connecting channel to a supervisor: `unix:/path`, or `https://host:port` (with
+/// `tls`: the controller's client certificate and the supervisors' CA) or `http://host:port`,
+/// with HTTP/2 keepalives (so that a host that vanished without closing the connection is
+/// noticed).
+pub fn channel(
+    endpoint: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
     if endpoint.starts_with("unix:") {
         return uffdpager::grpc::channel_for(endpoint);
     }
-    Ok(Endpoint::from_shared(endpoint.to_string())?
-        .connect_timeout(Duration::from_secs(5))
+    let mut e = Endpoint::from_shared(endpoint.to_string())?;
+    if let (Some(tls), true) = (tls, endpoint.starts_with("https://")) {
+        e = e.tls_config(tls.clone())?;
+    }
+    Ok(e.connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
@@ -125,7 +133,7 @@ async fn stream_once(
     endpoint: &str,
     failures: &mut u32,
 ) -> Result<std::convert::Infallible, WatchError> {
-    let mut client = SupervisorClient::new(channel(endpoint)?);
+    let mut client = SupervisorClient::new(channel(endpoint, shared.supervisor_tls.as_ref())?);
     let mut stream = client
         .watch_sessions(WatchSessionsRequest {})
         .await

@@ -158,7 +158,7 @@ fn setup() -> Setup {
     }
     .resolve()
     .unwrap();
-    let shared = Shared::new(config, Clock::System);
+    let shared = Shared::new(config, Clock::System, None);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(watch(shared.clone(), endpoint.clone(), stop_rx));
     Setup { _dir: dir, path, shared, endpoint, stop }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 use uffdpager::firecracker;
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::peer_auth::{self, CallerPolicy, PeerCredentials};
 use uffdpager::removed_log::RemovedLog;
 use userfaultfd::Uffd;
 
@@ -37,6 +38,15 @@ pub fn serve(listener: UnixListener, pager: Arc<Pager>) {
 }
 
 fn handle(conn: &UnixStream, pager: &Pager) {
+    // Only the supervisor (this process's uid, or root) may hand sessions over.
+    let caller = PeerCredentials::of(conn.as_fd())
+        .map_err(|e| format!("the caller's credentials cannot be read: {e}"))
+        .and_then(|peer| peer_auth::authorize(&CallerPolicy::owner_only(), &peer));
+    if let Err(reason) = caller {
+        warn!(version = %pager.version, %reason, "refused a handoff connection");
+        let _ = handoff::reply(conn, Err(reason));
+        return;
+    }
     let (request, fds) = match handoff::recv_session(conn) {
         Ok(x) => x,
         Err(e) => {

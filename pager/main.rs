@@ -34,6 +34,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use uffdpager::api::pager_server::PagerServer;
+use uffdpager::peer_auth::{checked_incoming, CallerPolicy, RequireAllowedCaller};
 use uffdpager::logging::LogFormat;
 
 use crate::copy_threads::CopyThreads;
@@ -164,6 +165,12 @@ fn main() -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         let incoming = uffdpager::grpc::bind_uds(&grpc_socket)
             .with_context(|| format!("binding gRPC socket {}", grpc_socket.display()))?;
+        // Only the supervisor (this process's uid, or root) may call a pager.
+        let incoming = checked_incoming(
+            incoming,
+            CallerPolicy::owner_only(),
+            grpc_socket.display().to_string(),
+        );
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<PagerServer<service::PagerService>>().await;
         let (reflection_v1, reflection_v1alpha) = uffdpager::grpc::reflection_services();
@@ -183,6 +190,7 @@ fn main() -> anyhow::Result<()> {
             info!(version = %version, why, "pager stopping");
         };
         tonic::transport::Server::builder()
+            .layer(RequireAllowedCaller)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

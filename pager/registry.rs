@@ -136,6 +136,7 @@ impl SessionShared {
                 })
                 .collect(),
             labels: Default::default(),
+            vmm_uid: None,
             error: self.error.lock().expect("session error").clone(),
             vmm_pid: self.vmm_pid,
             zero_bytes: self.zero.load(Ordering::Relaxed),

@@ -57,6 +57,17 @@ pub fn bind_uds(path: &Path) -> io::Result<UdsIncoming> {
     Ok(Backoff::new(UnixListenerStream::new(listener), path.display().to_string()))
 }
 
+/// Binds an API's Unix socket (see [`bind_uds`]): mode 0600, or with an API group (the
+/// `--api-group` of [`crate::peer_auth`]) mode 0660 and that group, so its members can connect.
+pub fn bind_api_uds(path: &Path, group: Option<u32>) -> io::Result<UnixListenerStream> {
+    let listener = bind_uds(path)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    }
+    Ok(listener)
+}
+
 /// A lazily connecting channel to a gRPC server on a Unix socket.
 pub fn uds_channel(path: &Path) -> Channel {
     let path: PathBuf = path.to_path_buf();

@@ -39,6 +39,34 @@ pub fn firecracker_uffd(user_mode_only: bool) -> userfaultfd::Result<Uffd> {
         .create()
 }
 
+/// A user-mode-only uffd made with the system call itself, for an unprivileged process where
+/// `/dev/userfaultfd` exists but is not open to it (a VMM running as its own uid): the
+/// `userfaultfd` crate then fails instead of falling back to the system call, which Linux
+/// (5.11+) allows any process for `UFFD_USER_MODE_ONLY` (userfaultfd(2),
+/// `vm.unprivileged_userfaultfd`). Close-on-exec, non-blocking, `UFFD_FEATURE_EVENT_REMOVE`.
+pub fn user_mode_uffd_by_syscall() -> std::io::Result<Uffd> {
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+    use userfaultfd_sys as sys;
+
+    nix::ioctl_readwrite!(uffdio_api, sys::UFFDIO, sys::_UFFDIO_API, sys::uffdio_api);
+    let mode = i32::try_from(sys::UFFD_USER_MODE_ONLY).map_err(std::io::Error::other)?;
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | mode;
+    // SAFETY: userfaultfd(2) takes only its flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut api =
+        sys::uffdio_api { api: sys::UFFD_API, features: sys::UFFD_FEATURE_EVENT_REMOVE, ioctls: 0 };
+    // SAFETY: `owned` is a userfaultfd and `api` a valid uffdio_api the kernel fills in.
+    unsafe { uffdio_api(owned.as_raw_fd(), &mut api) }?;
+    // SAFETY: ownership of the descriptor moves into the `Uffd`, which closes it.
+    Ok(unsafe { Uffd::from_raw_fd(owned.into_raw_fd()) })
+}
+
 /// What one `UFFDIO_COPY` / `UFFDIO_ZEROPAGE` achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FillOutcome {
@@ -129,6 +157,16 @@ pub fn unregister(uffd: &Uffd, start: u64, len: u64) -> Result<(), Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_mode_uffd_by_the_system_call_is_non_blocking_and_close_on_exec() {
+        use std::os::fd::AsRawFd;
+        let uffd = user_mode_uffd_by_syscall().expect("userfaultfd(2) with UFFD_USER_MODE_ONLY");
+        let fl = nix::fcntl::fcntl(uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert_ne!(fl & libc::O_NONBLOCK, 0, "non-blocking");
+        let fd = nix::fcntl::fcntl(uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(fd & libc::FD_CLOEXEC, 0, "close-on-exec");
+    }
 
     #[test]
     fn a_full_copy_is_done_and_a_short_one_partial() {

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub use uffdpager::logging::LogFormat;
 
 use crate::refused_vmm::RefusedVmm;
+use uffdpager::tls::TcpSecurity;
+
 use crate::startup::{parse_version_spec, VersionSpec, VersionsFileEntry};
 
 /// The one public entry point of a host's uffd pagers: creates sessions, owns their VMM sockets,
@@ -49,14 +51,35 @@ pub struct Settings {
     #[arg(long, value_enum, value_name = "POLICY")]
     pub refused_vmm: Option<RefusedVmm>,
 
-    /// Also serve the Supervisor API on this TCP address (`IP:PORT` or `localhost:PORT`).
-    /// Only loopback addresses, unless --allow-remote.
+    /// Also serve the Supervisor API on this TCP address (`IP:PORT` or `localhost:PORT`), with
+    /// TLS and client certificates (--tls-cert, --tls-key, --tls-client-ca), or as plain TCP on
+    /// a loopback address with --insecure-plaintext-tcp.
     #[arg(long, value_name = "ADDR")]
     pub listen_tcp: Option<String>,
 
-    /// Allow --listen-tcp on a non-loopback address (the API is unauthenticated).
+    /// The TCP listener's certificate (chain), PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The TCP listener's private key, PEM.
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA that signs the certificates of the TCP clients allowed to call, PEM: a client
+    /// without a certificate signed by it is refused at the TLS handshake.
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Serve --listen-tcp as plain, unauthenticated TCP (loopback addresses only): anyone on
+    /// this host who can connect may call every RPC, DeployVersion included.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub allow_remote: Option<bool>,
+    pub insecure_plaintext_tcp: Option<bool>,
+
+    /// Members of this group (name or gid) may call the API on the Unix socket, besides root:
+    /// the runtime directory becomes group-searchable (0710) and the socket group-writable
+    /// (0660). Other callers are refused (PERMISSION_DENIED) and logged.
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
 
     /// Serve Prometheus metrics on `http://ADDR/metrics` (`IP:PORT` or `localhost:PORT`), e.g.
     /// 127.0.0.1:9464. Off unless given.
@@ -113,6 +136,10 @@ pub struct Resolved {
     pub max_sessions: usize,
     pub refused_vmm: RefusedVmm,
     pub listen_tcp: Option<SocketAddr>,
+    /// What the TCP listener serves (Some exactly when `listen_tcp` is).
+    pub tcp_security: Option<TcpSecurity>,
+    /// The group whose members may call on the Unix socket (name or gid, as written).
+    pub api_group: Option<String>,
     pub metrics_listen: Option<SocketAddr>,
     pub pager_binary: Vec<VersionSpec>,
     pub pager_version: Option<String>,
@@ -191,10 +218,14 @@ impl Settings {
             .as_deref()
             .map(|a| parse_listen_addr(a).map_err(|e| invalid("listen_tcp", e)))
             .transpose()?;
-        if let Some(addr) = listen_tcp {
-            check_listen_addr(addr, self.allow_remote.unwrap_or(false))
-                .map_err(|e| invalid("listen_tcp", e))?;
-        }
+        let tcp_security = uffdpager::tls::tcp_security(
+            listen_tcp,
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+            self.insecure_plaintext_tcp.unwrap_or(false),
+        )
+        .map_err(|e| invalid("listen_tcp", e.to_string()))?;
         let metrics_listen = self
             .metrics_listen
             .as_deref()
@@ -227,6 +258,8 @@ impl Settings {
             max_sessions,
             refused_vmm: self.refused_vmm.unwrap_or_default(),
             listen_tcp,
+            tcp_security,
+            api_group: self.api_group,
             metrics_listen,
             pager_binary,
             pager_version: self.pager_version,
@@ -265,18 +298,6 @@ pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
         return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     Err(format!("{s:?} is not IP:PORT, [IPv6]:PORT or localhost:PORT"))
-}
-
-/// Refuses a TCP listen address that is not loopback unless remote access was asked for.
-pub fn check_listen_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), String> {
-    if allow_remote || addr.ip().to_canonical().is_loopback() {
-        Ok(())
-    } else {
-        Err(format!(
-            "--listen-tcp {addr} is not a loopback address: the Supervisor API has no \
-             authentication; pass --allow-remote to serve it on the network anyway"
-        ))
-    }
 }
 
 /// Parses a byte count: a number with an optional `K`, `M` or `G` suffix (powers of 1024).
@@ -339,22 +360,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_addresses_are_accepted() {
-        for a in ["127.0.0.1:7000", "127.1.2.3:1", "[::1]:7000", "[::ffff:127.0.0.1]:7000"] {
-            let addr = parse_listen_addr(a).unwrap();
-            assert_eq!(check_listen_addr(addr, false), Ok(()), "{a}");
+    fn listen_addresses_parse_as_ip_port_or_localhost() {
+        for a in ["127.0.0.1:7000", "0.0.0.0:7000", "[::1]:7000", "[::ffff:127.0.0.1]:7000"] {
+            assert_eq!(parse_listen_addr(a).unwrap(), a.parse().unwrap(), "{a}");
         }
         assert_eq!(parse_listen_addr("localhost:7000").unwrap(), "127.0.0.1:7000".parse().unwrap());
-    }
-
-    #[test]
-    fn non_loopback_addresses_need_allow_remote() {
-        for a in ["0.0.0.0:7000", "10.1.2.3:7000", "[::]:7000", "[2001:db8::1]:7000"] {
-            let addr = parse_listen_addr(a).unwrap();
-            let err = check_listen_addr(addr, false).unwrap_err();
-            assert!(err.contains("--allow-remote"), "{err}");
-            assert_eq!(check_listen_addr(addr, true), Ok(()));
-        }
     }
 
     #[test]
@@ -398,9 +408,11 @@ mod tests {
         assert!(r.listen_tcp.is_none() && r.metrics_listen.is_none());
         assert_eq!(r.max_sessions, crate::core::DEFAULT_MAX_SESSIONS);
         assert_eq!(r.refused_vmm, RefusedVmm::Kill);
+        assert!(r.tcp_security.is_none() && r.api_group.is_none());
         let r = resolved(&[
             "--listen-tcp",
             "localhost:9000",
+            "--insecure-plaintext-tcp",
             "--log-format",
             "json",
             "--finished-retention",
@@ -413,9 +425,25 @@ mod tests {
         assert_eq!(r.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(r.log_format, LogFormat::Json);
         assert_eq!(r.finished_retention, Duration::from_secs(300));
-        let err = resolved(&["--listen-tcp", "0.0.0.0:9000"]).unwrap_err().to_string();
-        assert!(err.contains("--allow-remote"), "{err}");
-        assert!(resolved(&["--listen-tcp", "0.0.0.0:9000", "--allow-remote"]).is_ok());
+        assert_eq!(r.tcp_security, Some(TcpSecurity::Plaintext));
+        let err = resolved(&["--listen-tcp", "127.0.0.1:9000"]).unwrap_err().to_string();
+        assert!(err.contains("--insecure-plaintext-tcp"), "{err}");
+        let err = resolved(&["--listen-tcp", "0.0.0.0:9000", "--insecure-plaintext-tcp"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let tls = resolved(&[
+            "--listen-tcp",
+            "0.0.0.0:9000",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+            "--tls-client-ca",
+            "/ca.pem",
+        ])
+        .unwrap();
+        assert!(matches!(tls.tcp_security, Some(TcpSecurity::Tls(_))));
     }
 
     #[test]

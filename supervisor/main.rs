@@ -5,7 +5,8 @@
 //! version that owns the session, streams the inventory, and keeps pager versions running
 //! (respawn, drain, stop). See `docs/DESIGN.md` and the modules below:
 //!
-//! - `cli`: command line; `shutdown`: signals and the order of shutdown;
+//! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP);
+//!   `shutdown`: signals and the order of shutdown;
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //!   `refused_vmm`: what becomes of a VMM that will not be served;
@@ -20,6 +21,7 @@
 
 #![deny(unsafe_code)]
 
+mod api_access;
 mod cli;
 mod complete;
 mod core;
@@ -65,7 +67,9 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 use uffdpager::api::supervisor_server::SupervisorServer;
+use uffdpager::peer_auth::{checked_incoming, RequireAllowedCaller};
 
+use crate::api_access::ApiAccess;
 use crate::cli::{Cli, Resolved};
 use crate::core::{Config, Core};
 use crate::service::SupervisorService;
@@ -107,6 +111,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
+    let access = ApiAccess::from_settings(&cli)?;
     let mut config = Config::new(cli.runtime_dir.clone(), cli.finished_retention);
     config.max_sessions = cli.max_sessions;
     config.refused_vmm = cli.refused_vmm;
@@ -123,7 +128,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     config.max_overlay_bytes = cli.max_overlay_bytes;
     config.pager_unhealthy_timeout = cli.pager_unhealthy_timeout;
     let uds_path = config.runtime_dir.join("supervisor.sock");
-    prepare_runtime_dir(&config, &uds_path)?;
+    prepare_runtime_dir(&config, &uds_path, access.group_gid())?;
 
     let specs = startup::version_specs(
         &cli.pager_binary,
@@ -141,7 +146,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_rx_metrics = stop_rx.clone();
-    let (health, servers) = serve(&core, &uds_path, cli.listen_tcp, stop_rx).await?;
+    let (health, servers) = serve(&core, &uds_path, &access, stop_rx).await?;
     let monitor = tokio::spawn(monitor::run(core.clone()));
     let metrics = match cli.metrics_listen {
         Some(addr) => {
@@ -156,7 +161,9 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     };
     info!(
         socket = %uds_path.display(),
+        callers = %access.callers,
         tcp = ?cli.listen_tcp,
+        tcp_mode = access.tcp_mode(),
         active_version = %core.inventory.active_version(),
         "uffd-supervisor serving"
     );
@@ -200,10 +207,26 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
 }
 
 /// Creates `DIR`, `DIR/sessions` and `DIR/pagers` (mode 0700) or checks them (see
-/// `runtime_dir.rs`), refuses a runtime directory that another supervisor serves, and removes
-/// session sockets left by an earlier run.
-fn prepare_runtime_dir(config: &Config, uds_path: &Path) -> anyhow::Result<()> {
+/// `runtime_dir.rs`); with an API group, `DIR` becomes that group's and group-searchable (so
+/// its members can reach the socket but list nothing); refuses a runtime directory that another
+/// supervisor serves, and removes session sockets left by an earlier run.
+fn prepare_runtime_dir(
+    config: &Config,
+    uds_path: &Path,
+    api_group: Option<u32>,
+) -> anyhow::Result<()> {
     runtime_dir::prepare(&config.runtime_dir, &[&config.sessions_dir, &config.pagers_dir])?;
+    if let Some(gid) = api_group {
+        let dir = &config.runtime_dir;
+        std::os::unix::fs::chown(dir, None, Some(gid))
+            .with_context(|| format!("giving {} to the API group", dir.display()))?;
+        let mode = std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .permissions()
+            .mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o010))
+            .with_context(|| format!("setting the mode of {}", dir.display()))?;
+    }
     let len = uds_path.as_os_str().len();
     if len > session_socket::MAX_SOCKET_PATH {
         bail!(
@@ -240,11 +263,13 @@ fn prepare_runtime_dir(config: &Config, uds_path: &Path) -> anyhow::Result<()> {
 
 type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
 
-/// Starts the gRPC servers (Unix socket, and TCP if asked): Supervisor, health, reflection.
+/// Starts the gRPC servers (Unix socket, and TCP if asked): Supervisor, health, reflection. The
+/// Unix socket's callers are checked by their credentials (`access.callers`); the TCP listener
+/// serves TLS with client certificates unless plain TCP was explicitly asked for.
 async fn serve(
     core: &Arc<Core>,
     uds_path: &Path,
-    tcp: Option<std::net::SocketAddr>,
+    access: &ApiAccess,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(tonic_health::server::HealthReporter, Vec<ServerTask>)> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -252,24 +277,34 @@ async fn serve(
     health.set_service_status("", ServingStatus::Serving).await;
     let (reflection_v1, reflection_v1alpha) = uffdpager::grpc::reflection_services();
     let supervisor = SupervisorServer::new(SupervisorService::new(core.clone()));
-    let router = || {
-        Server::builder()
-            .add_service(supervisor.clone())
-            .add_service(health_service.clone())
-            .add_service(reflection_v1.clone())
-            .add_service(reflection_v1alpha.clone())
-    };
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = Vec::new();
-    let uds = uffdpager::grpc::bind_uds(uds_path)
+    let uds = uffdpager::grpc::bind_api_uds(uds_path, access.group_gid())
         .with_context(|| format!("binding {}", uds_path.display()))?;
-    tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(uds, stopped(stop.clone()))));
-    if let Some(addr) = tcp {
-        let incoming = TcpIncoming::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        let incoming = uffdpager::accept_backoff::Backoff::new(incoming, format!("tcp {addr}"));
-        tasks.push(tokio::spawn(router().serve_with_incoming_shutdown(incoming, stopped(stop))));
+    let uds = checked_incoming(uds, access.callers.clone(), uds_path.display().to_string());
+    let uds_router = Server::builder()
+        .layer(RequireAllowedCaller)
+        .add_service(supervisor.clone())
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone());
+    tasks.push(tokio::spawn(uds_router.serve_with_incoming_shutdown(uds, stopped(stop.clone()))));
+    if let Some(tcp) = &access.tcp {
+        let mut builder = Server::builder();
+        if let Some(tls) = &tcp.tls {
+            builder = builder.tls_config(tls.clone()).context("the TCP listener's TLS")?;
+        }
+        let tcp_router = builder
+            .add_service(supervisor)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+        let incoming =
+            TcpIncoming::bind(tcp.addr).with_context(|| format!("listening on {}", tcp.addr))?;
+        let incoming = uffdpager::accept_backoff::Backoff::new(incoming, format!("tcp {}", tcp.addr));
+        tasks.push(tokio::spawn(tcp_router.serve_with_incoming_shutdown(incoming, stopped(stop))));
     }
     Ok((health, tasks))
 }

@@ -64,20 +64,55 @@ pub fn unlink(path: &Path) {
     }
 }
 
-/// Accepts the first connection and gives it to `on_first`, after closing the listener and
-/// removing its socket file: nobody else can connect from then on. A failed accept (out of
-/// descriptors) is retried after a pause that grows while the failures go on, logged once per
-/// burst. Ends when the task running it is aborted (which closes the listener).
+/// Gives the session socket at `path` to `uid` (CreateSession's `vmm_uid`), keeping mode 0600:
+/// a VMM jailed as that uid can connect (through a hard link or bind mount of the socket into
+/// its jail), nobody else but root.
+pub fn give_to_vmm(path: &Path, uid: u32) -> io::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), None)
+}
+
+/// Whether a connection from `peer_uid` may be the session's VMM: any uid when the session
+/// names none, otherwise only that one (root too is refused: a jailed VMM is never root).
+pub fn admits_vmm(expected: Option<u32>, peer_uid: Option<u32>) -> Result<(), String> {
+    match (expected, peer_uid) {
+        (None, _) => Ok(()),
+        (Some(want), Some(uid)) if uid == want => Ok(()),
+        (Some(want), Some(uid)) => Err(format!("uid {uid} is not the session's vmm_uid {want}")),
+        (Some(want), None) => {
+            Err(format!("the caller's uid cannot be read (the session's vmm_uid is {want})"))
+        }
+    }
+}
+
+/// Accepts the first connection from the expected VMM uid (`vmm_uid`; any uid when None) and
+/// gives it to `on_first`, after closing the listener and removing its socket file: nobody else
+/// can connect from then on. A connection from another uid is closed at once and logged, and
+/// the session keeps waiting for its VMM. A failed accept (out of descriptors) is retried after
+/// a pause that grows while the failures go on, logged once per burst. Ends when the task
+/// running it is aborted (which closes the listener).
 pub async fn accept_first(
     listener: UnixListener,
     path: PathBuf,
     session: String,
+    vmm_uid: Option<u32>,
     on_first: impl FnOnce(UnixStream) + Send + 'static,
 ) {
     let mut pacing = Pacing::default();
     let stream = loop {
         match listener.accept().await {
-            Ok((stream, _)) => break stream,
+            Ok((stream, _)) => {
+                let cred = stream.peer_cred().ok();
+                match admits_vmm(vmm_uid, cred.map(|c| c.uid())) {
+                    Ok(()) => break stream,
+                    Err(reason) => warn!(
+                        session = %session,
+                        peer_uid = ?cred.map(|c| c.uid()),
+                        peer_pid = ?cred.and_then(|c| c.pid()),
+                        %reason,
+                        "refused a VMM connection from the wrong uid; the session stays PENDING",
+                    ),
+                }
+            }
             Err(e) => {
                 let next = pacing.failed();
                 if next.log {
@@ -247,7 +282,7 @@ mod tests {
         let p = d.path().join("s.sock");
         let listener = bind(&p).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(accept_first(listener, p.clone(), "t".into(), move |s| {
+        let task = tokio::spawn(accept_first(listener, p.clone(), "t".into(), None, move |s| {
             let _ = tx.send(s);
         }));
         let _first = UnixStream::connect(&p).await.unwrap();
@@ -257,6 +292,36 @@ mod tests {
         let err = UnixStream::connect(&p).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert!(kept.peer_addr().is_ok());
+    }
+
+    #[test]
+    fn only_the_named_vmm_uid_is_admitted() {
+        assert_eq!(admits_vmm(None, Some(65534)), Ok(()));
+        assert_eq!(admits_vmm(None, None), Ok(()));
+        assert_eq!(admits_vmm(Some(123), Some(123)), Ok(()));
+        assert_eq!(
+            admits_vmm(Some(123), Some(0)).unwrap_err(),
+            "uid 0 is not the session's vmm_uid 123"
+        );
+        assert!(admits_vmm(Some(123), None).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connection_from_another_uid_is_closed_and_the_socket_keeps_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.sock");
+        let listener = bind(&p).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(accept_first(listener, p.clone(), "t".into(), Some(me + 1), move |s| {
+            let _ = tx.send(s);
+        }));
+        let mut wrong = UnixStream::connect(&p).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::io::AsyncReadExt::read(&mut wrong, &mut buf).await.unwrap();
+        assert_eq!(n, 0, "the wrong uid's connection is closed at once");
+        task.abort();
+        assert!(rx.await.is_err(), "no connection was taken as the VMM's");
     }
 
     #[tokio::test]

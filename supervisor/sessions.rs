@@ -84,6 +84,18 @@ impl Core {
                         source,
                     )
                 })?;
+                if let Some(uid) = req.vmm_uid {
+                    session_socket::give_to_vmm(&socket_path, uid).map_err(|source| {
+                        let _ = std::fs::remove_file(&socket_path);
+                        ServiceError::Io {
+                            what: format!(
+                                "giving the session socket {} to vmm_uid {uid}",
+                                socket_path.display()
+                            ),
+                            source,
+                        }
+                    })?;
+                }
                 listener = Some(l);
                 Ok(Session {
                     state: SessionState::Pending as i32,
@@ -91,6 +103,7 @@ impl Core {
                     socket_path: socket_path.display().to_string(),
                     created_at: Some(uffdpager::grpc::timestamp(SystemTime::now())),
                     labels: req.labels.clone(),
+                    vmm_uid: req.vmm_uid,
                     overlay_count,
                     overlay_bytes,
                     ..Default::default()
@@ -120,6 +133,7 @@ impl Core {
             listener,
             socket_path.clone(),
             id.clone(),
+            req.vmm_uid,
             move |stream| {
                 let setup = tokio::spawn(core.clone().connect_session(
                     sid.clone(),
@@ -154,6 +168,7 @@ impl Core {
             session = %id,
             memory_file = %session.memory_file,
             socket = %session.socket_path,
+            vmm_uid = ?session.vmm_uid,
             overlays = overlay_count,
             overlay_bytes,
             "session created; waiting for the VMM",

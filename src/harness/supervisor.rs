@@ -34,6 +34,26 @@ pub struct SupervisorProcess {
 impl SupervisorProcess {
     /// Starts `binary` with `--runtime-dir dir` and waits until it answers health.
     pub async fn start(binary: &Path, dir: &Path, opts: &SupervisorOptions) -> io::Result<Self> {
+        let stderr = if opts.show_logs { Stdio::inherit() } else { Stdio::null() };
+        Self::start_with_stderr(binary, dir, opts, stderr).await
+    }
+
+    /// [`SupervisorProcess::start`], its stderr (the log) going to `log`.
+    pub async fn start_logging_to(
+        binary: &Path,
+        dir: &Path,
+        opts: &SupervisorOptions,
+        log: &Path,
+    ) -> io::Result<Self> {
+        Self::start_with_stderr(binary, dir, opts, Stdio::from(std::fs::File::create(log)?)).await
+    }
+
+    async fn start_with_stderr(
+        binary: &Path,
+        dir: &Path,
+        opts: &SupervisorOptions,
+        stderr: Stdio,
+    ) -> io::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--runtime-dir").arg(dir);
         if let Some(p) = &opts.pager_binary {
@@ -42,7 +62,7 @@ impl SupervisorProcess {
         cmd.args(&opts.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if opts.show_logs { Stdio::inherit() } else { Stdio::null() })
+            .stderr(stderr)
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
         let socket = dir.join("supervisor.sock");

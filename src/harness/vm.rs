@@ -71,15 +71,33 @@ impl VmProcess {
         args: &[&str],
         timeout: Duration,
     ) -> Result<Self, VmProcessError> {
+        let mut cmd = Self::restore_command(vmsim, socket, memory_file, regions);
+        for (offset, file) in overlays {
+            cmd.arg("--overlay").arg(format!("{offset}:{}", file.display()));
+        }
+        cmd.args(args);
+        Self::start(cmd, timeout)
+    }
+
+    /// The command line of [`VmProcess::restore`], to adjust (e.g. the uid it runs as) before
+    /// [`VmProcess::start`].
+    pub fn restore_command(
+        vmsim: &Path,
+        socket: &Path,
+        memory_file: &Path,
+        regions: &[&str],
+    ) -> Command {
         let mut cmd = Command::new(vmsim);
         cmd.arg("run").arg("--socket").arg(socket).arg("--memory-file").arg(memory_file);
         for r in regions {
             cmd.arg("--region").arg(r);
         }
-        for (offset, file) in overlays {
-            cmd.arg("--overlay").arg(format!("{offset}:{}", file.display()));
-        }
-        cmd.args(args);
+        cmd
+    }
+
+    /// Starts a `uffd-vmsim run` command line and waits (at most `timeout`) until it has
+    /// restored.
+    pub fn start(mut cmd: Command, timeout: Duration) -> Result<Self, VmProcessError> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -133,11 +133,17 @@ pub struct Vm {
 }
 
 /// Creates the uffd the way Firecracker does. `user_mode_only(false)` lets kernel-mode accesses
-/// fault too (root, or `/dev/userfaultfd`); where that is refused, fall back to user-mode only.
+/// fault too (root, or `/dev/userfaultfd`); where that is refused, fall back to user-mode only
+/// (the crate's way, then the system call's, which an unprivileged uid may always use).
 fn create_uffd() -> Result<Uffd, VmError> {
     firecracker_uffd(false).or_else(|e| {
         tracing::warn!(%e, "userfaultfd with kernel faults refused; retrying user-mode only");
-        firecracker_uffd(true).map_err(VmError::CreateUffd)
+        firecracker_uffd(true).or_else(|e| {
+            crate::uffd_ops::user_mode_uffd_by_syscall().map_err(|syscall| {
+                tracing::warn!(%syscall, "user-mode-only userfaultfd(2) refused too");
+                VmError::CreateUffd(e)
+            })
+        })
     })
 }
 

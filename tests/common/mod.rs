@@ -47,6 +47,23 @@ impl Env {
         Self { dir, sup: Some(sup) }
     }
 
+    /// [`Env::start_with`], the supervisor's log going to the file `log` (to read it back).
+    pub async fn start_logging_to(mut opts: SupervisorOptions, log: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
+        let sup = SupervisorProcess::start_logging_to(
+            Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+            &dir.path().join("run"),
+            &opts,
+            log,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            panic!("supervisor starts: {e}\n{}", std::fs::read_to_string(log).unwrap_or_default())
+        });
+        Self { dir, sup: Some(sup) }
+    }
+
     pub fn sup(&self) -> &SupervisorProcess {
         self.sup.as_ref().expect("supervisor running")
     }
