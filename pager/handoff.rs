@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use uffdpager::firecracker;
-use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::handoff::{self, HandoffRequest, Incoming, SessionFds};
 use uffdpager::removed_log::RemovedLog;
 use userfaultfd::Uffd;
 
@@ -36,8 +36,12 @@ pub fn serve(listener: UnixListener, pager: Arc<Pager>) {
 }
 
 fn handle(conn: &UnixStream, pager: &Pager) {
-    let (request, fds) = match handoff::recv_session(conn) {
-        Ok(x) => x,
+    let (request, fds) = match handoff::recv_message(conn) {
+        Ok(Incoming::Session(request, fds)) => (*request, fds),
+        Ok(Incoming::GiveBack(id)) => {
+            give_back(conn, pager, &id);
+            return;
+        }
         Err(e) => {
             warn!(version = %pager.version, error = %e, "unreadable handoff");
             let _ = handoff::reply(conn, Err(e.to_string()));
@@ -52,6 +56,38 @@ fn handle(conn: &UnixStream, pager: &Pager) {
     }
     if let Err(e) = handoff::reply(conn, result) {
         warn!(session = %id, version = %pager.version, error = %e, "answering a handoff");
+    }
+}
+
+/// Answers a supervisor's request for duplicates of a session's descriptors (it restarted and
+/// lost its own): the worker that owns the session makes them.
+fn give_back(conn: &UnixStream, pager: &Pager, id: &str) {
+    let found =
+        pager.registry.lock().get(id).filter(|e| e.shared.is_live()).map(|e| (e.worker, e.token));
+    let answer = match found {
+        None => Err(format!("no session {id} is served here")),
+        Some((worker, token)) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            pager.workers[worker].send(Command::GiveBack { token, reply: tx }).and_then(|()| {
+                rx.recv_timeout(HANDOFF_TIMEOUT)
+                    .map_err(|_| "the fault worker did not answer".to_string())?
+            })
+        }
+    };
+    let result = match &answer {
+        Ok((request, fds)) => Ok((request, fds)),
+        Err(e) => Err(e.clone()),
+    };
+    match handoff::reply_give_back(conn, result) {
+        Ok(()) if answer.is_ok() => {
+            info!(session = %id, version = %pager.version, "gave the session's descriptors back to the supervisor");
+        }
+        Ok(()) => {
+            warn!(session = %id, version = %pager.version, error = ?answer.err(), "cannot give the session's descriptors back");
+        }
+        Err(e) => {
+            warn!(session = %id, version = %pager.version, error = %e, "answering a give-back")
+        }
     }
 }
 
@@ -91,11 +127,12 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     let session = Session::new(
         Arc::clone(&shared),
         uffd,
-        fds.vmm_stream,
+        (fds.vmm_stream, request.vmm_fd),
         file,
         &request.removed,
         removed_log,
         Arc::clone(&pager.zero),
+        request.faults,
     );
     let token = pager.registry.next_token();
     let worker = pager.registry.least_loaded_worker(pager.workers.len());

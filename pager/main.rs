@@ -4,9 +4,11 @@
 
 mod complete;
 mod copy_threads;
+mod fault_inject;
 mod file_extents;
 mod guarded_read;
 mod handoff;
+mod joined_deadline;
 mod memory_file;
 mod pagemap;
 mod read_ahead;

@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 use uffdpager::removed_log::RemovedLog;
+use uffdpager::uffd_msg::{self, UffdMsg, MSG_WORDS};
 use uffdpager::uffd_ops::{self, FillOutcome};
-use userfaultfd::{Event, EventBuffer, FaultKind, Uffd};
+use userfaultfd::Uffd;
 
 use crate::memory_file::MappedFile;
 use crate::read_ahead::{Plan, ReadAhead};
@@ -82,11 +84,14 @@ pub struct Session {
     pub uffd: Arc<Uffd>,
     /// Orders this worker's event reads with copy threads' copies (see `crate::remove_gate`).
     pub gate: Arc<RemoveGate>,
+    /// The VMM's stream (EOF: gone), or a pidfd of the VMM (readable: gone); see `vmm_kind`.
     pub vmm_stream: OwnedFd,
+    pub vmm_kind: VmmFd,
     pub file: Arc<MappedFile>,
     pub regions: Vec<RegionPages>,
     pending: VecDeque<u64>,
-    events: EventBuffer,
+    /// Where events are read when the session has no removed-ranges log (else: its read slot).
+    events: Vec<u64>,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
     stream: Option<Stream>,
@@ -109,14 +114,18 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// A session as handed over: `vmm` is the VMM's stream or pidfd (`vmm_kind`); `faults` the
+    /// faults earlier pagers served (the figure goes on from there).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shared: Arc<SessionShared>,
         uffd: Uffd,
-        vmm_stream: OwnedFd,
+        (vmm_stream, vmm_kind): (OwnedFd, VmmFd),
         file: Arc<MappedFile>,
         removed: &[(u64, u64)],
         removed_log: Option<RemovedLog>,
         zero: Arc<ZeroSource>,
+        faults: u64,
     ) -> Self {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
         let mut s = Self {
@@ -124,18 +133,32 @@ impl Session {
             uffd: Arc::new(uffd),
             gate: Arc::default(),
             vmm_stream,
+            vmm_kind,
             file,
             regions,
             pending: VecDeque::new(),
-            events: EventBuffer::new(EVENT_BATCH),
+            events: vec![0; EVENT_BATCH * MSG_WORDS],
             read_ahead: ReadAhead::default(),
             stream: None,
-            faults: 0,
+            faults,
             unexpected_events: 0,
             zero,
             removed_log: None,
         };
-        // Ranges discarded while an earlier pager served the session stay discarded.
+        // Ranges discarded while an earlier pager served the session stay discarded, those it
+        // had read into the log's slot but not yet recorded (it died in between) included.
+        let mut removed_log = removed_log;
+        if let Some(log) = &mut removed_log {
+            match log.recover_slot() {
+                Ok(left) if !left.is_empty() => {
+                    info!(session = %s.shared.id, messages = left.len(), "took over events an earlier pager read but never handled");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(session = %s.shared.id, error = %e, "recovering the log's read slot failed")
+                }
+            }
+        }
         let logged = removed_log.as_ref().map(RemovedLog::ranges).unwrap_or_default();
         for &(start, end) in removed.iter().chain(&logged) {
             s.apply_remove(start, end);
@@ -161,20 +184,26 @@ impl Session {
     }
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
+    ///
+    /// Events are read into the removed-ranges log's read slot, and the slot is cleared only
+    /// once the batch's REMOVEs are appended to the log (see `uffdpager::removed_log`): a pager
+    /// killed at any point in between loses no discarded range.
     pub fn drain_events(&mut self) -> Result<usize, SessionError> {
         let gate = Arc::clone(&self.gate);
         let _held = gate.lock();
         let mut total = 0;
         loop {
-            let batch: Vec<userfaultfd::Result<Event>> = self
-                .uffd
-                .read_events(&mut self.events)
-                .map_err(|e| SessionError::ReadEvents(e.to_string()))?
-                .collect();
+            let batch = self.read_batch()?;
             let n = batch.len();
             total += n;
-            for event in batch {
-                self.apply_event(event);
+            if batch.iter().any(|m| m.removed_range().is_some()) {
+                crate::fault_inject::after_remove_read();
+            }
+            for msg in batch {
+                self.apply_msg(msg);
+            }
+            if let Some(log) = &self.removed_log {
+                log.clear_slot(n);
             }
             // A short batch means the queue is empty: skip the read that would say EAGAIN.
             if n < EVENT_BATCH {
@@ -183,27 +212,46 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: userfaultfd::Result<Event>) {
-        match event {
-            Ok(Event::Pagefault { kind: FaultKind::Missing, addr, .. }) => {
-                self.pending.push_back(addr as u64);
+    /// One `read(2)` of up to [`EVENT_BATCH`] events: into the log's read slot, or a buffer of
+    /// this session's own when it has no log.
+    fn read_batch(&mut self) -> Result<Vec<UffdMsg>, SessionError> {
+        let failed = |e: nix::errno::Errno| SessionError::ReadEvents(e.to_string());
+        let uffd = self.uffd.as_fd();
+        if let Some(log) = &self.removed_log {
+            let n = log.read_into_slot(uffd, EVENT_BATCH).map_err(failed)?;
+            return Ok((0..n).filter_map(|i| log.slot_message(i)).collect());
+        }
+        let len = self.events.len() * 8;
+        // SAFETY: `events` is this session's own u64 buffer of `len` bytes (8-byte aligned),
+        // borrowed mutably here and read only after the call returns.
+        let n = unsafe { uffd_msg::read_into(uffd, self.events.as_mut_ptr().cast(), len) }
+            .map_err(failed)?;
+        Ok(self
+            .events
+            .chunks_exact(MSG_WORDS)
+            .take(n)
+            .filter_map(|w| UffdMsg::decode([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
+
+    fn apply_msg(&mut self, msg: UffdMsg) {
+        match msg {
+            m @ UffdMsg::Pagefault { addr, .. } if m.is_missing_fault() => {
+                self.pending.push_back(addr);
             }
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
-            Ok(Event::Remove { start, end } | Event::Unmap { start, end }) => {
+            UffdMsg::Remove { start, end } | UffdMsg::Unmap { start, end } => {
                 self.gate.removed();
-                self.log_remove(start as u64, end as u64);
-                self.apply_remove(start as u64, end as u64);
+                self.log_remove(start, end);
+                self.apply_remove(start, end);
             }
-            Ok(other) => {
+            other => {
                 // Fork/remap and write-protect or minor faults are features Firecracker never
                 // enables; count them and say so, never drop them silently.
+                uffd_msg::close_forked(&other);
                 self.unexpected_events += 1;
                 warn!(session = %self.shared.id, event = ?other, "unexpected userfaultfd event");
-            }
-            Err(e) => {
-                self.unexpected_events += 1;
-                warn!(session = %self.shared.id, error = %e, "unreadable userfaultfd event");
             }
         }
     }
@@ -524,8 +572,36 @@ impl Session {
             + 64 * 32
     }
 
-    /// The VMM stream, for EOF detection.
+    /// The VMM stream (or pidfd), for detecting the VMM's exit.
     pub fn vmm_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.vmm_stream.as_fd()
+    }
+
+    /// The session as a handoff would describe it, and duplicates of its descriptors: what a
+    /// restarted supervisor asks for back (see `uffdpager::handoff`'s give-back).
+    pub fn give_back(&self) -> std::io::Result<(HandoffRequest, SessionFds)> {
+        let shared = &self.shared;
+        let request = HandoffRequest {
+            session_id: shared.id.clone(),
+            memory_file: shared.memory_file.clone(),
+            regions: shared.regions.clone(),
+            vmm_pid: shared.vmm_pid,
+            connected_at_ms: shared.connected_at_ms,
+            adopt: false,
+            removed: vec![],
+            faults: self.faults,
+            vmm_fd: self.vmm_kind,
+        };
+        let fds = SessionFds {
+            uffd: self.uffd.as_fd().try_clone_to_owned()?,
+            memory_file: self.file.fd().try_clone_to_owned()?,
+            vmm_stream: self.vmm_stream.try_clone()?,
+            removed_log: self
+                .removed_log
+                .as_ref()
+                .map(|l| l.fd().try_clone_to_owned())
+                .transpose()?,
+        };
+        Ok((request, fds))
     }
 }

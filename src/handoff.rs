@@ -9,6 +9,13 @@
 //!
 //! The supervisor keeps its own copies of the descriptors, so that a session whose pager died can
 //! be handed to another pager (`adopt`).
+//!
+//! **Give-back.** A supervisor restarted while its pagers ran has lost those copies. It asks each
+//! pager for them on the same socket: it sends ONE message `{"give_back": "<session id>"}` with no
+//! descriptor, and the pager answers ONE [`GiveBackReply`] with the session as a
+//! [`HandoffRequest`] (its regions, VMM pid, faults so far...) and duplicates of its four
+//! descriptors attached in the handoff's order. The supervisor is then exactly as able to have
+//! the session re-adopted as before its restart.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,6 +49,50 @@ pub struct HandoffRequest {
     /// Guest address ranges `[start, end)` the VMM discarded (balloon) that must read as zero.
     #[serde(default)]
     pub removed: Vec<(u64, u64)>,
+    /// Faults earlier pagers served for this session (its `faults` figure goes on from here).
+    #[serde(default)]
+    pub faults: u64,
+    /// What the third descriptor is: the VMM's stream (EOF: the VMM is gone) or, for a session a
+    /// supervisor recovered from the VMM itself, a pidfd of the VMM (readable: it exited).
+    #[serde(default)]
+    pub vmm_fd: VmmFd,
+}
+
+/// What tells a pager that a session's VMM is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmFd {
+    /// The VMM's connection to the session socket: EOF (`EPOLLRDHUP`) when the VMM exits.
+    #[default]
+    Stream,
+    /// A pidfd of the VMM process: readable (`EPOLLIN`) once it has exited.
+    Pidfd,
+}
+
+/// The supervisor asks for duplicates of a session's descriptors back (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiveBackRequest {
+    pub give_back: String,
+}
+
+/// The pager's answer to a give-back: the session, with four descriptors attached when `ok`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveBackReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<HandoffRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What arrived on a pager's handoff socket.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A session to serve.
+    Session(Box<HandoffRequest>, SessionFds),
+    /// A supervisor's request for a session's descriptors back.
+    GiveBack(String),
 }
 
 /// The pager's answer to a handoff.
@@ -90,14 +141,7 @@ pub fn send_session(
     fds: &SessionFds,
     timeout: Duration,
 ) -> Result<(), HandoffError> {
-    let sock = socket_seqpacket()?;
-    let addr = UnixAddr::new(socket)
-        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
-        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
-    let stream = StdUnixStream::from(sock);
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    let stream = connect_seqpacket(socket, timeout)?;
     let bytes = serde_json::to_vec(request).expect("handoff request serialises");
     let mut attached = vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
     attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
@@ -118,6 +162,15 @@ pub fn send_session(
 
 /// Receives one handoff request on an accepted connection. Blocking.
 pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds), HandoffError> {
+    match recv_message(conn)? {
+        Incoming::Session(request, fds) => Ok((*request, fds)),
+        Incoming::GiveBack(_) => Err(HandoffError::WrongFdCount(0)),
+    }
+}
+
+/// Receives one message on an accepted connection of a pager's handoff socket: a session, or a
+/// give-back request (no descriptors). Blocking.
+pub fn recv_message(conn: &StdUnixStream) -> Result<Incoming, HandoffError> {
     let msg = scm::recv_with_fds(conn.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
     if msg.bytes.is_empty() && msg.fds.is_empty() {
         return Err(HandoffError::Closed);
@@ -125,18 +178,94 @@ pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds)
     if msg.truncated {
         return Err(HandoffError::Malformed("message truncated".into()));
     }
+    if msg.fds.is_empty() && !msg.fds_truncated {
+        if let Ok(ask) = serde_json::from_slice::<GiveBackRequest>(&msg.bytes) {
+            return Ok(Incoming::GiveBack(ask.give_back));
+        }
+    }
     let request: HandoffRequest =
         serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
-    let n = msg.fds.len();
-    let mut fds = msg.fds.into_iter();
+    let fds = four_fds(msg.fds, msg.fds_truncated)?;
+    Ok(Incoming::Session(Box::new(request), fds))
+}
+
+/// The three or four descriptors of a session, in the handoff's order.
+fn four_fds(fds: Vec<OwnedFd>, truncated: bool) -> Result<SessionFds, HandoffError> {
+    let n = fds.len();
+    let mut fds = fds.into_iter();
     match (fds.next(), fds.next(), fds.next(), fds.next(), fds.next()) {
-        (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None)
-            if !msg.fds_truncated =>
-        {
-            Ok((request, SessionFds { uffd, memory_file, vmm_stream, removed_log }))
+        (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None) if !truncated => {
+            Ok(SessionFds { uffd, memory_file, vmm_stream, removed_log })
         }
         _ => Err(HandoffError::WrongFdCount(n)),
     }
+}
+
+/// Asks the pager listening on `socket` for duplicates of session `id`'s descriptors (see the
+/// module doc). Blocking; at most `timeout` per step.
+pub fn take_back(
+    socket: &Path,
+    id: &str,
+    timeout: Duration,
+) -> Result<(HandoffRequest, SessionFds), HandoffError> {
+    let stream = connect_seqpacket(socket, timeout)?;
+    let ask = serde_json::to_vec(&GiveBackRequest { give_back: id.to_string() })
+        .expect("give-back request serialises");
+    scm::send_with_fds(stream.as_fd(), &ask, &[]).map_err(HandoffError::Send)?;
+    let msg = scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    if msg.bytes.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    let reply: GiveBackReply =
+        serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
+    let session = match (reply.ok, reply.session) {
+        (true, Some(session)) => session,
+        (_, _) => {
+            return Err(HandoffError::Refused(
+                reply.error.unwrap_or_else(|| "no reason given".into()),
+            ))
+        }
+    };
+    let fds = four_fds(msg.fds, msg.fds_truncated)?;
+    if session.session_id != id {
+        return Err(HandoffError::Malformed(format!(
+            "asked for session {id}, got {}",
+            session.session_id
+        )));
+    }
+    Ok((session, fds))
+}
+
+/// Answers a give-back: the session and its descriptors, or why not. Blocking.
+pub fn reply_give_back(
+    conn: &StdUnixStream,
+    result: Result<(&HandoffRequest, &SessionFds), String>,
+) -> Result<(), HandoffError> {
+    let (reply, attached) = match result {
+        Ok((session, fds)) => {
+            let mut attached =
+                vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
+            attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
+            (GiveBackReply { ok: true, session: Some(session.clone()), error: None }, attached)
+        }
+        Err(e) => (GiveBackReply { ok: false, session: None, error: Some(e) }, vec![]),
+    };
+    let bytes = serde_json::to_vec(&reply).expect("give-back reply serialises");
+    scm::send_with_fds(conn.as_fd(), &bytes, &attached).map_err(HandoffError::Send)?;
+    Ok(())
+}
+
+/// Connects to a pager's handoff socket, with `timeout` on every later read and write.
+fn connect_seqpacket(socket: &Path, timeout: Duration) -> Result<StdUnixStream, HandoffError> {
+    let sock = socket_seqpacket()?;
+    let addr = UnixAddr::new(socket)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
+    let stream = StdUnixStream::from(sock);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
 }
 
 /// Answers a handoff request. Blocking.
@@ -182,6 +311,8 @@ mod tests {
             connected_at_ms: 1,
             adopt: false,
             removed: vec![(0x10000, 0x11000)],
+            faults: 12,
+            vmm_fd: VmmFd::Stream,
         }
     }
 
@@ -218,6 +349,39 @@ mod tests {
         let err = send_session(&path, &request(), &fds(), Duration::from_secs(5)).unwrap_err();
         server.join().unwrap();
         assert!(err.to_string().contains("memory file unreadable"), "{err}");
+    }
+
+    #[test]
+    fn a_pager_gives_a_sessions_descriptors_back_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = bind_listener(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for answer in [true, false] {
+                let (conn, _) = listener.accept().unwrap();
+                let Incoming::GiveBack(id) = recv_message(&conn).unwrap() else {
+                    panic!("a give-back request expected")
+                };
+                assert_eq!(id, "vm-1");
+                let (req, fds) = (request(), fds());
+                let result = if answer { Ok((&req, &fds)) } else { Err("no such session".into()) };
+                reply_give_back(&conn, result).unwrap();
+            }
+        });
+        let (got, fds) = take_back(&path, "vm-1", Duration::from_secs(5)).unwrap();
+        assert_eq!(got, request());
+        assert!(fds.removed_log.is_some());
+        let err = take_back(&path, "vm-1", Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("no such session"), "{err}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_from_an_older_supervisor_still_parses() {
+        let old =
+            r#"{"session_id":"a","memory_file":"/m","regions":[],"vmm_pid":1,"connected_at_ms":2}"#;
+        let req: HandoffRequest = serde_json::from_str(old).unwrap();
+        assert_eq!((req.faults, req.vmm_fd, req.adopt), (0, VmmFd::Stream, false));
     }
 
     #[test]

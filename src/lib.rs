@@ -10,5 +10,6 @@ pub mod harness;
 pub mod pages;
 pub mod removed_log;
 pub mod scm;
+pub mod uffd_msg;
 pub mod uffd_ops;
 pub mod vmsim;

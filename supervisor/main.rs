@@ -9,11 +9,13 @@
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
-//! - `pagers`: one pager process, `pager_stderr` its log lines, `pidfd` how it is watched and
+//! - `pagers`: one pager process, `pager_stderr` its log lines (`file_watch`: waiting on the log
+//!   file), `pidfd` how it is watched and
 //!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
 //!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
 //! - `startup`: the versions to start (command line, versions file); `recover`: taking over the
 //!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
+//!   `vmm_fds`: a session's descriptors taken back from its VMM when no pager serves it;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
 
 #![deny(unsafe_code)]
@@ -22,6 +24,7 @@ mod cli;
 mod complete;
 mod core;
 mod deploy;
+mod file_watch;
 mod inventory;
 mod memory_file;
 mod monitor;
@@ -40,6 +43,7 @@ mod shutdown;
 mod startup;
 mod status;
 mod versions;
+mod vmm_fds;
 
 use std::future::Future;
 use std::io::IsTerminal;
@@ -158,6 +162,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .await;
     let _ = monitor.await;
     core.close_all_sockets();
+    if !core.wait_adoptions(shutdown::ADOPTION_GRACE).await {
+        warn!(
+            grace = ?shutdown::ADOPTION_GRACE,
+            "re-adoptions still under way; their sessions are left to the next supervisor"
+        );
+    }
+    core.close_spawns();
+    if !core.wait_spawns(core.config.ready_timeout + core.config.stop_grace).await {
+        warn!("a pager is still starting; exiting anyway");
+    }
     shutdown::stop_idle_pagers(&core).await;
     let _ = std::fs::remove_file(&uds_path);
     info!("uffd-supervisor stopped");

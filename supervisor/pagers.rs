@@ -97,6 +97,8 @@ pub enum PagerError {
     Prepare { path: String, source: io::Error },
     #[error("starting {binary}: {source}")]
     Spawn { binary: String, source: io::Error },
+    #[error("pager version {version} is not started: the supervisor is shutting down")]
+    ShuttingDown { version: String },
     #[error("pager version {version} exited before it was ready: {exit}")]
     Exited { version: String, exit: Exit },
     #[error(

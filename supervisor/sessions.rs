@@ -1,7 +1,7 @@
 //! A session's life on the supervisor's side: created PENDING with its VMM socket, connected by
 //! the VMM's handshake, handed to the active pager (SERVING), looked up, and deleted.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -12,10 +12,11 @@ use uffdpager::api::{
     CreateSessionRequest, GetSessionRequest, ListSessionsResponse, Region, Session, SessionState,
 };
 use uffdpager::firecracker::Handshake;
-use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::handoff::{self, HandoffRequest, SessionFds, VmmFd};
 
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
+use crate::runtime_state::ConnectedMeta;
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
 use crate::{memory_file, runtime_state, session_id, session_socket};
@@ -35,6 +36,7 @@ pub fn state_name(state: SessionState) -> &'static str {
         SessionState::Graduated => "GRADUATED",
         SessionState::Ended => "ENDED",
         SessionState::Failed => "FAILED",
+        SessionState::Orphaned => "ORPHANED",
     }
 }
 
@@ -93,6 +95,8 @@ impl Core {
             }
         };
 
+        let memory_id =
+            crate::vmm_fds::fd_id(std::os::fd::AsFd::as_fd(&memory.file)).unwrap_or_default();
         let core = self.clone();
         let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
         let accept =
@@ -119,7 +123,7 @@ impl Core {
             },
         );
         drop(held);
-        runtime_state::write_session_meta(&self.config.sessions_dir, &session);
+        runtime_state::write_session_meta(&self.config.sessions_dir, &session, memory_id);
         info!(
             session = %id,
             memory_file = %session.memory_file,
@@ -172,8 +176,21 @@ impl Core {
             connected_at_ms,
             adopt: false,
             removed: vec![],
+            faults: 0,
+            vmm_fd: VmmFd::Stream,
         };
-        let mut fds = Some(session_fds(hs, memory_file, vmm));
+        // Recorded before any pager has it: whatever dies from here on (pager, supervisor, or
+        // both), the next supervisor can have the session adopted (see `recover.rs`).
+        let connected = ConnectedMeta {
+            request: request.clone(),
+            uffd_id: crate::vmm_fds::fd_id(hs.uffd.as_fd()).unwrap_or_default(),
+            vmm_start_time: crate::vmm_fds::start_time(hs.vmm_pid).unwrap_or_default(),
+        };
+        runtime_state::update_session_meta(&self.config.sessions_dir, &id, |m| {
+            m.connected = Some(connected);
+        });
+        let log_path = runtime_state::removed_log_path(&self.config.sessions_dir, &id);
+        let mut fds = Some(session_fds(hs, memory_file, vmm, &log_path));
         let mut attempt = 0;
         // The reservation is held until the outcome is recorded, so that the version is not
         // stopped meanwhile.
@@ -182,8 +199,14 @@ impl Core {
             let reservation = match self.versions.begin_handoff(self.config.handoff_wait).await {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(error = %e, "no pager to hand the session to; the session FAILED");
-                    self.fail_session(&id, format!("handing the session to a pager: {e}"), false);
+                    warn!(error = %e, "no pager can take the session now; it is ORPHANED until one can");
+                    if let Some(fds) = fds.take() {
+                        let why = format!(
+                            "handing the session to a pager: {e}; ORPHANED until a pager version \
+                             is available (deploy, respawn, restart)"
+                        );
+                        self.record_orphaned(&id, fds, &request, why);
+                    }
                     return;
                 }
             };
@@ -234,6 +257,15 @@ impl Core {
                 request.adopt = true;
                 continue;
             }
+            if let (true, Some(kept)) = (died, fds.take()) {
+                warn!(version = %version, error, "the pagers keep dying during the handoff; the session is ORPHANED");
+                let why = format!(
+                    "handing the session to pager version {version}: {error}; ORPHANED until a \
+                     pager version is available"
+                );
+                self.record_orphaned(&id, kept, &request, why);
+                return;
+            }
             warn!(version = %version, error, "handoff failed; the session FAILED");
             self.fail_session(
                 &id,
@@ -266,21 +298,14 @@ impl Core {
             h.setup = None;
         }
         let version = &reservation.version;
-        let total_bytes = request.regions.iter().map(|r| r.size).sum();
+        let total_bytes: u64 = request.regions.iter().map(|r| r.size).sum();
         self.inventory.modify(id, |r| {
             r.handing_off = false;
             r.serving_since = Some(tokio::time::Instant::now());
             let s = &mut r.session;
             s.state = SessionState::Serving as i32;
             s.pager_version = version.clone();
-            s.connected_at = Some(uffdpager::grpc::timestamp_ms(request.connected_at_ms));
-            s.vmm_pid = request.vmm_pid;
-            s.total_bytes = total_bytes;
-            // In memory-file order, the order Firecracker lists guest memory in (the handshake's
-            // validation sorted them by host address).
-            let mut shown: Vec<Region> = request.regions.iter().map(to_proto_region).collect();
-            shown.sort_by_key(|r| r.offset);
-            s.regions = shown;
+            show_connected(s, request);
         });
         drop(held);
         info!(
@@ -292,6 +317,25 @@ impl Core {
             "session SERVING",
         );
         None
+    }
+
+    /// Records a connected session that no pager can take now as ORPHANED, keeping its
+    /// descriptors and handoff for the version that adopts it later.
+    fn record_orphaned(&self, id: &str, fds: SessionFds, request: &HandoffRequest, why: String) {
+        let mut held = self.held();
+        let Some(h) = held.get_mut(id) else { return }; // deleted meanwhile: the fds close
+        h.fds = Some(fds);
+        h.request = Some(request.clone());
+        h.setup = None;
+        self.inventory.modify(id, |r| {
+            r.handing_off = false;
+            let s = &mut r.session;
+            s.state = SessionState::Orphaned as i32;
+            s.error = why;
+            show_connected(s, request);
+        });
+        drop(held);
+        warn!(vmm_pid = request.vmm_pid, "session ORPHANED");
     }
 
     /// GetSession: the record, with live figures from the owning pager when it serves it.
@@ -339,6 +383,12 @@ impl Core {
                             "graduate it first (CompleteSession); deleting it would freeze its VM",
                     })
                 }
+                SessionState::Orphaned => Err(ServiceError::WrongState {
+                    id: id.clone(),
+                    state: "ORPHANED",
+                    hint: "its VM waits for a pager: deploy a version and it is adopted (it ends \
+                           by itself once its VMM exits)",
+                }),
                 SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.clone())),
                 _ => Ok(()),
             });
@@ -367,14 +417,37 @@ impl Core {
     }
 }
 
+/// What a connected session shows of its handshake: connection time, VMM pid, size, and its
+/// regions in memory-file order, the order Firecracker lists guest memory in (the handshake's
+/// validation sorted them by host address).
+pub fn show_connected(s: &mut Session, request: &HandoffRequest) {
+    s.connected_at = Some(uffdpager::grpc::timestamp_ms(request.connected_at_ms));
+    s.vmm_pid = request.vmm_pid;
+    s.total_bytes = request.regions.iter().map(|r| r.size).sum();
+    s.regions = regions_in_file_order(request.regions.iter().map(to_proto_region).collect());
+}
+
+/// Regions sorted by their offset in the memory file.
+pub fn regions_in_file_order(mut regions: Vec<Region>) -> Vec<Region> {
+    regions.sort_by_key(|r| r.offset);
+    regions
+}
+
 /// The descriptors handed to the pager; the supervisor keeps them as its own copies afterwards.
-/// A new removed-ranges log (memfd) goes with them, so that a pager that adopts the session after
-/// a crash knows which ranges the VMM discarded.
-fn session_fds(hs: Handshake, memory_file: std::fs::File, vmm: StdUnixStream) -> SessionFds {
-    let removed_log = match uffdpager::removed_log::RemovedLog::create() {
+/// A new removed-ranges log (a file at `log_path`, which outlives every process) goes with them,
+/// so that a pager that adopts the session after a crash knows which ranges the VMM discarded.
+fn session_fds(
+    hs: Handshake,
+    memory_file: std::fs::File,
+    vmm: StdUnixStream,
+    log_path: &std::path::Path,
+) -> SessionFds {
+    // A file left by an earlier session of this id that was forgotten uncleanly is replaced.
+    let _ = std::fs::remove_file(log_path);
+    let removed_log = match uffdpager::removed_log::RemovedLog::create_file(log_path) {
         Ok((_mapping, fd)) => Some(fd),
         Err(e) => {
-            tracing::warn!(error = %e, "no removed-ranges log: a re-adopted session could not tell discarded pages");
+            tracing::warn!(error = %e, path = %log_path.display(), "no removed-ranges log: a re-adopted session could not tell discarded pages");
             None
         }
     };

@@ -56,6 +56,11 @@ pub enum ServiceError {
     )]
     Readopting { id: String },
     #[error(
+        "session {id} is ORPHANED: no pager version can serve it now; the next version available \
+         adopts it: retry then"
+    )]
+    Orphaned { id: String },
+    #[error(
         "pager version {version} (pid {pid}) exited during the call ({exit}); its sessions are \
          re-adopted by another pager and keep serving: retry"
     )]
@@ -75,6 +80,7 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         use ServiceError::*;
         match self {
+            Deploy(PagerError::ShuttingDown { .. }) => Code::Unavailable,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)
@@ -89,6 +95,7 @@ impl ServiceError {
             | OwnerUnavailable { .. }
             | ShuttingDown
             | Readopting { .. }
+            | Orphaned { .. }
             | PagerDied { .. } => Code::Unavailable,
             Pager { status, .. } => status.code(),
             DeadlineExceeded => Code::DeadlineExceeded,

@@ -38,6 +38,8 @@ fn handoff_request(id: &str, guest: &Guest, mem: &Path) -> HandoffRequest {
         connected_at_ms: 1,
         adopt: false,
         removed: vec![],
+        faults: 0,
+        vmm_fd: Default::default(),
     }
 }
 

@@ -34,12 +34,24 @@ pub struct SupervisorProcess {
 impl SupervisorProcess {
     /// Starts `binary` with `--runtime-dir dir` and waits until it answers health.
     pub async fn start(binary: &Path, dir: &Path, opts: &SupervisorOptions) -> io::Result<Self> {
+        Self::start_with_env(binary, dir, opts, &[]).await
+    }
+
+    /// As [`SupervisorProcess::start`], with environment variables set on the supervisor (its
+    /// pagers inherit them: the pager's fault-injection hooks are set this way).
+    pub async fn start_with_env(
+        binary: &Path,
+        dir: &Path,
+        opts: &SupervisorOptions,
+        env: &[(&str, &str)],
+    ) -> io::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--runtime-dir").arg(dir);
         if let Some(p) = &opts.pager_binary {
             cmd.arg("--pager-binary").arg(p);
         }
         cmd.args(&opts.args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(if opts.show_logs { Stdio::inherit() } else { Stdio::null() })
@@ -81,6 +93,12 @@ impl SupervisorProcess {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
+        self.child.wait().await
+    }
+
+    /// Sends SIGKILL and waits for the exit (its pagers are left running, as after a crash).
+    pub async fn kill(&mut self) -> io::Result<std::process::ExitStatus> {
+        let _ = self.child.start_kill();
         self.child.wait().await
     }
 

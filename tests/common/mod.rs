@@ -25,14 +25,20 @@ impl Env {
         Self::start_with(SupervisorOptions::default()).await
     }
 
-    pub async fn start_with(mut opts: SupervisorOptions) -> Self {
+    pub async fn start_with(opts: SupervisorOptions) -> Self {
+        Self::start_with_env(opts, &[]).await
+    }
+
+    /// A supervisor with environment variables of its own (inherited by its pagers).
+    pub async fn start_with_env(mut opts: SupervisorOptions, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
         opts.show_logs = true;
-        let sup = SupervisorProcess::start(
+        let sup = SupervisorProcess::start_with_env(
             Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
             &dir.path().join("run"),
             &opts,
+            env,
         )
         .await
         .expect("supervisor starts");
