@@ -158,13 +158,18 @@ impl Core {
         self.spawns_closed.load(Ordering::SeqCst)
     }
 
-    /// Waits (at most `limit`) until no re-adoption task runs and no session waits to be handed
-    /// over; returns whether that was reached.
+    /// Waits (at most `limit`) until no pager's death is left unhandled, no re-adoption task
+    /// runs and no session waits to be handed over; returns whether that was reached.
     pub async fn wait_adoptions(&self, limit: Duration) -> bool {
         let mut rx = self.adoptions.subscribe();
         let settled = async {
             loop {
-                if *rx.borrow_and_update() == 0 && self.inventory.handing_off_count() == 0 {
+                // A pager that died just before the shutdown (its death seen by its pidfd, not
+                // yet handled) counts too: its sessions are about to be re-adopted.
+                if *rx.borrow_and_update() == 0
+                    && self.inventory.handing_off_count() == 0
+                    && !self.versions.exits_unhandled()
+                {
                     return;
                 }
                 // Woken when a task ends; polled too, for records that settle on their own.

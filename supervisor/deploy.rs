@@ -261,6 +261,9 @@ impl Core {
     /// sessions are handed to another pager (`readopt.rs`), and an active version is respawned
     /// (its fresh process adopts them) unless it died too often in a row.
     fn pager_exited(self: Arc<Self>, version: String, process: Arc<PagerProcess>, exit: Exit) {
+        // Counted as a re-adoption from before the process leaves the table until its sessions'
+        // task has started (and counts itself): shutdown never sees a gap between the two.
+        let _handling = self.adoption_task();
         // Even while shutting down, an active version that dies with sessions is respawned: the
         // re-adoption finishes before the supervisor exits (shutdown waits for it, bounded).
         let wanted = !self.spawns_closed()

@@ -162,6 +162,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     .await;
     let _ = monitor.await;
     core.close_all_sockets();
+    shutdown::settle_dying_pagers(&core).await;
     if !core.wait_adoptions(shutdown::ADOPTION_GRACE).await {
         warn!(
             grace = ?shutdown::ADOPTION_GRACE,

@@ -278,6 +278,12 @@ impl PagerProcess {
         PagerClient::new(self.channel.clone())
     }
 
+    /// True once it has exited, even if its exit has not been taken in yet (its pidfd says so
+    /// at once; the reaping and `exit` follow a moment later).
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some() || self.pidfd.as_ref().is_some_and(|p| p.has_exited())
+    }
+
     /// How it exited, if it did.
     pub fn exit(&self) -> Option<Exit> {
         self.exit.borrow().clone()

@@ -25,6 +25,8 @@ use crate::pagers::PagerProcess;
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// How long re-adoptions under way get to finish (a respawn's backoff and start included).
 pub const ADOPTION_GRACE: Duration = Duration::from_secs(20);
+/// How long a pager that does not answer at shutdown gets to finish dying.
+const DYING_GRACE: Duration = Duration::from_secs(3);
 
 /// SIGTERM and SIGINT, caught from startup on (so that a signal during startup is a clean
 /// shutdown too, not the default death).
@@ -56,6 +58,25 @@ pub async fn drain(servers: impl Future<Output = ()>, grace: Duration) {
             warn!(grace = ?grace, "gRPC calls still running after the grace period; exiting anyway")
         }
     }
+}
+
+/// Waits for pagers that are dying as the shutdown begins: one that does not answer is given
+/// [`DYING_GRACE`] to exit (a SIGKILL takes a moment to end a process), so that its death is
+/// handled — its sessions re-adopted — before the supervisor exits. One that neither answers
+/// nor exits is hung, and left to the next supervisor.
+pub async fn settle_dying_pagers(core: &Arc<Core>) {
+    let mut waits = JoinSet::new();
+    for (version, process) in core.versions.running() {
+        let core = core.clone();
+        waits.spawn(async move {
+            if let Err(reason) = live_in_pager(&core, &process).await {
+                let exited =
+                    tokio::time::timeout(DYING_GRACE, process.wait_exit()).await.is_ok();
+                info!(version = %version, pid = process.pid, reason, exited, "a pager did not answer as the shutdown began");
+            }
+        });
+    }
+    while waits.join_next().await.is_some() {}
 }
 
 /// Stops the pagers that serve no live session, in parallel; leaves the others running.
@@ -126,14 +147,14 @@ pub async fn stop_idle_pagers(core: &Arc<Core>) {
 
 /// SERVING or COMPLETING sessions the pager itself lists now (a pager that exited serves none).
 async fn live_in_pager(core: &Core, process: &PagerProcess) -> Result<usize, String> {
-    if process.exit().is_some() {
+    if process.has_exited() {
         return Ok(0);
     }
     let mut req = tonic::Request::new(ListSessionsRequest {});
     req.set_timeout(core.config.pager_call_timeout);
     match process.client().list_sessions(req).await {
         Ok(r) => Ok(r.into_inner().sessions.iter().filter(|s| is_live(state_of(s))).count()),
-        Err(_) if process.exit().is_some() => Ok(0),
+        Err(_) if process.has_exited() => Ok(0),
         Err(s) => Err(s.message().to_string()),
     }
 }

@@ -148,6 +148,12 @@ impl Versions {
         }
     }
 
+    /// True while some version's process has exited but its exit is not handled yet (its
+    /// sessions not yet marked for re-adoption).
+    pub fn exits_unhandled(&self) -> bool {
+        self.lock().entries.values().any(|e| e.process.as_ref().is_some_and(|p| p.has_exited()))
+    }
+
     /// Every version with a live process: (version, process).
     pub fn running(&self) -> Vec<(String, Arc<PagerProcess>)> {
         self.lock()
