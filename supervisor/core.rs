@@ -212,13 +212,18 @@ impl Core {
     /// everything but the duplicate fds when `keep_fds` (a session whose pager died keeps them
     /// for a later adoption).
     pub fn release(&self, id: &str, keep_fds: bool) {
-        let mut held = self.held();
-        let Some(h) = held.get_mut(id) else { return };
-        close_socket(h);
+        {
+            let mut held = self.held();
+            if let Some(h) = held.get_mut(id) {
+                close_socket(h);
+                if !keep_fds {
+                    held.remove(id);
+                }
+            }
+        }
         if !keep_fds {
-            held.remove(id);
-            drop(held);
-            // Finished: nothing for a restarted supervisor to recover.
+            // Finished (whether or not anything was held for it here, as for a session found
+            // finished after a restart): nothing for a restarted supervisor to recover.
             let dir = &self.config.sessions_dir;
             crate::runtime_state::update_session_meta(dir, id, |m| {
                 m.finished = true;

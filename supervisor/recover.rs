@@ -393,6 +393,10 @@ impl Core {
                 }
                 drop(held);
                 info!(session = %id, version = %version, state = ?s.state(), readoptable, "session taken over");
+                if crate::inventory::is_terminal(state_of(&s)) {
+                    // It finished while no supervisor ran: nothing to recover after this one.
+                    self.release(&id, false);
+                }
             }
             Err(_) => {
                 warn!(session = %id, version = %version, "two recovered pagers serve one session id; keeping the first");

@@ -405,6 +405,11 @@ async fn vms_read_only_right_bytes_and_never_freeze_under_kills_deploys_completi
         .filter(|e| e.file_name().to_string_lossy().ends_with(".removed"))
         .map(|e| e.file_name())
         .collect();
-    assert!(logs.is_empty(), "removed-ranges logs of finished sessions are left: {logs:?}");
+    let listed = sessions(&run.env).await;
+    assert!(
+        logs.is_empty(),
+        "removed-ranges logs of finished sessions are left: {logs:?}; sessions: {:#?}",
+        listed.sessions.iter().map(|s| (&s.id, s.state(), &s.error)).collect::<Vec<_>>()
+    );
     let _ = sigkill; // (pagers left over are killed with the supervisor when `Env` drops)
 }
