@@ -28,7 +28,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use uffdpager::api::{CompleteSessionRequest, SessionState, VersionState};
 use uffdpager::harness::{SupervisorProcess, VmProcess};
-use versions_support::{deploy, options, pager_binary, sessions, sigkill, versions};
+use versions_support::{deploy, options, pager_binary, sessions, versions};
 
 /// Most VMs alive at once.
 const MAX_VMS: usize = 4;
@@ -390,8 +390,7 @@ async fn vms_read_only_right_bytes_and_never_freeze_under_kills_deploys_completi
     pids.extend(uffdpager::harness::pager_pids(&run.env.run_dir()));
     let deadline = Instant::now() + STEP;
     for pid in pids {
-        loop {
-            let Ok(h) = uffdpager::harness::procfs::holdings(pid, &files) else { break };
+        while let Ok(h) = uffdpager::harness::procfs::holdings(pid, &files) {
             if h.uffds == 0 && h.file_fds == 0 && h.file_maps == 0 {
                 break;
             }
@@ -411,5 +410,5 @@ async fn vms_read_only_right_bytes_and_never_freeze_under_kills_deploys_completi
         "removed-ranges logs of finished sessions are left: {logs:?}; sessions: {:#?}",
         listed.sessions.iter().map(|s| (&s.id, s.state(), &s.error)).collect::<Vec<_>>()
     );
-    let _ = sigkill; // (pagers left over are killed with the supervisor when `Env` drops)
+    // (Pagers left over are killed with the supervisor when `Env` drops.)
 }
