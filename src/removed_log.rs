@@ -143,6 +143,9 @@ impl RemovedLog {
         // concurrently, so every access goes through atomics (`word`) or the kernel (`read(2)`
         // into the slot), never through plain references.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(RemovedLogError::Map)?;
+        // A few words are touched, far apart: no read-ahead around them (on a disk file system
+        // each first touch would otherwise bring in and map tens of KiB of holes).
+        let _ = map.advise(memmap2::Advice::Random);
         // Best effort (RLIMIT_MEMLOCK may refuse): see the module doc for why the slot's page
         // is locked.
         // SAFETY: mlock(2) of one page inside this mapping; it changes no data.
