@@ -3,7 +3,8 @@
 //! time, the completions in flight and the recent failures; no I/O, no clock.
 //!
 //! The rules (DESIGN.md, "Controller policy"):
-//! - Only SERVING sessions are candidates. A candidate must be soaked
+//! - Only SERVING sessions are candidates (an ORPHANED one is held: no pager serves it). A
+//!   candidate must be soaked
 //!   (`now - connected_at >= min_session_age`; `connected_at` is the supervisor's clock, so the
 //!   soak survives a controller restart), not in flight, and not failed within
 //!   `failure_backoff`.
@@ -68,6 +69,9 @@ pub enum Hold {
     /// Its supervisor's host has less available memory than `min_available_memory` (graduation
     /// turns page-cache memory into private memory), or has not said how much (`None`).
     LowMemory { available: Option<u64>, min: u64 },
+    /// ORPHANED: no pager version serves it right now (the supervisor hands it to the next one
+    /// available); nothing to graduate until then.
+    Orphaned,
 }
 
 impl fmt::Display for Hold {
@@ -101,6 +105,10 @@ impl fmt::Display for Hold {
                 f,
                 "host memory: the supervisor has not reported its available memory \
                  (min_available_memory {min})"
+            ),
+            Hold::Orphaned => write!(
+                f,
+                "ORPHANED: no pager version serves it now; it graduates once one adopts it"
             ),
         }
     }
@@ -178,6 +186,14 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         let mut leaving = 0usize;
         let mut old_here = Vec::new();
         let mut cur_here = Vec::new();
+        // Not terminal, not graduatable, not served: held, and not in the serving count.
+        for s in inv.sessions.values().filter(|s| s.state == SessionState::Orphaned) {
+            held.push(Held {
+                key: SessionKey::new(endpoint, &s.id),
+                pager_version: s.pager_version.clone(),
+                hold: Hold::Orphaned,
+            });
+        }
         for s in inv.sessions.values().filter(|s| s.is_live()) {
             serving += 1;
             let key = SessionKey::new(endpoint, &s.id);

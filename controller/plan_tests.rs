@@ -15,7 +15,7 @@ const NOW: u64 = 1_000_000;
 #[derive(Clone, Copy)]
 struct S(&'static str, &'static str, &'static str, SessionState, Option<i64>);
 
-use SessionState::{Completing, Ended, Failed, Graduated, Pending, Serving};
+use SessionState::{Completing, Ended, Failed, Graduated, Orphaned, Pending, Serving};
 
 fn serving(sup: &'static str, id: &'static str, version: &'static str, age: i64) -> S {
     S(sup, id, version, Serving, Some(age))
@@ -156,6 +156,13 @@ fn cases() -> Vec<Case> {
             ],
             want: &[("A", "s", Class::Soaked)],
             holds: &[("c", "COMPLETING")],
+            ..Default::default()
+        },
+        Case {
+            name: "an ORPHANED session is held, not graduated, and not counted as serving",
+            ceiling: 1,
+            sessions: vec![S("A", "o", "v2", Orphaned, Some(9000)), serving("A", "s", "v2", 9000)],
+            holds: &[("o", "ORPHANED"), ("s", "under the ceiling")],
             ..Default::default()
         },
         Case {
@@ -423,10 +430,11 @@ fn every_rule_of_the_plan_holds() {
 }
 
 #[test]
-fn every_live_session_is_either_planned_or_held() {
+fn every_live_or_orphaned_session_is_either_planned_or_held() {
     for case in cases() {
         let plan = run(&case);
-        let live = case.sessions.iter().filter(|s| matches!(s.3, Serving | Completing)).count();
+        let live =
+            case.sessions.iter().filter(|s| matches!(s.3, Serving | Completing | Orphaned)).count();
         assert_eq!(plan.graduate.len() + plan.held.len(), live, "{}", case.name);
     }
 }

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::copy_threads::{Claim, ClaimDone, CopyThreads, Reply};
 use crate::metrics::{self, Outcome, METRICS};
+use crate::joined_deadline::JoinedDeadline;
 use crate::session::{Session, SessionError};
 use crate::sweep::{Sweep, SweepCounts, ZeroTest};
 
@@ -72,7 +73,7 @@ pub type CompletionResult = Result<CompletionReport, CompleteError>;
 #[derive(Debug)]
 pub struct Completion {
     started: Instant,
-    deadline: Option<Instant>,
+    deadline: Arc<JoinedDeadline>,
     cancel: Arc<AtomicBool>,
     done: watch::Sender<Option<CompletionResult>>,
     id: u64,
@@ -100,7 +101,7 @@ impl Drop for Completion {
 
 impl Completion {
     pub fn new(
-        deadline: Option<Instant>,
+        deadline: Arc<JoinedDeadline>,
         cancel: Arc<AtomicBool>,
         done: watch::Sender<Option<CompletionResult>>,
     ) -> Self {
@@ -126,7 +127,7 @@ impl Completion {
         if self.cancel.load(Ordering::Acquire) {
             return Err(CompleteError::Cancelled(self.started.elapsed()));
         }
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.deadline.passed() {
             return Err(CompleteError::DeadlineExceeded(self.started.elapsed()));
         }
         Ok(())

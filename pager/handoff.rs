@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 use uffdpager::firecracker;
-use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::handoff::{self, HandoffRequest, Incoming, SessionFds};
 use uffdpager::peer_auth::{self, CallerPolicy, PeerCredentials};
 use uffdpager::removed_log::RemovedLog;
 use userfaultfd::Uffd;
@@ -38,7 +38,7 @@ pub fn serve(listener: UnixListener, pager: Arc<Pager>) {
 }
 
 fn handle(conn: &UnixStream, pager: &Pager) {
-    // Only the supervisor (this process's uid, or root) may hand sessions over.
+    // Only the supervisor (this process's uid, or root) may hand sessions over or take them back.
     let caller = PeerCredentials::of(conn.as_fd())
         .map_err(|e| format!("the caller's credentials cannot be read: {e}"))
         .and_then(|peer| peer_auth::authorize(&CallerPolicy::owner_only(), &peer));
@@ -47,8 +47,12 @@ fn handle(conn: &UnixStream, pager: &Pager) {
         let _ = handoff::reply(conn, Err(reason));
         return;
     }
-    let (request, fds) = match handoff::recv_session(conn) {
-        Ok(x) => x,
+    let (request, fds) = match handoff::recv_message(conn) {
+        Ok(Incoming::Session(request, fds)) => (*request, fds),
+        Ok(Incoming::GiveBack(id)) => {
+            give_back(conn, pager, &id);
+            return;
+        }
         Err(e) => {
             warn!(version = %pager.version, error = %e, "unreadable handoff");
             let _ = handoff::reply(conn, Err(e.to_string()));
@@ -63,6 +67,38 @@ fn handle(conn: &UnixStream, pager: &Pager) {
     }
     if let Err(e) = handoff::reply(conn, result) {
         warn!(session = %id, version = %pager.version, error = %e, "answering a handoff");
+    }
+}
+
+/// Answers a supervisor's request for duplicates of a session's descriptors (it restarted and
+/// lost its own): the worker that owns the session makes them.
+fn give_back(conn: &UnixStream, pager: &Pager, id: &str) {
+    let found =
+        pager.registry.lock().get(id).filter(|e| e.shared.is_live()).map(|e| (e.worker, e.token));
+    let answer = match found {
+        None => Err(format!("no session {id} is served here")),
+        Some((worker, token)) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            pager.workers[worker].send(Command::GiveBack { token, reply: tx }).and_then(|()| {
+                rx.recv_timeout(HANDOFF_TIMEOUT)
+                    .map_err(|_| "the fault worker did not answer".to_string())?
+            })
+        }
+    };
+    let result = match &answer {
+        Ok((request, fds)) => Ok((request, fds)),
+        Err(e) => Err(e.clone()),
+    };
+    match handoff::reply_give_back(conn, result) {
+        Ok(()) if answer.is_ok() => {
+            info!(session = %id, version = %pager.version, "gave the session's descriptors back to the supervisor");
+        }
+        Ok(()) => {
+            warn!(session = %id, version = %pager.version, error = ?answer.err(), "cannot give the session's descriptors back");
+        }
+        Err(e) => {
+            warn!(session = %id, version = %pager.version, error = %e, "answering a give-back")
+        }
     }
 }
 
@@ -106,11 +142,12 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     let session = Session::new(
         Arc::clone(&shared),
         uffd,
-        fds.vmm_stream,
+        (fds.vmm_stream, request.vmm_fd),
         file,
         &request.removed,
         removed_log,
         Arc::clone(&pager.zero),
+        request.faults,
     )
     .with_overlays(overlays);
     let token = pager.registry.next_token();

@@ -4,10 +4,11 @@
 
 mod complete;
 mod copy_threads;
-mod events;
+mod fault_inject;
 mod file_extents;
 mod guarded_read;
 mod handoff;
+mod joined_deadline;
 mod memory_file;
 mod metrics;
 mod overlay;

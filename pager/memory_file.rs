@@ -34,6 +34,11 @@ impl MappedFile {
         &self.map
     }
 
+    /// The file's descriptor (to give a session's descriptors back to a supervisor).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// Length when mapped.
     pub fn mapped_len(&self) -> u64 {
         self.map.len() as u64

@@ -36,8 +36,11 @@ pub struct SessionOverlays {
     by_region: Vec<Vec<PageSpan>>,
     /// The memfd's bytes, mapped read-only (`None` without overlays).
     map: Option<Mmap>,
-    /// The memfd itself, held as long as the session is served.
-    _fd: Option<OwnedFd>,
+    /// The memfd itself, held as long as the session is served (and duplicated for a
+    /// restarted supervisor's give-back).
+    fd: Option<OwnedFd>,
+    /// The spans as handed over, for the give-back.
+    spans: Vec<OverlaySpan>,
     count: u32,
     bytes: u64,
 }
@@ -80,10 +83,17 @@ impl SessionOverlays {
         Ok(Self {
             by_region,
             map: Some(map),
-            _fd: Some(OwnedFd::from(file)),
+            fd: Some(OwnedFd::from(file)),
+            spans: spans.to_vec(),
             count: u32::try_from(spans.len()).unwrap_or(u32::MAX),
             bytes: overlay::total_bytes(spans),
         })
+    }
+
+    /// The spans and a duplicate of the memfd, as a handoff carries them (none: no overlays).
+    pub fn handoff_parts(&self) -> std::io::Result<(Vec<OverlaySpan>, Option<OwnedFd>)> {
+        let fd = self.fd.as_ref().map(|f| f.try_clone()).transpose()?;
+        Ok((self.spans.clone(), fd))
     }
 
     /// Overlays, and their bytes in all.

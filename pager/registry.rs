@@ -154,6 +154,8 @@ pub struct CompletionWatch {
     /// Callers waiting; the last one to give up cancels the completion.
     pub waiters: Arc<AtomicUsize>,
     pub cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// The latest of the waiters' deadlines (a joining caller extends it).
+    pub deadline: Arc<crate::joined_deadline::JoinedDeadline>,
 }
 
 /// One row of the table.

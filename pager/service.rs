@@ -11,6 +11,7 @@ use uffdpager::api::{self, pager_server, SessionState};
 use uffdpager::grpc::{grpc_timeout, timestamp};
 
 use crate::complete::{CompleteError, Completion, CompletionReport, CompletionResult};
+use crate::joined_deadline::JoinedDeadline;
 use crate::registry::CompletionWatch;
 use crate::worker::Command;
 use crate::Pager;
@@ -130,18 +131,22 @@ impl pager_server::Pager for PagerService {
                         .clone()
                         .ok_or_else(|| Status::internal("completion without a watch"))?;
                     w.waiters.fetch_add(1, Ordering::AcqRel);
+                    // It keeps its own deadline: the completion lasts until the latest one.
+                    w.deadline.extend(deadline);
                     (w, shared)
                 }
                 SessionState::Serving => {
                     let (tx, rx) = watch::channel(None);
                     let cancel = Arc::new(AtomicBool::new(false));
+                    let joined = Arc::new(JoinedDeadline::new(deadline));
                     let w = CompletionWatch {
                         result: rx,
                         waiters: Arc::new(AtomicUsize::new(1)),
                         cancel: Arc::clone(&cancel),
+                        deadline: Arc::clone(&joined),
                     };
                     shared.set_state(SessionState::Completing);
-                    let completion = Completion::new(deadline, cancel, tx);
+                    let completion = Completion::new(joined, cancel, tx);
                     if let Err(e) = self.pager.workers[entry.worker].send(Command::Complete {
                         token: entry.token,
                         completion: Box::new(completion),

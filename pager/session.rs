@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 use uffdpager::removed_log::RemovedLog;
+use uffdpager::uffd_msg::{self, UffdMsg, MSG_WORDS};
 use uffdpager::uffd_ops::{self, FillOutcome};
 use userfaultfd::Uffd;
 
-use crate::events::{EventReader, UffdEvent};
 use crate::memory_file::MappedFile;
 use crate::metrics::{self, METRICS};
 use crate::overlay::SessionOverlays;
@@ -92,14 +93,17 @@ pub struct Session {
     pub uffd: Arc<Uffd>,
     /// Orders this worker's event reads with copy threads' copies (see `crate::remove_gate`).
     pub gate: Arc<RemoveGate>,
+    /// The VMM's stream (EOF: gone), or a pidfd of the VMM (readable: gone); see `vmm_kind`.
     pub vmm_stream: OwnedFd,
+    pub vmm_kind: VmmFd,
     pub file: Arc<MappedFile>,
     /// Pages this session reads from its overlays instead of the memory file.
     pub overlays: Arc<SessionOverlays>,
     pub regions: Vec<RegionPages>,
     /// Faults read and not yet served, with when they were read (for the latency histogram).
     pending: VecDeque<(u64, Instant)>,
-    events: EventReader,
+    /// Where events are read when the session has no removed-ranges log (else: its read slot).
+    events: Vec<u64>,
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
     stream: Option<Stream>,
@@ -124,14 +128,18 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
+    /// A session as handed over: `vmm` is the VMM's stream or pidfd (`vmm_kind`); `faults` the
+    /// faults earlier pagers served (the figure goes on from there).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shared: Arc<SessionShared>,
         uffd: Uffd,
-        vmm_stream: OwnedFd,
+        (vmm_stream, vmm_kind): (OwnedFd, VmmFd),
         file: Arc<MappedFile>,
         removed: &[(u64, u64)],
         removed_log: Option<RemovedLog>,
         zero: Arc<ZeroSource>,
+        faults: u64,
     ) -> Self {
         let regions = shared.regions.iter().copied().map(RegionPages::new).collect();
         let mut s = Self {
@@ -139,20 +147,34 @@ impl Session {
             uffd: Arc::new(uffd),
             gate: Arc::default(),
             vmm_stream,
+            vmm_kind,
             file,
             overlays: Arc::default(),
             regions,
             pending: VecDeque::new(),
-            events: EventReader::new(EVENT_BATCH),
+            events: vec![0; EVENT_BATCH * MSG_WORDS],
             read_ahead: ReadAhead::default(),
             stream: None,
-            faults: 0,
+            faults,
             overlay_faults: 0,
             unexpected_events: 0,
             zero,
             removed_log: None,
         };
-        // Ranges discarded while an earlier pager served the session stay discarded.
+        // Ranges discarded while an earlier pager served the session stay discarded, those it
+        // had read into the log's slot but not yet recorded (it died in between) included.
+        let mut removed_log = removed_log;
+        if let Some(log) = &mut removed_log {
+            match log.recover_slot() {
+                Ok(left) if !left.is_empty() => {
+                    info!(session = %s.shared.id, messages = left.len(), "took over events an earlier pager read but never handled");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(session = %s.shared.id, error = %e, "recovering the log's read slot failed")
+                }
+            }
+        }
         let logged = removed_log.as_ref().map(RemovedLog::ranges).unwrap_or_default();
         for &(start, end) in removed.iter().chain(&logged) {
             s.apply_remove(start, end);
@@ -187,20 +209,27 @@ impl Session {
     }
 
     /// Reads every queued event: REMOVEs are applied at once, faults queued. Returns the count.
+    ///
+    /// Events are read into the removed-ranges log's read slot, and the slot is cleared only
+    /// once the batch's REMOVEs are appended to the log (see `uffdpager::removed_log`): a pager
+    /// killed at any point in between loses no discarded range.
     pub fn drain_events(&mut self) -> Result<usize, SessionError> {
         let gate = Arc::clone(&self.gate);
         let _held = gate.lock();
         let mut total = 0;
         loop {
-            let batch = self
-                .events
-                .read(self.uffd.as_fd())
-                .map_err(|e| SessionError::ReadEvents(e.to_string()))?;
+            let batch = self.read_batch()?;
             let n = batch.len();
             total += n;
+            if batch.iter().any(|m| m.removed_range().is_some()) {
+                crate::fault_inject::after_remove_read();
+            }
             let read_at = Instant::now();
-            for event in batch {
-                self.apply_event(event, read_at);
+            for msg in batch {
+                self.apply_msg(msg, read_at);
+            }
+            if let Some(log) = &self.removed_log {
+                log.clear_slot(n);
             }
             // A short batch means the queue is empty: skip the read that would say EAGAIN.
             if n < EVENT_BATCH {
@@ -209,12 +238,36 @@ impl Session {
         }
     }
 
-    fn apply_event(&mut self, event: UffdEvent, read_at: Instant) {
-        match event {
-            UffdEvent::Missing { addr } => self.pending.push_back((addr, read_at)),
+    /// One `read(2)` of up to [`EVENT_BATCH`] events: into the log's read slot, or a buffer of
+    /// this session's own when it has no log.
+    fn read_batch(&mut self) -> Result<Vec<UffdMsg>, SessionError> {
+        let failed = |e: nix::errno::Errno| SessionError::ReadEvents(e.to_string());
+        let uffd = self.uffd.as_fd();
+        if let Some(log) = &self.removed_log {
+            let n = log.read_into_slot(uffd, EVENT_BATCH).map_err(failed)?;
+            return Ok((0..n).filter_map(|i| log.slot_message(i)).collect());
+        }
+        let len = self.events.len() * 8;
+        // SAFETY: `events` is this session's own u64 buffer of `len` bytes (8-byte aligned),
+        // borrowed mutably here and read only after the call returns.
+        let n = unsafe { uffd_msg::read_into(uffd, self.events.as_mut_ptr().cast(), len) }
+            .map_err(failed)?;
+        Ok(self
+            .events
+            .chunks_exact(MSG_WORDS)
+            .take(n)
+            .filter_map(|w| UffdMsg::decode([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
+
+    fn apply_msg(&mut self, msg: UffdMsg, read_at: Instant) {
+        match msg {
+            m @ UffdMsg::Pagefault { addr, .. } if m.is_missing_fault() => {
+                self.pending.push_back((addr, read_at));
+            }
             // The VMM discarded (balloon) or unmapped guest memory: record it outside this process
             // first, then apply it, before any fault queued with it is served.
-            UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
+            UffdMsg::Remove { start, end } | UffdMsg::Unmap { start, end } => {
                 self.gate.removed();
                 metrics::add(&METRICS.remove_events, 1);
                 metrics::add(&METRICS.remove_bytes, end.saturating_sub(start));
@@ -224,7 +277,8 @@ impl Session {
             other => {
                 // Fork/remap and write-protect or minor faults are features Firecracker never
                 // enables; count them and say so, never drop them silently (a fork's uffd is
-                // closed with the event).
+                // closed here).
+                uffd_msg::close_forked(&other);
                 self.unexpected_events += 1;
                 warn!(session = %self.shared.id, event = ?other, "unexpected userfaultfd event");
             }
@@ -597,23 +651,58 @@ impl Session {
     }
 
     /// Proof that the VMM is gone, if there is some: its stream has reached EOF (it never
-    /// closes it while it runs).
+    /// closes it while it runs), or its pidfd is readable (it exited).
     pub fn vmm_gone(&self) -> Option<String> {
         // nix has no POLLRDHUP: the peer's shutdown of its end (its exit).
         let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut fds = [PollFd::new(self.vmm_stream.as_fd(), rdhup)];
+        let (asked, proof) = match self.vmm_kind {
+            VmmFd::Stream => (rdhup, "its stream reached EOF (the VMM exited)"),
+            VmmFd::Pidfd => (PollFlags::POLLIN, "its pidfd is readable (the VMM exited)"),
+        };
+        let mut fds = [PollFd::new(self.vmm_stream.as_fd(), asked)];
         match poll(&mut fds, PollTimeout::ZERO) {
             Ok(n) if n > 0 => {
                 let got = fds[0].revents().unwrap_or(PollFlags::empty());
-                got.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)
-                    .then(|| "its stream reached EOF (the VMM exited)".to_string())
+                got.intersects(asked | PollFlags::POLLHUP | PollFlags::POLLERR)
+                    .then(|| proof.to_string())
             }
             _ => None,
         }
     }
 
-    /// The VMM stream, for EOF detection.
+    /// The VMM stream (or pidfd), for detecting the VMM's exit.
     pub fn vmm_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.vmm_stream.as_fd()
+    }
+
+    /// The session as a handoff would describe it, and duplicates of its descriptors: what a
+    /// restarted supervisor asks for back (see `uffdpager::handoff`'s give-back).
+    pub fn give_back(&self) -> std::io::Result<(HandoffRequest, SessionFds)> {
+        let shared = &self.shared;
+        let (overlays, overlay) = self.overlays.handoff_parts()?;
+        let request = HandoffRequest {
+            session_id: shared.id.clone(),
+            memory_file: shared.memory_file.clone(),
+            regions: shared.regions.clone(),
+            vmm_pid: shared.vmm_pid,
+            connected_at_ms: shared.connected_at_ms,
+            adopt: false,
+            removed: vec![],
+            overlays,
+            faults: self.faults,
+            vmm_fd: self.vmm_kind,
+        };
+        let fds = SessionFds {
+            uffd: self.uffd.as_fd().try_clone_to_owned()?,
+            memory_file: self.file.fd().try_clone_to_owned()?,
+            vmm_stream: self.vmm_stream.try_clone()?,
+            removed_log: self
+                .removed_log
+                .as_ref()
+                .map(|l| l.fd().try_clone_to_owned())
+                .transpose()?,
+            overlay,
+        };
+        Ok((request, fds))
     }
 }

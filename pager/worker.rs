@@ -18,6 +18,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
+use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
@@ -37,6 +38,8 @@ pub enum Command {
     Complete { token: u64, completion: Box<Completion> },
     /// Stop serving a session and release it (operator's forced end).
     Drop { token: u64, reason: String },
+    /// Duplicates of a session's descriptors, for a restarted supervisor.
+    GiveBack { token: u64, reply: Sender<Result<(HandoffRequest, SessionFds), String>> },
     /// Release every session and exit the thread.
     Shutdown,
 }
@@ -200,7 +203,7 @@ impl Worker {
                     self.end(
                         token,
                         SessionState::Ended,
-                        "the VMM closed its socket (VMM exited)".into(),
+                        "the VMM exited (EOF on its socket, or its pidfd)".into(),
                     );
                 }
             }
@@ -230,6 +233,13 @@ impl Worker {
                     }
                 }
                 Command::Drop { token, reason } => self.end(token, SessionState::Ended, reason),
+                Command::GiveBack { token, reply } => {
+                    let answer = match self.sessions.get(&token) {
+                        Some(s) => s.give_back().map_err(|e| format!("duplicating: {e}")),
+                        None => Err("the session is no longer served".to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
                 Command::Shutdown => return false,
             }
         }
@@ -240,10 +250,12 @@ impl Worker {
         self.epoll
             .add(&session.uffd, EpollEvent::new(EpollFlags::EPOLLIN, token << 1))
             .map_err(|e| format!("adding the uffd to epoll: {e}"))?;
-        if let Err(e) = self
-            .epoll
-            .add(session.vmm_fd(), EpollEvent::new(EpollFlags::EPOLLRDHUP, (token << 1) | 1))
-        {
+        // A stream says the VMM is gone with EOF; a pidfd by turning readable.
+        let gone = match session.vmm_kind {
+            VmmFd::Stream => EpollFlags::EPOLLRDHUP,
+            VmmFd::Pidfd => EpollFlags::EPOLLIN,
+        };
+        if let Err(e) = self.epoll.add(session.vmm_fd(), EpollEvent::new(gone, (token << 1) | 1)) {
             let _ = self.epoll.delete(&session.uffd);
             return Err(format!("adding the VMM stream to epoll: {e}"));
         }

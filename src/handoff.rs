@@ -10,9 +10,16 @@
 //!
 //! The supervisor keeps its own copies of the descriptors, so that a session whose pager died can
 //! be handed to another pager (`adopt`).
+//!
+//! **Give-back.** A supervisor restarted while its pagers ran has lost those copies. It asks each
+//! pager for them on the same socket: it sends ONE message `{"give_back": "<session id>"}` with no
+//! descriptor, and the pager answers ONE [`GiveBackReply`] with the session as a
+//! [`HandoffRequest`] (its regions, VMM pid, faults so far, overlays...) and duplicates of its
+//! descriptors attached in the handoff's order. The supervisor is then exactly as able to have
+//! the session re-adopted as before its restart.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -48,6 +55,50 @@ pub struct HandoffRequest {
     /// instead of the memory file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<OverlaySpan>,
+    /// Faults earlier pagers served for this session (its `faults` figure goes on from here).
+    #[serde(default)]
+    pub faults: u64,
+    /// What the third descriptor is: the VMM's stream (EOF: the VMM is gone) or, for a session a
+    /// supervisor recovered from the VMM itself, a pidfd of the VMM (readable: it exited).
+    #[serde(default)]
+    pub vmm_fd: VmmFd,
+}
+
+/// What tells a pager that a session's VMM is gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmFd {
+    /// The VMM's connection to the session socket: EOF (`EPOLLRDHUP`) when the VMM exits.
+    #[default]
+    Stream,
+    /// A pidfd of the VMM process: readable (`EPOLLIN`) once it has exited.
+    Pidfd,
+}
+
+/// The supervisor asks for duplicates of a session's descriptors back (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiveBackRequest {
+    pub give_back: String,
+}
+
+/// The pager's answer to a give-back: the session, with four descriptors attached when `ok`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiveBackReply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<HandoffRequest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What arrived on a pager's handoff socket.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A session to serve.
+    Session(Box<HandoffRequest>, SessionFds),
+    /// A supervisor's request for a session's descriptors back.
+    GiveBack(String),
 }
 
 /// The pager's answer to a handoff.
@@ -100,20 +151,9 @@ pub fn send_session(
     fds: &SessionFds,
     timeout: Duration,
 ) -> Result<(), HandoffError> {
-    let sock = socket_seqpacket()?;
-    let addr = UnixAddr::new(socket)
-        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
-        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
-    let stream = StdUnixStream::from(sock);
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    let stream = connect_seqpacket(socket, timeout)?;
     let bytes = serde_json::to_vec(request).expect("handoff request serialises");
-    let mut attached = vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
-    attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
-    if !request.overlays.is_empty() {
-        attached.push(fds.overlay.as_ref().ok_or(HandoffError::NoOverlayData)?.as_fd());
-    }
+    let attached = attached_fds(request, fds)?;
     scm::send_with_fds(stream.as_fd(), &bytes, &attached).map_err(HandoffError::Send)?;
     let reply =
         scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
@@ -131,37 +171,139 @@ pub fn send_session(
 
 /// Receives one handoff request on an accepted connection. Blocking.
 pub fn recv_session(conn: &StdUnixStream) -> Result<(HandoffRequest, SessionFds), HandoffError> {
-    let msg = scm::recv_with_fds(conn.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
-    decode_request(msg)
+    match recv_message(conn)? {
+        Incoming::Session(request, fds) => Ok((*request, fds)),
+        Incoming::GiveBack(_) => Err(HandoffError::WrongFdCount(0)),
+    }
 }
 
-/// Decodes a received handoff request (pure but for the descriptors it takes over: those it
+/// Receives one message on an accepted connection of a pager's handoff socket: a session, or a
+/// give-back request (no descriptors). Blocking.
+pub fn recv_message(conn: &StdUnixStream) -> Result<Incoming, HandoffError> {
+    let msg = scm::recv_with_fds(conn.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    decode_message(msg)
+}
+
+/// Decodes a received handoff message (pure but for the descriptors it takes over: those it
 /// does not return are closed with it).
-pub fn decode_request(msg: scm::Received) -> Result<(HandoffRequest, SessionFds), HandoffError> {
+pub fn decode_message(msg: scm::Received) -> Result<Incoming, HandoffError> {
     if msg.bytes.is_empty() && msg.fds.is_empty() {
         return Err(HandoffError::Closed);
     }
     if msg.truncated {
         return Err(HandoffError::Malformed("message truncated".into()));
     }
+    if msg.fds.is_empty() && !msg.fds_truncated {
+        if let Ok(ask) = serde_json::from_slice::<GiveBackRequest>(&msg.bytes) {
+            return Ok(Incoming::GiveBack(ask.give_back));
+        }
+    }
     let request: HandoffRequest =
         serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
-    let n = msg.fds.len();
-    let mut all = msg.fds;
-    // With overlays listed, their memfd is the last descriptor.
-    let overlay = if request.overlays.is_empty() || n < 4 { None } else { all.pop() };
-    if !request.overlays.is_empty() && overlay.is_none() {
+    let fds = session_fds(msg.fds, msg.fds_truncated, !request.overlays.is_empty())?;
+    Ok(Incoming::Session(Box::new(request), fds))
+}
+
+/// The descriptors of a session, in the handoff's order: three or four, and with overlays
+/// listed one more, the overlay memfd, last.
+fn session_fds(
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+    has_overlays: bool,
+) -> Result<SessionFds, HandoffError> {
+    let n = fds.len();
+    let mut all = fds;
+    let overlay = if !has_overlays || n < 4 { None } else { all.pop() };
+    if has_overlays && overlay.is_none() {
         return Err(HandoffError::WrongFdCount(n));
     }
     let mut fds = all.into_iter();
     match (fds.next(), fds.next(), fds.next(), fds.next(), fds.next()) {
-        (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None)
-            if !msg.fds_truncated =>
-        {
-            Ok((request, SessionFds { uffd, memory_file, vmm_stream, removed_log, overlay }))
+        (Some(uffd), Some(memory_file), Some(vmm_stream), removed_log, None) if !truncated => {
+            Ok(SessionFds { uffd, memory_file, vmm_stream, removed_log, overlay })
         }
         _ => Err(HandoffError::WrongFdCount(n)),
     }
+}
+
+/// The descriptors to attach for `request`, in the handoff's order (see [`session_fds`]).
+fn attached_fds<'a>(
+    request: &HandoffRequest,
+    fds: &'a SessionFds,
+) -> Result<Vec<BorrowedFd<'a>>, HandoffError> {
+    let mut attached = vec![fds.uffd.as_fd(), fds.memory_file.as_fd(), fds.vmm_stream.as_fd()];
+    attached.extend(fds.removed_log.as_ref().map(|f| f.as_fd()));
+    if !request.overlays.is_empty() {
+        attached.push(fds.overlay.as_ref().ok_or(HandoffError::NoOverlayData)?.as_fd());
+    }
+    Ok(attached)
+}
+
+/// Asks the pager listening on `socket` for duplicates of session `id`'s descriptors (see the
+/// module doc). Blocking; at most `timeout` per step.
+pub fn take_back(
+    socket: &Path,
+    id: &str,
+    timeout: Duration,
+) -> Result<(HandoffRequest, SessionFds), HandoffError> {
+    let stream = connect_seqpacket(socket, timeout)?;
+    let ask = serde_json::to_vec(&GiveBackRequest { give_back: id.to_string() })
+        .expect("give-back request serialises");
+    scm::send_with_fds(stream.as_fd(), &ask, &[]).map_err(HandoffError::Send)?;
+    let msg = scm::recv_with_fds(stream.as_fd(), MAX_MESSAGE_BYTES).map_err(HandoffError::Recv)?;
+    if msg.bytes.is_empty() {
+        return Err(HandoffError::Closed);
+    }
+    let reply: GiveBackReply =
+        serde_json::from_slice(&msg.bytes).map_err(|e| HandoffError::Malformed(e.to_string()))?;
+    let session = match (reply.ok, reply.session) {
+        (true, Some(session)) => session,
+        (_, _) => {
+            return Err(HandoffError::Refused(
+                reply.error.unwrap_or_else(|| "no reason given".into()),
+            ))
+        }
+    };
+    let fds = session_fds(msg.fds, msg.fds_truncated, !session.overlays.is_empty())?;
+    if session.session_id != id {
+        return Err(HandoffError::Malformed(format!(
+            "asked for session {id}, got {}",
+            session.session_id
+        )));
+    }
+    Ok((session, fds))
+}
+
+/// Answers a give-back: the session and its descriptors, or why not. Blocking.
+pub fn reply_give_back(
+    conn: &StdUnixStream,
+    result: Result<(&HandoffRequest, &SessionFds), String>,
+) -> Result<(), HandoffError> {
+    let (reply, attached) = match result {
+        Ok((session, fds)) => match attached_fds(session, fds) {
+            Ok(attached) => {
+                (GiveBackReply { ok: true, session: Some(session.clone()), error: None }, attached)
+            }
+            Err(e) => (GiveBackReply { ok: false, session: None, error: Some(e.to_string()) }, vec![]),
+        },
+        Err(e) => (GiveBackReply { ok: false, session: None, error: Some(e) }, vec![]),
+    };
+    let bytes = serde_json::to_vec(&reply).expect("give-back reply serialises");
+    scm::send_with_fds(conn.as_fd(), &bytes, &attached).map_err(HandoffError::Send)?;
+    Ok(())
+}
+
+/// Connects to a pager's handoff socket, with `timeout` on every later read and write.
+fn connect_seqpacket(socket: &Path, timeout: Duration) -> Result<StdUnixStream, HandoffError> {
+    let sock = socket_seqpacket()?;
+    let addr = UnixAddr::new(socket)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr)
+        .map_err(|source| HandoffError::Connect { path: socket.display().to_string(), source })?;
+    let stream = StdUnixStream::from(sock);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
 }
 
 /// Answers a handoff request. Blocking.
@@ -208,6 +350,8 @@ mod tests {
             adopt: false,
             removed: vec![(0x10000, 0x11000)],
             overlays: vec![],
+            faults: 12,
+            vmm_fd: VmmFd::Stream,
         }
     }
 
@@ -275,6 +419,39 @@ mod tests {
         let err = send_session(&path, &request(), &fds(), Duration::from_secs(5)).unwrap_err();
         server.join().unwrap();
         assert!(err.to_string().contains("memory file unreadable"), "{err}");
+    }
+
+    #[test]
+    fn a_pager_gives_a_sessions_descriptors_back_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let listener = bind_listener(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for answer in [true, false] {
+                let (conn, _) = listener.accept().unwrap();
+                let Incoming::GiveBack(id) = recv_message(&conn).unwrap() else {
+                    panic!("a give-back request expected")
+                };
+                assert_eq!(id, "vm-1");
+                let (req, fds) = (request(), fds());
+                let result = if answer { Ok((&req, &fds)) } else { Err("no such session".into()) };
+                reply_give_back(&conn, result).unwrap();
+            }
+        });
+        let (got, fds) = take_back(&path, "vm-1", Duration::from_secs(5)).unwrap();
+        assert_eq!(got, request());
+        assert!(fds.removed_log.is_some());
+        let err = take_back(&path, "vm-1", Duration::from_secs(5)).unwrap_err();
+        assert!(err.to_string().contains("no such session"), "{err}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_from_an_older_supervisor_still_parses() {
+        let old =
+            r#"{"session_id":"a","memory_file":"/m","regions":[],"vmm_pid":1,"connected_at_ms":2}"#;
+        let req: HandoffRequest = serde_json::from_str(old).unwrap();
+        assert_eq!((req.faults, req.vmm_fd, req.adopt), (0, VmmFd::Stream, false));
     }
 
     #[test]

@@ -17,5 +17,6 @@ pub mod removed_log;
 pub mod scm;
 pub mod uffd_fd;
 pub mod tls;
+pub mod uffd_msg;
 pub mod uffd_ops;
 pub mod vmsim;

@@ -79,6 +79,7 @@ fn precheck(id: &str, r: &Record) -> Result<Option<CompleteSessionResponse>, Ser
             ..Default::default()
         })),
         SessionState::Serving | SessionState::Completing => Ok(None),
+        SessionState::Orphaned => Err(ServiceError::Orphaned { id: id.into() }),
         s => Err(ServiceError::WrongState {
             id: id.into(),
             state: state_name(s),
@@ -322,5 +323,12 @@ mod tests {
         }
         assert!(precheck("a", &record(SessionState::Serving)).unwrap().is_none());
         assert!(precheck("a", &record(SessionState::Completing)).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_orphaned_session_is_not_completed_but_retryable() {
+        let err = precheck("a", &record(SessionState::Orphaned)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.to_string().contains("ORPHANED"), "{err}");
     }
 }

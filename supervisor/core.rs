@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -118,6 +119,30 @@ pub struct Core {
     pub deploy_lock: tokio::sync::Mutex<()>,
     /// Counters for `/metrics`.
     pub metrics: crate::metrics::SupervisorMetrics,
+    /// Tasks handing sessions whose pager died (or that were ORPHANED) to a pager; shutdown
+    /// waits for them.
+    adoptions: watch::Sender<usize>,
+    /// Pager processes being started (deploy, respawn); shutdown waits for them.
+    spawns: watch::Sender<usize>,
+    /// Set at the end of shutdown: no pager process is started any more.
+    spawns_closed: AtomicBool,
+}
+
+/// Counts one task in a `watch` counter while it lives.
+#[derive(Debug)]
+pub struct Counted(watch::Sender<usize>);
+
+impl Counted {
+    fn new(counter: &watch::Sender<usize>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Core {
@@ -130,7 +155,58 @@ impl Core {
             closing: watch::channel(false).0,
             deploy_lock: tokio::sync::Mutex::new(()),
             metrics: Default::default(),
+            adoptions: watch::channel(0).0,
+            spawns: watch::channel(0).0,
+            spawns_closed: AtomicBool::new(false),
         })
+    }
+
+    /// Counts a re-adoption task while the guard lives.
+    pub fn adoption_task(&self) -> Counted {
+        Counted::new(&self.adoptions)
+    }
+
+    /// Counts a pager start while the guard lives; None once shutdown has closed spawns.
+    pub fn spawn_task(&self) -> Option<Counted> {
+        let guard = Counted::new(&self.spawns);
+        (!self.spawns_closed.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    /// No pager process is started from now on.
+    pub fn close_spawns(&self) {
+        self.spawns_closed.store(true, Ordering::SeqCst);
+    }
+
+    pub fn spawns_closed(&self) -> bool {
+        self.spawns_closed.load(Ordering::SeqCst)
+    }
+
+    /// Waits (at most `limit`) until no pager's death is left unhandled, no re-adoption task
+    /// runs and no session waits to be handed over; returns whether that was reached.
+    pub async fn wait_adoptions(&self, limit: Duration) -> bool {
+        let mut rx = self.adoptions.subscribe();
+        let settled = async {
+            loop {
+                // A pager that died just before the shutdown (its death seen by its pidfd, not
+                // yet handled) counts too: its sessions are about to be re-adopted.
+                if *rx.borrow_and_update() == 0
+                    && self.inventory.handing_off_count() == 0
+                    && !self.versions.exits_unhandled()
+                {
+                    return;
+                }
+                // Woken when a task ends; polled too, for records that settle on their own.
+                let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+            }
+        };
+        tokio::time::timeout(limit, settled).await.is_ok()
+    }
+
+    /// Waits (at most `limit`) until no pager is being started.
+    pub async fn wait_spawns(&self, limit: Duration) -> bool {
+        let mut rx = self.spawns.subscribe();
+        let done = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await.is_ok();
+        done
     }
 
     /// Becomes true once shutdown has begun.
@@ -159,11 +235,24 @@ impl Core {
     /// everything but the duplicate fds when `keep_fds` (a session whose pager died keeps them
     /// for a later adoption).
     pub fn release(&self, id: &str, keep_fds: bool) {
-        let mut held = self.held();
-        let Some(h) = held.get_mut(id) else { return };
-        close_socket(h);
+        {
+            let mut held = self.held();
+            if let Some(h) = held.get_mut(id) {
+                close_socket(h);
+                if !keep_fds {
+                    held.remove(id);
+                }
+            }
+        }
         if !keep_fds {
-            held.remove(id);
+            // Finished (whether or not anything was held for it here, as for a session found
+            // finished after a restart): nothing for a restarted supervisor to recover.
+            let dir = &self.config.sessions_dir;
+            crate::runtime_state::update_session_meta(dir, id, |m| {
+                m.finished = true;
+                m.connected = None;
+            });
+            crate::runtime_state::remove_removed_log(dir, id);
             debug!(session = %id, "released the session's descriptors");
         }
     }
@@ -172,6 +261,7 @@ impl Core {
     /// file.
     pub fn forget_held(&self, id: &str) {
         crate::runtime_state::remove_session_meta(&self.config.sessions_dir, id);
+        crate::runtime_state::remove_removed_log(&self.config.sessions_dir, id);
         let mut held = self.held();
         if let Some(mut h) = held.remove(id) {
             close_socket(&mut h);
@@ -199,6 +289,19 @@ impl Core {
             }
         });
         self.release(id, keep_fds);
+    }
+
+    /// Marks a session ORPHANED: its VMM is connected, no pager version can serve it now, the
+    /// supervisor keeps its descriptors, and the next version available adopts it (the monitor
+    /// hands it over: `adopt_orphans`).
+    pub fn orphan_session(&self, id: &str, why: String) {
+        self.inventory.modify(id, |r| {
+            if !is_terminal(r.state()) {
+                r.session.state = SessionState::Orphaned as i32;
+                r.session.error = why;
+                r.handing_off = false;
+            }
+        });
     }
 
     /// Makes `version` the active one in the inventory (sessions' `outdated` flips, with

@@ -236,6 +236,10 @@ impl Core {
         version: &str,
         binary: &Path,
     ) -> Result<Arc<PagerProcess>, PagerError> {
+        // Counted, so that shutdown waits for it (a pager left half started would run for ever).
+        let Some(_spawning) = self.spawn_task() else {
+            return Err(PagerError::ShuttingDown { version: version.to_string() });
+        };
         let paths = PagerPaths::new(&self.config.pagers_dir, version);
         let args = self
             .versions
@@ -273,7 +277,13 @@ impl Core {
             }
             None => exit,
         };
-        let closing = self.is_closing();
+        // Counted as a re-adoption from before the process leaves the table until its sessions'
+        // task has started (and counts itself): shutdown never sees a gap between the two.
+        let _handling = self.adoption_task();
+        // Even while shutting down, an active version that dies with sessions is respawned: the
+        // re-adoption finishes before the supervisor exits (shutdown waits for it, bounded).
+        let wanted = !self.spawns_closed()
+            && (!self.is_closing() || self.inventory.live_count(&version) > 0);
         let outcome = self.versions.update(|t| {
             let is_active = t.active.as_deref() == Some(version.as_str());
             let Some(e) = t.entries.get_mut(&version) else { return ExitOutcome::Stale };
@@ -292,12 +302,12 @@ impl Core {
                 e.restarts_in_a_row = 0;
             }
             e.error = format!("pid {} exited unexpectedly: {exit}", process.pid);
-            if is_active && !closing && e.restarts_in_a_row < MAX_RESTARTS {
+            if is_active && wanted && e.restarts_in_a_row < MAX_RESTARTS {
                 e.restarts_in_a_row += 1;
                 e.state = VersionState::Starting;
                 ExitOutcome::Lost { respawn_after: Some(backoff(e.restarts_in_a_row)) }
             } else {
-                if is_active && !closing {
+                if is_active && wanted {
                     e.error =
                         format!("{}; gave up after {MAX_RESTARTS} restarts in a row", e.error);
                 }
@@ -339,7 +349,7 @@ impl Core {
                     })
                     .map(|e| e.binary_path.clone())
             });
-            let Some(binary) = binary.filter(|_| !self.is_closing()) else { return };
+            let Some(binary) = binary.filter(|_| !self.spawns_closed()) else { return };
             let err = match self.spawn_version(&version, &binary).await {
                 Ok(process) => {
                     let state = self.versions.update(|t| {
@@ -372,7 +382,7 @@ impl Core {
                 }
             });
             match again {
-                Some(next) if !self.is_closing() => delay = next,
+                Some(next) if !self.spawns_closed() => delay = next,
                 _ => return,
             }
         }

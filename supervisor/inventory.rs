@@ -59,6 +59,11 @@ pub fn is_live(state: SessionState) -> bool {
     matches!(state, SessionState::Serving | SessionState::Completing)
 }
 
+/// Connected, and a pager serves it or one will: SERVING, COMPLETING or ORPHANED.
+pub fn is_held(state: SessionState) -> bool {
+    is_live(state) || state == SessionState::Orphaned
+}
+
 /// Why an insertion failed.
 #[derive(Debug)]
 pub enum InsertError<E> {
@@ -214,6 +219,26 @@ impl Inventory {
             .filter(|e| e.record.session.pager_version == version && is_live(e.record.state()))
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Sessions being handed to a pager right now: a first handoff, or a re-adoption (their
+    /// pager died, or they were ORPHANED).
+    pub fn handing_off_count(&self) -> usize {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|e| e.record.handing_off && !is_terminal(e.record.state()))
+            .count()
+    }
+
+    /// ORPHANED sessions not being handed over yet.
+    pub fn orphans(&self) -> Vec<Record> {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|e| e.record.state() == SessionState::Orphaned && !e.record.handing_off)
+            .map(|e| e.record.clone())
+            .collect()
     }
 
     /// Changes a record with `f` and sends UPDATED if anything visible changed (see the module

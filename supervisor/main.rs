@@ -12,11 +12,13 @@
 //!   `refused_vmm`: what becomes of a VMM that will not be served;
 //! - `runtime_dir`: the runtime directory's rules; `fd_limit`: descriptors and their limit;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
-//! - `pagers`: one pager process, `pager_stderr` its log lines, `pidfd` how it is watched and
+//! - `pagers`: one pager process, `pager_stderr` its log lines (`file_watch`: waiting on the log
+//!   file), `pidfd` how it is watched and
 //!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
 //!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
 //! - `startup`: the versions to start (command line, versions file); `recover`: taking over the
 //!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
+//!   `vmm_fds`: a session's descriptors taken back from its VMM when no pager serves it;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
 
 #![deny(unsafe_code)]
@@ -27,6 +29,7 @@ mod complete;
 mod core;
 mod deploy;
 mod fd_limit;
+mod file_watch;
 mod inventory;
 mod memory_file;
 mod metrics;
@@ -51,6 +54,7 @@ mod startup;
 mod status;
 mod tuning;
 mod versions;
+mod vmm_fds;
 
 use std::future::Future;
 use std::os::unix::fs::FileTypeExt;
@@ -200,6 +204,17 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
     core.close_all_sockets();
+    shutdown::settle_dying_pagers(&core).await;
+    if !core.wait_adoptions(shutdown::ADOPTION_GRACE).await {
+        warn!(
+            grace = ?shutdown::ADOPTION_GRACE,
+            "re-adoptions still under way; their sessions are left to the next supervisor"
+        );
+    }
+    core.close_spawns();
+    if !core.wait_spawns(core.config.ready_timeout + core.config.stop_grace).await {
+        warn!("a pager is still starting; exiting anyway");
+    }
     shutdown::stop_idle_pagers(&core).await;
     let _ = std::fs::remove_file(&uds_path);
     info!("uffd-supervisor stopped");

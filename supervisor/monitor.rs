@@ -5,6 +5,7 @@
 //! retention; and stops DRAINING versions that serve nothing.
 
 use std::collections::HashSet;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -171,11 +172,45 @@ impl Core {
         }
     }
 
+    /// ORPHANED sessions whose VMM has exited meanwhile are ENDED (nothing to adopt any more).
+    fn end_orphans_whose_vmm_exited(&self) {
+        for rec in self.inventory.orphans() {
+            let id = &rec.session.id;
+            let gone = {
+                let held = self.held();
+                held.get(id).is_some_and(|h| match (&h.fds, &h.request) {
+                    (Some(fds), Some(req)) => {
+                        crate::vmm_fds::vmm_gone(fds.vmm_stream.as_fd(), req.vmm_fd)
+                    }
+                    _ => false,
+                })
+            };
+            if !gone {
+                continue;
+            }
+            let ended = self.inventory.modify(id, |r| {
+                let orphan = r.state() == SessionState::Orphaned && !r.handing_off;
+                if orphan {
+                    r.session.state = SessionState::Ended as i32;
+                    r.session.error =
+                        format!("{}; its VMM exited before a pager adopted it", r.session.error);
+                }
+                orphan
+            });
+            if matches!(ended, Some((true, _))) {
+                info!(session = %id, "ORPHANED session ENDED: its VMM exited");
+                self.release(id, false);
+            }
+        }
+    }
+
     /// One monitor pass.
     pub async fn monitor_once(self: &Arc<Self>, warned: &mut HashSet<String>) {
         for (version, process) in self.versions.running() {
             self.poll_version(&version, &process, warned).await;
         }
+        self.end_orphans_whose_vmm_exited();
+        self.adopt_orphans();
         self.inventory.flush_counters();
         for s in self.inventory.prune_finished(self.config.finished_retention) {
             self.forget_held(&s.id);

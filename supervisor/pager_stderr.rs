@@ -10,34 +10,37 @@
 //! VMs with it. A file has no reader to lose; a restarted supervisor follows it on from its end,
 //! and the file is there for post-mortems.
 //!
-//! The follower polls the file at its end every [`LOG_POLL`] (it is woken at once when the pager
-//! exits, to read its last words). Once it has read [`MAX_LOG_BYTES`], it truncates the file: the
-//! pager writes in append mode and goes on at the new end. Lines written between the follower's
-//! last read and the truncation are lost — a window of microseconds per 8 MiB of log.
-//!
-//! The reads are plain `read(2)`s of a local file on the async task, not `tokio::fs`: those go
-//! through tokio's blocking pool, and one every [`LOG_POLL`] per pager wakes the pool's idle
-//! threads in turn, so none ever reaches its idle timeout: every thread a burst of work had
-//! added (a thousand handshakes once) stayed for good. A read of the end of a file in the page
-//! cache takes microseconds.
+//! The follower sleeps until the file changes: an inotify watch (`IN_MODIFY`) on it, waited on
+//! through tokio's reactor, so an idle pager costs no wake-up and no thread (it is woken at once
+//! when the pager exits, to read its last words; and every [`LOG_RECHECK`] in case an event was
+//! lost). It reads with plain `read(2)`s of a regular file in the page cache, on the runtime's
+//! thread: nothing there can block for long, and no blocking-pool thread is kept awake by it
+//! (`tokio::fs` would take one per call). Where inotify cannot be had (its per-user limit), it
+//! looks every [`LOG_POLL`] instead. Once it has read [`MAX_LOG_BYTES`], it truncates the file:
+//! the pager writes in append mode and goes on at the new end. Lines written between the
+//! follower's last read and the truncation are lost — a window of microseconds per 8 MiB of log.
 
 use std::collections::VecDeque;
-use std::io::SeekFrom;
-use std::path::PathBuf;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use std::io::{Read, Seek};
 use std::os::unix::fs::OpenOptionsExt;
+
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
+
+use crate::file_watch::FileWatch;
 
 /// Lines of a pager's log kept for error messages.
 const LAST_WORDS: usize = 20;
 /// Longest log line forwarded as one event (longer ones are split).
 const MAX_LINE: usize = 8192;
-/// How often the follower looks for new lines at the end of the file.
+/// How often the follower looks for new lines when it has no inotify watch.
 pub const LOG_POLL: Duration = Duration::from_millis(100);
+/// How often the follower looks anyway, with a watch (an inotify queue can overflow).
+pub const LOG_RECHECK: Duration = Duration::from_secs(5);
 /// The log file is truncated once this much of it has been read.
 pub const MAX_LOG_BYTES: u64 = 8 << 20;
 
@@ -112,6 +115,13 @@ pub async fn follow_log(
             return;
         }
     };
+    let watch = match FileWatch::on(&path) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            debug!(version = %source.version, error = %e, "no inotify watch on the pager's log: polling it");
+            None
+        }
+    };
     let mut offset = from;
     if let Err(e) = file.seek(SeekFrom::Start(from)) {
         debug!(version = %source.version, error = %e, "seeking in the pager's log failed");
@@ -153,12 +163,7 @@ pub async fn follow_log(
         if offset >= MAX_LOG_BYTES || len < offset {
             // Ours to truncate (read in full), or truncated already: go on from its start.
             if offset >= MAX_LOG_BYTES {
-                let truncated = std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&path)
-                    .and_then(|f| f.set_len(0));
-                if let Err(e) = truncated {
+                if let Err(e) = file_for_truncation(&path).and_then(|f| f.set_len(0)) {
                     debug!(version = %source.version, error = %e, "truncating the pager's log failed");
                 }
             }
@@ -168,11 +173,24 @@ pub async fn follow_log(
             }
             continue;
         }
+        let wait = async {
+            match &watch {
+                Some(w) => w.changed(LOG_RECHECK).await,
+                None => tokio::time::sleep(LOG_POLL).await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(LOG_POLL) => {}
+            _ = wait => {}
             changed = gone.changed() => if changed.is_err() { gone_seen = true },
         }
     }
+}
+
+fn file_for_truncation(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
 }
 
 /// The level a pager's log line was written at, and the line without the timestamp and level

@@ -98,6 +98,8 @@ pub enum PagerError {
     Prepare { path: String, source: io::Error },
     #[error("starting {binary}: {source}")]
     Spawn { binary: String, source: io::Error },
+    #[error("pager version {version} is not started: the supervisor is shutting down")]
+    ShuttingDown { version: String },
     #[error("pager version {version} exited before it was ready: {exit}")]
     Exited { version: String, exit: Exit },
     #[error(
@@ -306,6 +308,12 @@ impl PagerProcess {
     /// A client of the pager's gRPC API.
     pub fn client(&self) -> PagerClient<Channel> {
         PagerClient::new(self.channel.clone())
+    }
+
+    /// True once it has exited, even if its exit has not been taken in yet (its pidfd says so
+    /// at once; the reaping and `exit` follow a moment later).
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some() || self.pidfd.as_ref().is_some_and(|p| p.has_exited())
     }
 
     /// How it exited, if it did.

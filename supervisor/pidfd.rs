@@ -7,8 +7,11 @@
 //! sent through it never reaches a later process with the same pid. Pagers this supervisor
 //! starts get one too, so that every pager is signalled the same way.
 //!
-//! The only unsafe code of the supervisor: two raw `syscall(2)`s with integer arguments (libc has
-//! no wrapper for either, and `nix` 0.29 none for the first), and tokio's registration of the
+//! A restarted supervisor that finds a session no pager serves any more takes the session's uffd
+//! back from its VMM, through a pidfd of the VMM (`pidfd_getfd(2)`, see `vmm_fds.rs`).
+//!
+//! The only unsafe code of the supervisor: three raw `syscall(2)`s with integer arguments (libc
+//! has no wrapper for them, and `nix` 0.29 none for the first), and tokio's registration of the
 //! pidfd it owns.
 
 #![allow(unsafe_code)]
@@ -35,20 +38,7 @@ impl PidFd {
     /// Opens a pidfd for `pid`. Fails with ESRCH if no such process exists (a zombie still
     /// exists: see [`PidFd::has_exited`]). Must run inside a tokio runtime.
     pub fn open(pid: u32) -> io::Result<Self> {
-        let raw_pid = libc::pid_t::try_from(pid)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
-        // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or -1; no memory
-        // is passed. The fd, if any, is owned by nobody else: it is wrapped in an OwnedFd below.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0 as libc::c_uint) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let raw = i32::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
-        // SAFETY: `raw` is a file descriptor the kernel just returned to us and that nothing
-        // else owns; OwnedFd closes it once.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        let owned = open_owned(pid)?;
         Self::register(pid, owned)
     }
 
@@ -144,6 +134,43 @@ impl PidFd {
             Err(err)
         }
     }
+}
+
+/// Opens a plain pidfd for `pid` (not registered with tokio: to hand to another process, or to
+/// take descriptors through). ESRCH if no such process exists.
+pub fn open_owned(pid: u32) -> io::Result<OwnedFd> {
+    let raw_pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new fd or -1; no memory
+    // is passed. The fd, if any, is owned by nobody else: it is wrapped in an OwnedFd below.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0 as libc::c_uint) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: `raw` is a file descriptor the kernel just returned to us and that nothing
+    // else owns; OwnedFd closes it once.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(owned)
+}
+
+/// Duplicates descriptor `target` of the process behind `pidfd` into this process
+/// (`pidfd_getfd(2)`, Linux 5.6+: needs ptrace access to that process, which root has). The copy
+/// is close-on-exec.
+pub fn get_fd(pidfd: std::os::fd::BorrowedFd<'_>, target: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_getfd(pidfd, targetfd, flags) with a pidfd we hold, an fd number, and no
+    // flags; no memory is passed. The new fd, if any, is owned by nobody else.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0 as libc::c_uint)
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(ret).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: `raw` is a descriptor the kernel just installed for us; OwnedFd closes it once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 #[cfg(test)]

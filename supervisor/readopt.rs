@@ -1,34 +1,37 @@
 //! A pager that dies never freezes a VM: its live sessions are handed to another pager.
 //!
 //! The supervisor keeps, for every session it handed over, duplicates of the uffd, the memory
-//! file, the VMM stream and the removed-ranges log (a memfd where each pager records the ranges
+//! file, the VMM stream and the removed-ranges log (a file where each pager records the ranges
 //! the VMM discarded), and the handoff request itself. When a pager process exits unexpectedly:
 //!
 //! 1. under the `held` lock (the one a first handoff records its outcome under), every SERVING or
 //!    COMPLETING session of that version is marked as being handed over (`handing_off`): the
 //!    monitor does not fail it for missing from a listing, CompleteSession answers UNAVAILABLE;
-//! 2. a task reserves an adopter ([`Versions::begin_adoption`]): the active version, waiting
+//! 2. a task reserves an adopter ([`Versions::begin_handoff`]): the active version, waiting
 //!    while it is respawned if it was the one that died; else the running version started last;
-//! 3. each session is sent again (`adopt: true`, duplicates of the kept descriptors): the adopting
-//!    pager reads the removed ranges from the log (they stay zero), wakes every registered range
-//!    once (faults read but never served by the dead pager are raised again), and treats EEXIST
-//!    as "already present";
+//! 3. each session is sent again (`adopt: true`, duplicates of the kept descriptors, the faults
+//!    served so far): the adopting pager reads the removed ranges from the log (they stay zero),
+//!    wakes every registered range once (faults read but never served by the dead pager are
+//!    raised again), and treats EEXIST as "already present";
 //! 4. the record moves to the adopter (`pager_version`, so `outdated` follows), with UPDATED.
 //!
-//! A session that no version can adopt is FAILED, its descriptors still held. A session the
-//! supervisor holds no descriptors for (found serving after a supervisor restart) is FAILED at
-//! once: nothing can serve its VM any more.
+//! A session that no version can adopt now is ORPHANED, its descriptors still held: the monitor
+//! hands it to the next version that becomes available (a deploy, a respawn, a supervisor
+//! restart: [`Core::adopt_orphans`]). Only a session the supervisor holds no descriptors for
+//! (its pager could not give them back after a supervisor restart, nor its VMM) is FAILED when
+//! its pager dies: nothing can serve its VM any more.
 //!
-//! [`Versions::begin_adoption`]: crate::versions::Versions::begin_adoption
+//! [`Versions::begin_handoff`]: crate::versions::Versions::begin_handoff
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use tracing::{error, info, instrument, warn};
+use uffdpager::api::SessionState;
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 
 use crate::core::Core;
-use crate::inventory::is_live;
+use crate::inventory::{is_held, is_live};
 use crate::pagers::Exit;
 use crate::versions::HandoffGuard;
 
@@ -59,7 +62,7 @@ enum Outcome {
 }
 
 /// Fresh duplicates of the kept descriptors, to send (the kept ones stay with the supervisor).
-fn dup_fds(fds: &SessionFds) -> std::io::Result<SessionFds> {
+pub fn dup_fds(fds: &SessionFds) -> std::io::Result<SessionFds> {
     Ok(SessionFds {
         uffd: fds.uffd.try_clone()?,
         memory_file: fds.memory_file.try_clone()?,
@@ -111,35 +114,74 @@ impl Core {
             self.fail_session(
                 &id,
                 format!(
-                    "{why}; this supervisor holds no duplicate descriptors for the session (it \
-                     found it serving after a restart), so no pager can adopt it: its VM cannot \
-                     be served"
+                    "{why}; this supervisor holds no duplicate descriptors for the session (its \
+                     pager could not give them back after a supervisor restart, nor its VMM), so \
+                     no pager can adopt it: its VM cannot be served"
                 ),
                 true,
             );
         }
         if !orphans.is_empty() {
             warn!(version = %version, pid, sessions = orphans.len(), "re-adopting the sessions of a pager that died");
-            tokio::spawn(self.clone().readopt(orphans, version.to_string(), why));
+            let task = self.adoption_task();
+            let core = self.clone();
+            tokio::spawn(async move {
+                let _counted = task;
+                core.readopt(orphans, why).await;
+            });
         }
     }
 
-    /// Hands `ids` (orphaned by the death of a process of `from`) to an adopter; retries a
-    /// failed handoff with a fresh reservation, and FAILs what cannot be adopted.
-    #[instrument(skip_all, fields(version = %from))]
-    async fn readopt(self: Arc<Self>, ids: Vec<String>, from: String, why: String) {
+    /// Hands every ORPHANED session to a version, if one runs now (called by the monitor: a
+    /// deploy, a respawn or a restart made one available).
+    pub fn adopt_orphans(self: &Arc<Self>) {
+        if !self.versions.any_usable() {
+            return;
+        }
+        let mut ids = Vec::new();
+        let mut why = String::new();
+        for rec in self.inventory.orphans() {
+            let marked = self.inventory.modify(&rec.session.id, |r| {
+                let mine = r.state() == SessionState::Orphaned && !r.handing_off;
+                r.handing_off |= mine;
+                mine
+            });
+            if matches!(marked, Some((true, _))) {
+                why = rec.session.error.clone();
+                ids.push(rec.session.id);
+            }
+        }
+        if ids.is_empty() {
+            return;
+        }
+        info!(sessions = ids.len(), "a pager version is available: adopting the ORPHANED sessions");
+        let task = self.adoption_task();
+        let core = self.clone();
+        let why = if ids.len() == 1 { why } else { "the session was ORPHANED".to_string() };
+        tokio::spawn(async move {
+            let _counted = task;
+            core.readopt(ids, why).await;
+        });
+    }
+
+    /// Hands `ids` to an adopter; retries a failed handoff with a fresh reservation. What no
+    /// version can take now is ORPHANED; what the adopters keep refusing is FAILED.
+    #[instrument(skip_all)]
+    async fn readopt(self: Arc<Self>, ids: Vec<String>, why: String) {
         let mut attempts: HashMap<String, u32> = HashMap::new();
         let mut queue = ids;
         while !queue.is_empty() {
-            let guard = match self.versions.begin_adoption(self.config.readopt_wait).await {
+            let guard = match self.versions.begin_handoff(self.config.readopt_wait).await {
                 Ok(g) => g,
                 Err(e) => {
                     for id in queue {
-                        error!(session = %id, error = %e, "session FAILED: no pager version can adopt it");
-                        self.fail_session(
+                        warn!(session = %id, error = %e, "session ORPHANED: no pager version can adopt it now; the next one available will");
+                        self.orphan_session(
                             &id,
-                            format!("{why}; no pager version could adopt the session: {e}"),
-                            true,
+                            format!(
+                                "{why}; no pager version can adopt the session now ({e}): it is \
+                                 ORPHANED until one is available (deploy, respawn, restart)"
+                            ),
                         );
                     }
                     return;
@@ -167,7 +209,7 @@ impl Core {
         }
     }
 
-    /// Sends one orphaned session to the reserved adopter and records the new owner.
+    /// Sends one session to the reserved adopter and records the new owner.
     async fn adopt_one(
         &self,
         id: &str,
@@ -182,11 +224,13 @@ impl Core {
             };
             (request, dup_fds(fds).map_err(ReadoptError::Dup)?)
         };
-        if !self.inventory.record(id).is_some_and(|r| is_live(r.state()) && r.handing_off) {
+        let Some(record) = self.inventory.record(id) else { return Ok(Outcome::Gone) };
+        if !(is_held(record.state()) && record.handing_off) {
             return Ok(Outcome::Gone);
         }
         request.adopt = true;
         request.removed = vec![]; // the removed-ranges log carries them
+        request.faults = record.session.faults; // the figure goes on where the dead pager left it
         let socket = guard.process.paths.handoff_socket.clone();
         let timeout = self.config.handoff_timeout;
         let sent = tokio::task::spawn_blocking(move || {
@@ -207,7 +251,7 @@ impl Core {
             r.serving_since = Some(tokio::time::Instant::now());
             r.session.pager_version = to.clone();
             if r.completions == 0 {
-                r.session.state = uffdpager::api::SessionState::Serving as i32;
+                r.session.state = SessionState::Serving as i32;
             }
             r.session.error = format!("{why}; re-adopted by pager version {to} (pid {pid})");
         });

@@ -4,9 +4,14 @@
 //! - `DIR/active-version`: the active version's label, rewritten whenever it changes;
 //! - `DIR/sessions/<id>.json`: a session's metadata that no pager knows (labels, creation time,
 //!   VMM socket path, where its overlays go), written when the session is created and removed
-//!   when it is forgotten;
+//!   when it is forgotten; once its VMM's handshake is accepted, also what it takes to have it
+//!   adopted with no pager and no earlier supervisor left (`connected`: the handoff request, the
+//!   identity of its uffd and of its VMM process); marked `finished` when it graduates, ends or
+//!   fails;
 //! - `DIR/sessions/<id>.overlay`: the bytes of a session's overlays (a copy of its sealed
 //!   memfd), beside its metadata, so that a restarted supervisor holds them again;
+//! - `DIR/sessions/<id>.removed`: the session's removed-ranges log (`uffdpager::removed_log`),
+//!   from its handshake until it finishes;
 //! - `DIR/pagers/<version>/{pid,grpc.sock,handoff.sock,pager.log}`: written by `pagers.rs`.
 //!
 //! Files are replaced atomically (written beside, then renamed), so a supervisor killed at any
@@ -20,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use uffdpager::api::Session;
 use uffdpager::overlay::{self, OverlaySpan, Overlays};
+use uffdpager::handoff::HandoffRequest;
 
 use crate::session_id;
 
@@ -42,6 +48,26 @@ pub struct SessionMeta {
     /// Where the session's overlays go; their bytes are in `<id>.overlay`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<OverlaySpan>,
+    /// The memory file's (device, inode) when the session was created.
+    #[serde(default)]
+    pub memory_file_id: (u64, u64),
+    /// Set once the VMM's handshake is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<ConnectedMeta>,
+    /// It graduated, ended or failed: nothing to recover.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+/// What a connected session needs to be adopted after its pager and the supervisor that handed
+/// it over are both gone: the handoff itself, and how to find its uffd in its VMM again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectedMeta {
+    pub request: HandoffRequest,
+    /// The uffd's (device, inode): every userfaultfd has an inode of its own.
+    pub uffd_id: (u64, u64),
+    /// The VMM's start time (`/proc/<pid>/stat` field 22), so a reused pid is not taken for it.
+    pub vmm_start_time: u64,
 }
 
 impl SessionMeta {
@@ -55,6 +81,9 @@ impl SessionMeta {
             created_at_nanos: created.nanos,
             labels: session.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             overlays: overlays.map(|o| o.spans.clone()).unwrap_or_default(),
+            memory_file_id: (0, 0),
+            connected: None,
+            finished: false,
         }
     }
 
@@ -86,6 +115,21 @@ fn overlay_path(sessions_dir: &Path, id: &str) -> PathBuf {
     sessions_dir.join(format!("{id}.overlay"))
 }
 
+/// Where a session's removed-ranges log lives.
+pub fn removed_log_path(sessions_dir: &Path, id: &str) -> PathBuf {
+    sessions_dir.join(format!("{id}.removed"))
+}
+
+/// Removes a session's removed-ranges log file, if any.
+pub fn remove_removed_log(sessions_dir: &Path, id: &str) {
+    match std::fs::remove_file(removed_log_path(sessions_dir, id)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            debug!(session = %id, error = %e, "cannot remove the session's removed-ranges log");
+        }
+        _ => {}
+    }
+}
+
 /// Writes `contents` to `path` through a temporary file (never opened through a symlink) and a
 /// rename.
 fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
@@ -100,8 +144,14 @@ fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 
 /// Records a session's metadata. Best effort: a failure is logged (a restarted supervisor would
 /// then show the session without labels or creation time).
-pub fn write_session_meta(sessions_dir: &Path, session: &Session, overlays: Option<&Overlays>) {
-    let meta = SessionMeta::of(session, overlays);
+pub fn write_session_meta(
+    sessions_dir: &Path,
+    session: &Session,
+    overlays: Option<&Overlays>,
+    memory_file_id: (u64, u64),
+) {
+    let mut meta = SessionMeta::of(session, overlays);
+    meta.memory_file_id = memory_file_id;
     if let Some(o) = overlays {
         // The bytes first: metadata that lists overlays always finds them.
         let bytes = read_memfd(o);
@@ -110,11 +160,27 @@ pub fn write_session_meta(sessions_dir: &Path, session: &Session, overlays: Opti
             warn!(session = %meta.id, error = %e, "cannot record the session's overlays");
         }
     }
-    let result = serde_json::to_vec_pretty(&meta)
+    write_meta(sessions_dir, &meta);
+}
+
+fn write_meta(sessions_dir: &Path, meta: &SessionMeta) {
+    let result = serde_json::to_vec_pretty(meta)
         .map_err(io::Error::other)
         .and_then(|bytes| replace_file(&meta_path(sessions_dir, &meta.id), &bytes));
     if let Err(e) = result {
         warn!(session = %meta.id, error = %e, "cannot record the session's metadata");
+    }
+}
+
+/// Changes a session's recorded metadata with `f` (nothing if it has none).
+pub fn update_session_meta(sessions_dir: &Path, id: &str, f: impl FnOnce(&mut SessionMeta)) {
+    let Ok(bytes) = std::fs::read(meta_path(sessions_dir, id)) else { return };
+    match serde_json::from_slice::<SessionMeta>(&bytes) {
+        Ok(mut meta) => {
+            f(&mut meta);
+            write_meta(sessions_dir, &meta);
+        }
+        Err(e) => warn!(session = %id, error = %e, "unreadable session metadata; not updated"),
     }
 }
 
@@ -214,7 +280,7 @@ mod tests {
             labels: [("team".to_string(), "a".to_string())].into(),
             ..Default::default()
         };
-        write_session_meta(dir.path(), &session, None);
+        write_session_meta(dir.path(), &session, None, (1, 2));
         std::fs::write(dir.path().join("vm-2.json"), "not json").unwrap();
         std::fs::write(dir.path().join("vm-1.sock"), "").unwrap();
         let metas = read_session_metas(dir.path());
@@ -225,6 +291,9 @@ mod tests {
         assert_eq!(rebuilt.created_at, session.created_at);
         assert_eq!(rebuilt.socket_path, session.socket_path);
         assert_eq!(rebuilt.memory_file, "/snap/mem");
+        assert_eq!((metas["vm-1"].memory_file_id, metas["vm-1"].finished), ((1, 2), false));
+        update_session_meta(dir.path(), "vm-1", |m| m.finished = true);
+        assert!(read_session_metas(dir.path())["vm-1"].finished);
         remove_session_meta(dir.path(), "vm-1");
         assert!(read_session_metas(dir.path()).is_empty());
     }
@@ -244,7 +313,7 @@ mod tests {
         ];
         let o = overlay::load(inputs, 1 << 20, 1 << 20).unwrap().unwrap();
         let session = Session { id: "vm-1".into(), ..Default::default() };
-        write_session_meta(dir.path(), &session, Some(&o));
+        write_session_meta(dir.path(), &session, Some(&o), (0, 0));
         let metas = read_session_metas(dir.path());
         assert_eq!(metas["vm-1"].overlays, o.spans);
         let back = read_session_overlays(dir.path(), &metas["vm-1"]).unwrap().unwrap();

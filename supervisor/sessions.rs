@@ -12,11 +12,12 @@ use uffdpager::api::{
     CreateSessionRequest, GetSessionRequest, ListSessionsResponse, Region, Session, SessionState,
 };
 use uffdpager::firecracker::Handshake;
-use uffdpager::handoff::{self, HandoffRequest, SessionFds};
+use uffdpager::handoff::{self, HandoffRequest, SessionFds, VmmFd};
 use uffdpager::overlay;
 
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
+use crate::runtime_state::ConnectedMeta;
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
 use crate::{memory_file, refused_vmm, runtime_state, session_id, session_socket};
@@ -36,6 +37,7 @@ pub fn state_name(state: SessionState) -> &'static str {
         SessionState::Graduated => "GRADUATED",
         SessionState::Ended => "ENDED",
         SessionState::Failed => "FAILED",
+        SessionState::Orphaned => "ORPHANED",
     }
 }
 
@@ -127,6 +129,8 @@ impl Core {
             }
         };
 
+        let memory_id =
+            crate::vmm_fds::fd_id(std::os::fd::AsFd::as_fd(&memory.file)).unwrap_or_default();
         let core = self.clone();
         let (sid, file_len, setup_file) = (id.clone(), memory.len, memory.file);
         let accept = tokio::spawn(session_socket::accept_first(
@@ -163,7 +167,12 @@ impl Core {
         );
         drop(held);
         self.metrics.session_created();
-        runtime_state::write_session_meta(&self.config.sessions_dir, &session, overlays.as_deref());
+        runtime_state::write_session_meta(
+            &self.config.sessions_dir,
+            &session,
+            overlays.as_deref(),
+            memory_id,
+        );
         info!(
             session = %id,
             memory_file = %session.memory_file,
@@ -245,6 +254,8 @@ impl Core {
             adopt: false,
             removed: vec![],
             overlays: overlays.as_ref().map(|o| o.spans.clone()).unwrap_or_default(),
+            faults: 0,
+            vmm_fd: VmmFd::Stream,
         };
         let overlay_fd = match overlays.as_ref().map(|o| o.fd.try_clone()).transpose() {
             Ok(fd) => fd,
@@ -253,7 +264,18 @@ impl Core {
                 return;
             }
         };
-        let mut fds = Some(session_fds(hs, memory_file, vmm, overlay_fd));
+        // Recorded before any pager has it: whatever dies from here on (pager, supervisor, or
+        // both), the next supervisor can have the session adopted (see `recover.rs`).
+        let connected = ConnectedMeta {
+            request: request.clone(),
+            uffd_id: crate::vmm_fds::fd_id(hs.uffd.as_fd()).unwrap_or_default(),
+            vmm_start_time: crate::vmm_fds::start_time(hs.vmm_pid).unwrap_or_default(),
+        };
+        runtime_state::update_session_meta(&self.config.sessions_dir, &id, |m| {
+            m.connected = Some(connected);
+        });
+        let log_path = runtime_state::removed_log_path(&self.config.sessions_dir, &id);
+        let mut fds = Some(session_fds(hs, memory_file, vmm, overlay_fd, &log_path));
         let mut attempt = 0;
         // The reservation is held until the outcome is recorded, so that the version is not
         // stopped meanwhile.
@@ -262,9 +284,14 @@ impl Core {
             let reservation = match self.versions.begin_handoff(self.config.handoff_wait).await {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(error = %e, "no pager to hand the session to; the session FAILED");
-                    let error = format!("handing the session to a pager: {e}");
-                    self.refuse_vmm(&id, error, &pidfd, vmm_pid, false).await;
+                    warn!(error = %e, "no pager can take the session now; it is ORPHANED until one can");
+                    if let Some(fds) = fds.take() {
+                        let why = format!(
+                            "handing the session to a pager: {e}; ORPHANED until a pager version \
+                             is available (deploy, respawn, restart)"
+                        );
+                        self.record_orphaned(&id, fds, &request, why);
+                    }
                     return;
                 }
             };
@@ -316,6 +343,15 @@ impl Core {
                 warn!(version = %version, error, "the pager died during the handoff; handing the session to its successor");
                 request.adopt = true;
                 continue;
+            }
+            if let (true, Some(kept)) = (died, fds.take()) {
+                warn!(version = %version, error, "the pagers keep dying during the handoff; the session is ORPHANED");
+                let why = format!(
+                    "handing the session to pager version {version}: {error}; ORPHANED until a \
+                     pager version is available"
+                );
+                self.record_orphaned(&id, kept, &request, why);
+                return;
             }
             warn!(version = %version, error, "handoff failed; the session FAILED");
             let error = format!("handing the session to pager version {version}: {error}");
@@ -373,21 +409,14 @@ impl Core {
             h.setup = None;
         }
         let version = &reservation.version;
-        let total_bytes = request.regions.iter().map(|r| r.size).sum();
+        let total_bytes: u64 = request.regions.iter().map(|r| r.size).sum();
         self.inventory.modify(id, |r| {
             r.handing_off = false;
             r.serving_since = Some(tokio::time::Instant::now());
             let s = &mut r.session;
             s.state = SessionState::Serving as i32;
             s.pager_version = version.clone();
-            s.connected_at = Some(uffdpager::grpc::timestamp_ms(request.connected_at_ms));
-            s.vmm_pid = request.vmm_pid;
-            s.total_bytes = total_bytes;
-            // In memory-file order, the order Firecracker lists guest memory in (the handshake's
-            // validation sorted them by host address).
-            let mut shown: Vec<Region> = request.regions.iter().map(to_proto_region).collect();
-            shown.sort_by_key(|r| r.offset);
-            s.regions = shown;
+            show_connected(s, request);
         });
         drop(held);
         info!(
@@ -399,6 +428,25 @@ impl Core {
             "session SERVING",
         );
         None
+    }
+
+    /// Records a connected session that no pager can take now as ORPHANED, keeping its
+    /// descriptors and handoff for the version that adopts it later.
+    fn record_orphaned(&self, id: &str, fds: SessionFds, request: &HandoffRequest, why: String) {
+        let mut held = self.held();
+        let Some(h) = held.get_mut(id) else { return }; // deleted meanwhile: the fds close
+        h.fds = Some(fds);
+        h.request = Some(request.clone());
+        h.setup = None;
+        self.inventory.modify(id, |r| {
+            r.handing_off = false;
+            let s = &mut r.session;
+            s.state = SessionState::Orphaned as i32;
+            s.error = why;
+            show_connected(s, request);
+        });
+        drop(held);
+        warn!(vmm_pid = request.vmm_pid, "session ORPHANED");
     }
 
     /// GetSession: the record, with live figures from the owning pager when it serves it.
@@ -450,6 +498,12 @@ impl Core {
                             "graduate it first (CompleteSession); deleting it would freeze its VM",
                     })
                 }
+                SessionState::Orphaned => Err(ServiceError::WrongState {
+                    id: id.clone(),
+                    state: "ORPHANED",
+                    hint: "its VM waits for a pager: deploy a version and it is adopted (it ends \
+                           by itself once its VMM exits)",
+                }),
                 SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.clone())),
                 _ => Ok(()),
             });
@@ -478,19 +532,38 @@ impl Core {
     }
 }
 
+/// What a connected session shows of its handshake: connection time, VMM pid, size, and its
+/// regions in memory-file order, the order Firecracker lists guest memory in (the handshake's
+/// validation sorted them by host address).
+pub fn show_connected(s: &mut Session, request: &HandoffRequest) {
+    s.connected_at = Some(uffdpager::grpc::timestamp_ms(request.connected_at_ms));
+    s.vmm_pid = request.vmm_pid;
+    s.total_bytes = request.regions.iter().map(|r| r.size).sum();
+    s.regions = regions_in_file_order(request.regions.iter().map(to_proto_region).collect());
+}
+
+/// Regions sorted by their offset in the memory file.
+pub fn regions_in_file_order(mut regions: Vec<Region>) -> Vec<Region> {
+    regions.sort_by_key(|r| r.offset);
+    regions
+}
+
 /// The descriptors handed to the pager; the supervisor keeps them as its own copies afterwards.
-/// A new removed-ranges log (memfd) goes with them, so that a pager that adopts the session after
-/// a crash knows which ranges the VMM discarded.
+/// A new removed-ranges log (a file at `log_path`, which outlives every process) goes with them,
+/// so that a pager that adopts the session after a crash knows which ranges the VMM discarded.
 fn session_fds(
     hs: Handshake,
     memory_file: std::fs::File,
     vmm: StdUnixStream,
     overlay: Option<OwnedFd>,
+    log_path: &std::path::Path,
 ) -> SessionFds {
-    let removed_log = match uffdpager::removed_log::RemovedLog::create() {
+    // A file left by an earlier session of this id that was forgotten uncleanly is replaced.
+    let _ = std::fs::remove_file(log_path);
+    let removed_log = match uffdpager::removed_log::RemovedLog::create_file(log_path) {
         Ok((_mapping, fd)) => Some(fd),
         Err(e) => {
-            tracing::warn!(error = %e, "no removed-ranges log: a re-adopted session could not tell discarded pages");
+            tracing::warn!(error = %e, path = %log_path.display(), "no removed-ranges log: a re-adopted session could not tell discarded pages");
             None
         }
     };

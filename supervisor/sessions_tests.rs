@@ -130,7 +130,7 @@ async fn an_invalid_handshake_fails_its_session_alone_and_removes_its_socket() {
 }
 
 #[tokio::test]
-async fn a_valid_handshake_with_no_running_pager_fails_naming_the_version() {
+async fn a_valid_handshake_with_no_running_pager_orphans_the_session_naming_the_version() {
     let uffd = uffdpager::uffd_ops::firecracker_uffd(false).expect("creating a userfaultfd");
     let d = tempfile::tempdir().unwrap();
     let core = core(d.path());
@@ -138,9 +138,12 @@ async fn a_valid_handshake_with_no_running_pager_fails_naming_the_version() {
     let vmm = tokio::net::UnixStream::connect(&s.socket_path).await.unwrap();
     let json = br#"[{"base_host_virt_addr":1048576,"size":65536,"offset":0,"page_size":4096}]"#;
     uffdpager::scm::send_with_fds(vmm.as_fd(), json, &[uffd.as_fd()]).unwrap();
-    let s = wait_state(&core, "vm-1", SessionState::Failed).await;
+    let s = wait_state(&core, "vm-1", SessionState::Orphaned).await;
     assert!(s.error.contains("pager version v1") && s.error.contains("STARTING"), "{}", s.error);
-    assert!(!Path::new(&s.socket_path).exists());
+    assert_eq!((s.vmm_pid, s.total_bytes), (std::process::id(), 65536), "{s:?}");
+    let held = core.held();
+    let h = held.get("vm-1").unwrap();
+    assert!(h.fds.is_some() && h.request.is_some(), "kept for the version that adopts it");
 }
 
 #[tokio::test]

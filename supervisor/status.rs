@@ -58,6 +58,11 @@ pub enum ServiceError {
     )]
     Readopting { id: String },
     #[error(
+        "session {id} is ORPHANED: no pager version can serve it now; the next version available \
+         adopts it: retry then"
+    )]
+    Orphaned { id: String },
+    #[error(
         "pager version {version} (pid {pid}) exited during the call ({exit}); its sessions are \
          re-adopted by another pager and keep serving: retry"
     )]
@@ -101,6 +106,7 @@ impl ServiceError {
             | OutOfDescriptors { .. }
             | WatcherLagged(_) => Code::ResourceExhausted,
             Overlay(uffdpager::overlay::OverlayError::Memfd(_)) => Code::Internal,
+            Deploy(PagerError::ShuttingDown { .. }) => Code::Unavailable,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)
@@ -116,6 +122,7 @@ impl ServiceError {
             | OwnerUnavailable { .. }
             | ShuttingDown
             | Readopting { .. }
+            | Orphaned { .. }
             | PagerDied { .. } => Code::Unavailable,
             Pager { status, .. } => status.code(),
             DeadlineExceeded => Code::DeadlineExceeded,

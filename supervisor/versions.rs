@@ -151,6 +151,12 @@ impl Versions {
         }
     }
 
+    /// True while some version's process has exited but its exit is not handled yet (its
+    /// sessions not yet marked for re-adoption).
+    pub fn exits_unhandled(&self) -> bool {
+        self.lock().entries.values().any(|e| e.process.as_ref().is_some_and(|p| p.has_exited()))
+    }
+
     /// Every version with a live process: (version, process).
     pub fn running(&self) -> Vec<(String, Arc<PagerProcess>)> {
         self.lock()
@@ -181,50 +187,15 @@ impl Versions {
         }
     }
 
-    /// Reserves the active version for one handoff, waiting up to `wait` while it (re)starts.
+    /// Reserves a version for one handoff — a new session's, or one whose pager died: the active
+    /// version, waiting up to `wait` while it (re)starts (a dead active version is respawned;
+    /// one whose death is still being processed counts as restarting); if the active version
+    /// cannot serve (FAILED, none, or still starting at the deadline), the running version
+    /// started last. Err when no version runs: the session is then ORPHANED by the caller.
+    ///
     /// The reservation (which keeps the version from being stopped) lasts as long as the guard:
     /// drop it only once the session's new state is recorded.
     pub async fn begin_handoff(&self, wait: Duration) -> Result<HandoffGuard, ServiceError> {
-        let deadline = Instant::now() + wait;
-        let mut changed = self.changed.subscribe();
-        loop {
-            let starting = {
-                let mut t = self.lock();
-                let Some(active) = t.active.clone() else {
-                    return Err(ServiceError::NoActiveVersion);
-                };
-                let describe = t.describe(&active);
-                let entry = t.entries.get_mut(&active).ok_or(ServiceError::NoActiveVersion)?;
-                if let Some(p) = entry.usable().cloned() {
-                    entry.inflight_handoffs += 1;
-                    return Ok(HandoffGuard {
-                        versions: self.clone(),
-                        version: active,
-                        process: p,
-                    });
-                }
-                if entry.state != VersionState::Starting {
-                    return Err(ServiceError::OwnerUnavailable { version: active, why: describe });
-                }
-                (active, describe)
-            };
-            let (version, why) = starting;
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(ServiceError::OwnerUnavailable { version, why });
-                }
-                r = changed.changed() => if r.is_err() {
-                    return Err(ServiceError::NoActiveVersion);
-                }
-            }
-        }
-    }
-
-    /// Reserves a version to adopt the sessions of a pager that died: the active version,
-    /// waiting up to `wait` while it (re)starts (a dead active version is respawned first); if
-    /// the active version cannot serve (FAILED, none, or still starting at the deadline), the
-    /// running version started last. Err when no version runs.
-    pub async fn begin_adoption(&self, wait: Duration) -> Result<HandoffGuard, ServiceError> {
         let deadline = Instant::now() + wait;
         let mut changed = self.changed.subscribe();
         loop {
@@ -238,7 +209,9 @@ impl Versions {
                         e.inflight_handoffs += 1;
                         return Ok(self.guard(e.version.clone(), p));
                     }
-                    starting = e.state == VersionState::Starting && !e.stopping;
+                    let dying = e.state == VersionState::Active
+                        && e.process.as_ref().is_some_and(|p| p.exit().is_some());
+                    starting = (e.state == VersionState::Starting || dying) && !e.stopping;
                 }
                 if !starting || expired {
                     let fallback = t
@@ -270,6 +243,13 @@ impl Versions {
                 }
             }
         }
+    }
+
+    /// Some version runs that could take a session (ACTIVE or DRAINING, not being stopped).
+    pub fn any_usable(&self) -> bool {
+        self.lock().entries.values().any(|e| {
+            matches!(e.state, VersionState::Active | VersionState::Draining) && e.usable().is_some()
+        })
     }
 
     fn guard(&self, version: String, process: Arc<PagerProcess>) -> HandoffGuard {
@@ -366,12 +346,12 @@ mod tests {
             t.active = Some("v1".into());
         });
         let started = Instant::now();
-        let err = v.begin_adoption(Duration::from_secs(30)).await.unwrap_err().to_string();
+        let err = v.begin_handoff(Duration::from_secs(30)).await.unwrap_err().to_string();
         assert!(started.elapsed() >= Duration::from_secs(30), "waited for the respawn");
         assert!(err.contains("v1") && err.contains("no other version runs"), "{err}");
         v.update(|t| t.entries.get_mut("v1").unwrap().state = VersionState::Failed);
         let started = Instant::now();
-        assert!(v.begin_adoption(Duration::from_secs(30)).await.is_err());
+        assert!(v.begin_handoff(Duration::from_secs(30)).await.is_err());
         assert_eq!(started.elapsed(), Duration::ZERO, "a FAILED version is not waited for");
     }
 

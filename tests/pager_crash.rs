@@ -255,7 +255,7 @@ async fn a_completion_whose_pager_dies_fails_unavailable_and_the_session_serves_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn when_no_version_can_adopt_them_the_sessions_fail_saying_why() {
+async fn when_no_version_can_adopt_them_the_sessions_are_orphaned_saying_why() {
     // The only version works the first time it starts, and crashes at once every time after.
     let bin_dir = tempfile::tempdir().unwrap();
     let marker = bin_dir.path().join("started-once");
@@ -278,13 +278,14 @@ async fn when_no_version_can_adopt_them_the_sessions_fail_saying_why() {
     vm_cmd(&mut vm, "read-random 100").await;
     sigkill(version(&versions(&env).await, "v1").pid);
 
-    let s = wait_sessions(&env, "lonely FAILED", |l| {
-        l.sessions.iter().all(|s| s.state() == SessionState::Failed)
+    // Not FAILED: still held, for the next version that becomes available (tests/restarts.rs).
+    let s = wait_sessions(&env, "lonely ORPHANED", |l| {
+        l.sessions.iter().all(|s| s.state() == SessionState::Orphaned)
     })
     .await;
     let err = &s.sessions[0].error;
     assert!(err.contains("exited unexpectedly"), "{err}");
-    assert!(err.contains("no pager version could adopt the session"), "{err}");
+    assert!(err.contains("no pager version can adopt the session now"), "{err}");
     assert!(err.contains("FAILED"), "the active version's state is named: {err}");
     let v1 = version(&versions(&env).await, "v1").clone();
     assert_eq!(v1.state(), VersionState::Failed);

@@ -34,8 +34,19 @@ pub struct SupervisorProcess {
 impl SupervisorProcess {
     /// Starts `binary` with `--runtime-dir dir` and waits until it answers health.
     pub async fn start(binary: &Path, dir: &Path, opts: &SupervisorOptions) -> io::Result<Self> {
+        Self::start_with_env(binary, dir, opts, &[]).await
+    }
+
+    /// As [`SupervisorProcess::start`], with environment variables set on the supervisor (its
+    /// pagers inherit them: the pager's fault-injection hooks are set this way).
+    pub async fn start_with_env(
+        binary: &Path,
+        dir: &Path,
+        opts: &SupervisorOptions,
+        env: &[(&str, &str)],
+    ) -> io::Result<Self> {
         let stderr = if opts.show_logs { Stdio::inherit() } else { Stdio::null() };
-        Self::start_with_stderr(binary, dir, opts, stderr).await
+        Self::spawn(binary, dir, opts, stderr, env).await
     }
 
     /// [`SupervisorProcess::start`], its stderr (the log) going to `log`.
@@ -45,14 +56,15 @@ impl SupervisorProcess {
         opts: &SupervisorOptions,
         log: &Path,
     ) -> io::Result<Self> {
-        Self::start_with_stderr(binary, dir, opts, Stdio::from(std::fs::File::create(log)?)).await
+        Self::spawn(binary, dir, opts, Stdio::from(std::fs::File::create(log)?), &[]).await
     }
 
-    async fn start_with_stderr(
+    async fn spawn(
         binary: &Path,
         dir: &Path,
         opts: &SupervisorOptions,
         stderr: Stdio,
+        env: &[(&str, &str)],
     ) -> io::Result<Self> {
         let mut cmd = Command::new(binary);
         cmd.arg("--runtime-dir").arg(dir);
@@ -60,6 +72,7 @@ impl SupervisorProcess {
             cmd.arg("--pager-binary").arg(p);
         }
         cmd.args(&opts.args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -101,6 +114,12 @@ impl SupervisorProcess {
                 nix::sys::signal::Signal::SIGTERM,
             );
         }
+        self.child.wait().await
+    }
+
+    /// Sends SIGKILL and waits for the exit (its pagers are left running, as after a crash).
+    pub async fn kill(&mut self) -> io::Result<std::process::ExitStatus> {
+        let _ = self.child.start_kill();
         self.child.wait().await
     }
 

@@ -29,19 +29,30 @@ impl Env {
     }
 
     pub async fn start_with(opts: SupervisorOptions) -> Self {
+        Self::start_with_env(opts, &[]).await
+    }
+
+    /// A supervisor with environment variables of its own (inherited by its pagers).
+    pub async fn start_with_env(opts: SupervisorOptions, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")), opts).await
+        Self::start_in_with_env(dir, Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")), opts, env)
+            .await
     }
 
     /// Starts `supervisor` (this build's, or a wrapper that execs it) in `dir`.
-    pub async fn start_in(
+    pub async fn start_in(dir: tempfile::TempDir, supervisor: &Path, opts: SupervisorOptions) -> Self {
+        Self::start_in_with_env(dir, supervisor, opts, &[]).await
+    }
+
+    async fn start_in_with_env(
         dir: tempfile::TempDir,
         supervisor: &Path,
         mut opts: SupervisorOptions,
+        env: &[(&str, &str)],
     ) -> Self {
         opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
         opts.show_logs = true;
-        let sup = SupervisorProcess::start(supervisor, &dir.path().join("run"), &opts)
+        let sup = SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, env)
             .await
             .expect("supervisor starts");
         Self { dir, sup: Some(sup) }
