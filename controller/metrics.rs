@@ -30,6 +30,7 @@ fn hold_label(h: &Hold) -> &'static str {
         Hold::Backoff { .. } => "failure_backoff",
         Hold::UnderCeiling { .. } => "under_ceiling",
         Hold::LowMemory { .. } => "low_memory",
+        Hold::Orphaned => "orphaned",
     }
 }
 

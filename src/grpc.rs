@@ -59,7 +59,7 @@ pub fn bind_uds(path: &Path) -> io::Result<UdsIncoming> {
 
 /// Binds an API's Unix socket (see [`bind_uds`]): mode 0600, or with an API group (the
 /// `--api-group` of [`crate::peer_auth`]) mode 0660 and that group, so its members can connect.
-pub fn bind_api_uds(path: &Path, group: Option<u32>) -> io::Result<UnixListenerStream> {
+pub fn bind_api_uds(path: &Path, group: Option<u32>) -> io::Result<UdsIncoming> {
     let listener = bind_uds(path)?;
     if let Some(gid) = group {
         std::os::unix::fs::chown(path, None, Some(gid))?;

@@ -57,7 +57,7 @@ mod versions;
 mod vmm_fds;
 
 use std::future::Future;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;

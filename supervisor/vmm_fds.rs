@@ -20,7 +20,7 @@ use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 use uffdpager::removed_log::RemovedLog;
 
 use crate::pidfd;
-use crate::runtime_state::{removed_log_path, ConnectedMeta, SessionMeta};
+use crate::runtime_state::{read_session_overlays, removed_log_path, ConnectedMeta, SessionMeta};
 
 /// Why a session's descriptors could not be taken back from its VMM.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,8 @@ pub enum VmmFdsError {
     MemoryFileReplaced { path: String },
     #[error("reopening the removed-ranges log: {0}")]
     RemovedLog(#[from] uffdpager::removed_log::RemovedLogError),
+    #[error("reading back its overlays: {0}")]
+    Overlays(std::io::Error),
 }
 
 /// The start time of process `pid` (`/proc/<pid>/stat` field 22, clock ticks since boot).
@@ -132,6 +134,7 @@ pub fn take_from_vmm(
         return Err(VmmFdsError::MemoryFileReplaced { path: meta.memory_file.clone() });
     }
     let (_log, removed_log) = RemovedLog::open_file(&removed_log_path(sessions_dir, &meta.id))?;
+    let overlay = read_session_overlays(sessions_dir, meta).map_err(VmmFdsError::Overlays)?;
     let mut request = connected.request.clone();
     request.vmm_fd = VmmFd::Pidfd;
     let fds = SessionFds {
@@ -139,6 +142,7 @@ pub fn take_from_vmm(
         memory_file: OwnedFd::from(memory.file),
         vmm_stream: vmm,
         removed_log: Some(removed_log),
+        overlay: overlay.map(|o| o.fd),
     };
     Ok((request, fds))
 }

@@ -711,6 +711,7 @@ async fn a_vmm_of_another_uid_is_refused_at_the_session_socket_while_the_named_o
             memory_file: mem.display().to_string(),
             labels: Default::default(),
             vmm_uid: Some(NOBODY),
+            ..Default::default()
         })
         .await
         .expect("CreateSession with vmm_uid")

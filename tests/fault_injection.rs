@@ -101,6 +101,7 @@ impl Run {
                 session_id: id.clone(),
                 memory_file: mem.display().to_string(),
                 labels: Default::default(),
+                ..Default::default()
             })
             .await;
         let session = match created {

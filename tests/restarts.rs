@@ -330,6 +330,7 @@ async fn restore_with(
             session_id: id.into(),
             memory_file: mem.display().to_string(),
             labels: Default::default(),
+            ..Default::default()
         })
         .await
         .expect("CreateSession")

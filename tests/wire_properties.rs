@@ -138,6 +138,8 @@ fn a_real_request() -> Vec<u8> {
         adopt: true,
         removed: vec![(0x10000, 0x11000)],
         overlays: vec![],
+        faults: 3,
+        vmm_fd: Default::default(),
     })
     .unwrap()
 }
