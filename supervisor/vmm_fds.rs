@@ -63,10 +63,10 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
 }
 
 /// The (device, inode) of an open descriptor.
+/// (An `fstat` of the descriptor itself: no duplicate, so it works with no descriptor to spare.)
 pub fn fd_id(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(u64, u64)> {
-    let file = std::fs::File::from(fd.try_clone_to_owned()?);
-    let meta = file.metadata()?;
-    Ok((meta.dev(), meta.ino()))
+    let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// The number of the descriptor of process `pid` whose target has (device, inode) `id`.

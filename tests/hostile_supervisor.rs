@@ -267,10 +267,20 @@ async fn out_of_descriptors_the_supervisor_says_so_and_never_spins_on_a_waiting_
     // One connection for every call from here on: a new one could not be accepted.
     let mut client = env.client();
     let mut created = Vec::new();
+    // Filled until refusals hold for a second: a refusal met while some task of the supervisor
+    // held a descriptor for a moment (reading /proc, a log) leaves one free once it is done.
+    let mut refusals = 0;
     let refusal = loop {
         match create_with(&mut client, &format!("fill-{}", created.len()), &mem).await {
-            Ok(s) => created.push(s.id),
-            Err(status) => break status,
+            Ok(s) => {
+                created.push(s.id);
+                refusals = 0;
+            }
+            Err(status) if refusals == 10 => break status,
+            Err(_) => {
+                refusals += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         assert!(created.len() < 200, "128 descriptors never ran out");
     };
@@ -295,7 +305,9 @@ async fn out_of_descriptors_the_supervisor_says_so_and_never_spins_on_a_waiting_
     let used = cpu_seconds(pid) - before;
     eprintln!("supervisor CPU over 3 s with a client it cannot accept: {used:.2} s");
     assert!(used < 0.5, "the supervisor spins: {used:.2} s of CPU in 3 s");
-    assert!(!waiting.is_finished(), "no descriptor, no answer yet");
+    // Whether the client is answered before the deletes depends on whether the refused
+    // CreateSession left a descriptor spare (a refusal at the socket's bind releases the memory
+    // file's): what matters is no spinning meanwhile, and an answer once descriptors free up.
 
     for id in created.iter().take(5) {
         client.delete_session(DeleteSessionRequest { session_id: id.clone() }).await.unwrap();
