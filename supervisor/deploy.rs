@@ -282,8 +282,8 @@ impl Core {
         let _handling = self.adoption_task();
         // Even while shutting down, an active version that dies with sessions is respawned: the
         // re-adoption finishes before the supervisor exits (shutdown waits for it, bounded).
-        let wanted = !self.spawns_closed()
-            && (!self.is_closing() || self.inventory.live_count(&version) > 0);
+        let depended_on = self.inventory.live_count(&version) > 0;
+        let wanted = !self.spawns_closed() && (!self.is_closing() || depended_on);
         let outcome = self.versions.update(|t| {
             let is_active = t.active.as_deref() == Some(version.as_str());
             let Some(e) = t.entries.get_mut(&version) else { return ExitOutcome::Stale };
@@ -302,7 +302,10 @@ impl Core {
                 e.restarts_in_a_row = 0;
             }
             e.error = format!("pid {} exited unexpectedly: {exit}", process.pid);
-            if is_active && wanted && e.restarts_in_a_row < MAX_RESTARTS {
+            // A process that served and died is respawned as long as sessions depend on it
+            // (their VMs freeze without a pager), however often, at the backoff's pace; only a
+            // version nobody depends on gives up after MAX_RESTARTS.
+            if is_active && wanted && (e.restarts_in_a_row < MAX_RESTARTS || depended_on) {
                 e.restarts_in_a_row += 1;
                 e.state = VersionState::Starting;
                 ExitOutcome::Lost { respawn_after: Some(backoff(e.restarts_in_a_row)) }

@@ -270,7 +270,12 @@ async fn a_page_believed_present_that_faults_again_is_served_not_spun_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_with_more_than_eight_fds_fails_clearly_and_leaves_no_fd_behind() {
-    let env = Env::start().await;
+    // The refused VMM is kept (not SIGKILLed), so that it lives to report what it sent.
+    let env = Env::start_with(SupervisorOptions {
+        args: vec!["--refused-vmm".into(), "keep".into()],
+        ..Default::default()
+    })
+    .await;
     let mem = env.memfile("mem", 64 * MIB, 0.1, 0.1);
     let mut vms = canaries(&env, &mem).await;
     let pager = env.pager_pid();
