@@ -188,6 +188,7 @@ impl Worker {
             }
             if faulted {
                 last_fault = Some(Instant::now());
+                crate::zero_scan::note_fault();
             }
             self.take_claims_done();
             self.step_completions(faulted);
