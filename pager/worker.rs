@@ -19,6 +19,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
 
+use crate::busy::Busy;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
@@ -137,16 +138,16 @@ impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut last_fault: Option<Instant> = None;
-        let mut cpus = AllowedCpus::default();
+        let mut busy = Busy::default();
         loop {
             // Right after a fault, poll instead of sleeping for a short while: a vCPU touching
             // memory faults again within microseconds, and a sleeping worker costs it a
             // cross-CPU wake-up (tens of µs on a VM host) on top of its own. Each poll yields,
             // so a vCPU runnable on this CPU is not held up. A worker allowed only one CPU does
             // not poll: there is no other CPU whose wake-up polling could save, and a vCPU
-            // sharing that CPU measurably loses time to it (see BENCHMARKS.md).
-            let spinning =
-                last_fault.is_some_and(|t| t.elapsed() < self.spin) && cpus.more_than_one();
+            // sharing that CPU measurably loses time to it (see BENCHMARKS.md); nor does a
+            // worker on a busy machine (see `crate::busy`).
+            let spinning = last_fault.is_some_and(|t| t.elapsed() < self.spin) && busy.may_poll();
             if spinning {
                 std::thread::yield_now();
             }
@@ -413,29 +414,6 @@ impl Worker {
         let tokens: Vec<u64> = self.sessions.keys().copied().collect();
         for t in tokens {
             self.end(t, SessionState::Ended, "the pager shut down".into());
-        }
-    }
-}
-
-/// Whether this thread may use more than one CPU, asked of the kernel at most every
-/// [`AllowedCpus::RECHECK`] (an operator may change it with `taskset` at any time).
-#[derive(Debug, Default)]
-struct AllowedCpus {
-    checked: Option<(Instant, bool)>,
-}
-
-impl AllowedCpus {
-    const RECHECK: Duration = Duration::from_millis(100);
-
-    fn more_than_one(&mut self) -> bool {
-        match self.checked {
-            Some((at, many)) if at.elapsed() < Self::RECHECK => many,
-            _ => {
-                // The calling thread's affinity (and any cgroup CPU quota).
-                let many = std::thread::available_parallelism().map_or(true, |n| n.get() > 1);
-                self.checked = Some((Instant::now(), many));
-                many
-            }
         }
     }
 }
