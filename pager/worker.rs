@@ -68,6 +68,7 @@ impl WorkerHandle {
         let worker_wake = Arc::clone(&wake);
         let thread =
             std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
+                crate::thread_priority::fault_worker();
                 Worker {
                     epoll,
                     wake: worker_wake,
