@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
 
 use crate::busy::Busy;
+use crate::thread_priority::WorkerNice;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
@@ -68,7 +69,6 @@ impl WorkerHandle {
         let worker_wake = Arc::clone(&wake);
         let thread =
             std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
-                crate::thread_priority::fault_worker();
                 Worker {
                     epoll,
                     wake: worker_wake,
@@ -140,7 +140,9 @@ impl Worker {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut last_fault: Option<Instant> = None;
         let mut busy = Busy::default();
+        let mut nice = WorkerNice::default();
         loop {
+            nice.set(self.working || !self.streams.is_empty() || !self.completions.is_empty());
             // Right after a fault, poll instead of sleeping for a short while: a vCPU touching
             // memory faults again within microseconds, and a sleeping worker costs it a
             // cross-CPU wake-up (tens of µs on a VM host) on top of its own. Each poll yields,
