@@ -31,16 +31,16 @@ impl Busy {
     /// How long an answer is kept (the operator's `taskset`, a host growing busy).
     pub const RECHECK: Duration = Duration::from_millis(10);
 
-    /// Whether this worker may poll now.
-    pub fn may_poll(&mut self) -> bool {
+    /// Whether this worker may poll at `now`.
+    pub fn may_poll(&mut self, now: Instant) -> bool {
         match self.checked {
-            Some((at, yes)) if at.elapsed() < Self::RECHECK => yes,
+            Some((at, yes)) if now.saturating_duration_since(at) < Self::RECHECK => yes,
             _ => {
                 // The calling thread's affinity (and any cgroup CPU quota).
                 let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
                 let load = std::fs::read_to_string("/proc/loadavg").ok();
                 let yes = may_poll(cpus, load.as_deref().and_then(running));
-                self.checked = Some((Instant::now(), yes));
+                self.checked = Some((now, yes));
                 yes
             }
         }

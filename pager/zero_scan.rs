@@ -41,9 +41,10 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-/// Called by fault workers after serving faults: the scan pauses for [`QUIET`].
-pub fn note_fault() {
-    let ns = u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+/// Called by fault workers after serving faults (`at`: when): the scan pauses for [`QUIET`].
+pub fn note_fault(at: Instant) {
+    let since = at.saturating_duration_since(epoch());
+    let ns = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX).max(1);
     LAST_FAULT_NS.store(ns, Ordering::Relaxed);
 }
 
@@ -121,7 +122,7 @@ mod tests {
         assert_eq!(pause_left(None), None);
         assert_eq!(pause_left(Some(QUIET)), None);
         assert_eq!(pause_left(Some(QUIET / 4)), Some(QUIET - QUIET / 4));
-        note_fault();
+        note_fault(Instant::now());
         let left = pause_left(since_last_fault()).expect("a fault just now");
         assert!(left <= QUIET);
     }
