@@ -112,9 +112,17 @@ pub struct PeersPlan {
     /// VMs of the many-VMs figure, and the random touches of each.
     pub many_vms: usize,
     pub many_touches: u64,
+    /// The workloads run (`random`, `touch_all`, `many`; empty: all), and the contenders
+    /// (empty: all there are).
+    pub workloads: Vec<String>,
+    pub contenders: Vec<String>,
 }
 
 impl PeersPlan {
+    fn runs(&self, workload: &str) -> bool {
+        self.workloads.is_empty() || self.workloads.iter().any(|w| w == workload)
+    }
+
     /// The contenders measured this run, in the order of repetition `rep` (rotated, so no
     /// contender always runs first after another's memory was freed).
     fn order(&self, rep: usize, many: bool) -> Vec<Contender> {
@@ -125,8 +133,9 @@ impl PeersPlan {
                 Contender::FaultAll => !many && self.source.binary(*c).is_some(),
                 _ => true,
             })
+            .filter(|c| self.contenders.is_empty() || self.contenders.iter().any(|n| n == c.name()))
             .collect();
-        let n = cs.len();
+        let n = cs.len().max(1);
         cs.rotate_left(rep % n);
         cs
     }
@@ -195,7 +204,8 @@ pub async fn rep(
     f: &mut Figures,
 ) -> anyhow::Result<()> {
     let seed = 1000 + rep as u64;
-    for c in plan.order(rep, false) {
+    let random = if plan.runs("random") { plan.order(rep, false) } else { Vec::new() };
+    for c in random {
         let (p50, p99) = if c == Contender::File {
             let (path, n) = (dense.to_path_buf(), plan.touches);
             let r =
@@ -214,7 +224,8 @@ pub async fn rep(
             c.name()
         ));
     }
-    for c in plan.order(rep, false) {
+    let touch = if plan.runs("touch_all") { plan.order(rep, false) } else { Vec::new() };
+    for c in touch {
         let g = if c == Contender::File {
             let path = dense.to_path_buf();
             let r = tokio::task::spawn_blocking(move || file_backend::sequential(&path)).await??;
@@ -228,7 +239,8 @@ pub async fn rep(
         f.add(&figure("touch_all_gbps", c), g);
         super::note(&format!("peers rep {rep}: {} touch-all {g:.2} GB/s", c.name()));
     }
-    for c in plan.order(rep, true) {
+    let at_once = if plan.runs("many") { plan.order(rep, true) } else { Vec::new() };
+    for c in at_once {
         let seed = 3000 + 1000 * rep as u64;
         let (wall, p99s) = if c == Contender::File {
             let (path, n, t) = (small.to_path_buf(), plan.many_vms, plan.many_touches);
@@ -317,6 +329,8 @@ mod tests {
             touches: 1,
             many_vms: 1,
             many_touches: 1,
+            workloads: Vec::new(),
+            contenders: Vec::new(),
         };
         let found = PeerSource::Found { on_demand: "a".into(), fault_all: "b".into() };
         let p = plan(found);
@@ -325,5 +339,8 @@ mod tests {
         assert!(!p.order(0, true).contains(&Contender::FaultAll));
         let skipped = plan(PeerSource::Skipped("x".into()));
         assert_eq!(skipped.order(0, false), vec![Contender::Project, Contender::File]);
+        let mut two = plan(PeerSource::Found { on_demand: "a".into(), fault_all: "b".into() });
+        two.contenders = vec!["project".into(), "on_demand".into()];
+        assert_eq!(two.order(1, false), vec![Contender::OnDemand, Contender::Project]);
     }
 }

@@ -103,6 +103,12 @@ struct Cli {
     /// Random touches of each VM in the many-VMs figure [default: 4000; --quick 1000].
     #[arg(long)]
     many_touches: Option<u64>,
+    /// Peer workloads to run: random, touch_all, many [default: all].
+    #[arg(long, value_delimiter = ',')]
+    peer_workloads: Vec<String>,
+    /// Peer contenders to run: project, on_demand, fault_all, file [default: all there are].
+    #[arg(long, value_delimiter = ',')]
+    contenders: Vec<String>,
     /// The uffd-vmsim binary (the peers' VMs) [default: uffd-vmsim beside this executable].
     #[arg(long)]
     vmsim_binary: Option<PathBuf>,
@@ -217,7 +223,19 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         touches: fault_touches,
         many_vms: cli.many_vms.unwrap_or(if quick { 10 } else { 50 }).max(1),
         many_touches: cli.many_touches.unwrap_or(if quick { 1000 } else { 4000 }),
+        workloads: cli.peer_workloads.clone(),
+        contenders: cli.contenders.clone(),
     };
+    for w in &peers.workloads {
+        if !["random", "touch_all", "many"].contains(&w.as_str()) {
+            bail!("--peer-workloads: {w:?} is none of random, touch_all, many");
+        }
+    }
+    for c in &peers.contenders {
+        if bench::peers::Contender::ALL.iter().all(|k| k.name() != c) {
+            bail!("--contenders: {c:?} is none of project, on_demand, fault_all, file");
+        }
+    }
     let plan = Plan {
         groups: if cli.only.is_empty() { Group::ALL.to_vec() } else { cli.only.clone() },
         reps: cli.reps.unwrap_or(3).max(1),
@@ -263,6 +281,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         },
         "many_vms": plan.peers.many_vms,
         "many_touches": plan.peers.many_touches,
+        "peer_workloads": plan.peers.workloads,
+        "contenders": plan.peers.contenders,
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
