@@ -24,6 +24,9 @@ use super::Group;
 /// Mean run length of the sparse file, in pages: runs of 1..=63 pages (mean 128 KiB).
 pub const SPARSE_RUN_PAGES: u64 = 32;
 
+/// Size of each VM of the peer comparison's many-VMs figure (issue 15: 50 VMs x 64 MiB).
+pub const MANY_VM_SIZE: u64 = 64 << 20;
+
 /// The files this run needs (`None`: no group selected needs it). Removed on drop unless kept.
 #[derive(Debug)]
 pub struct MemoryFiles {
@@ -31,6 +34,8 @@ pub struct MemoryFiles {
     pub sparse: Option<PathBuf>,
     pub scattered: Option<PathBuf>,
     pub small: Option<PathBuf>,
+    /// One VM of the peer comparison's many-VMs figure: dense, [`MANY_VM_SIZE`].
+    pub many: Option<PathBuf>,
     /// Kept for later runs (`--files-dir`): not removed on drop.
     keep: bool,
     /// The files mapped and locked in memory for the run (see [`lock_in_page_cache`]).
@@ -52,6 +57,8 @@ impl MemoryFiles {
         // Sparse and scattered: the same spec, in runs of 1..=63 pages and page by page.
         let sparse_spec =
             MemoryFileSpec { size, seed: 2, zero_fraction: 0.25, hole_fraction: 0.25 };
+        let many_spec =
+            MemoryFileSpec { size: MANY_VM_SIZE, seed: 4, zero_fraction: 0.0, hole_fraction: 0.0 };
         let small_spec =
             MemoryFileSpec { size: small, seed: 3, zero_fraction: 0.25, hole_fraction: 0.25 };
         // A page-by-page layout describes itself as its spec alone did: files kept from runs
@@ -84,7 +91,7 @@ impl MemoryFiles {
             dense: make(
                 "dense",
                 dense_spec.into(),
-                needs(&[Memcpy, RawCopy, MinHandler, Fault, TouchAll, CompleteDense, Stall]),
+                needs(&[Memcpy, RawCopy, MinHandler, Fault, TouchAll, CompleteDense, Stall, Peers]),
             )?,
             sparse: make(
                 "sparse",
@@ -93,6 +100,7 @@ impl MemoryFiles {
             )?,
             scattered: make("scattered", sparse_spec.in_runs(1), needs(&[CompleteScattered]))?,
             small: make("small", small_spec.into(), needs(&[Rpc, Sessions]))?,
+            many: make("many", many_spec.into(), needs(&[Peers]))?,
             keep,
             _locked: locked.into_inner(),
         })
@@ -104,7 +112,10 @@ impl Drop for MemoryFiles {
         if self.keep {
             return;
         }
-        for p in [&self.dense, &self.sparse, &self.scattered, &self.small].into_iter().flatten() {
+        for p in [&self.dense, &self.sparse, &self.scattered, &self.small, &self.many]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(p);
         }
     }

@@ -5,11 +5,15 @@
 //! - [`min_handler`]: the one-page-per-fault handler in a child process, and its VM.
 //! - [`project`]: single-VM figures through the real supervisor and pager.
 //! - [`sessions`]: many VMs through one pager: threads, memory, wall times, WatchSessions.
+//! - [`peers`]: Firecracker's example handlers and the kernel's file mapping beside the project.
+//! - [`hogs`]: CPU hogs beside the measurement (`--hogs N`).
 //! - [`report`]: rows, targets, the table and the JSON line.
 
 pub mod baseline;
+pub mod hogs;
 pub mod memfiles;
 pub mod min_handler;
+pub mod peers;
 pub mod placement;
 pub mod procstat;
 pub mod project;
@@ -83,6 +87,8 @@ pub enum Group {
     Rpc,
     /// sessions_*, pager_threads_*, pager_*_per_session_kib, watch_snapshot_ms
     Sessions,
+    /// peer_*: the project beside Firecracker's handlers and the file mapping, same VMs
+    Peers,
 }
 
 impl Group {
@@ -92,7 +98,7 @@ impl Group {
         self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
     }
 
-    pub const ALL: [Group; 11] = [
+    pub const ALL: [Group; 12] = [
         Group::Memcpy,
         Group::RawCopy,
         Group::MinHandler,
@@ -104,6 +110,7 @@ impl Group {
         Group::Stall,
         Group::Rpc,
         Group::Sessions,
+        Group::Peers,
     ];
 }
 
@@ -126,6 +133,9 @@ pub struct Plan {
     /// Where memory files are kept between runs (`None`: in the temporary directory, removed).
     pub files_dir: Option<PathBuf>,
     pub bins: Binaries,
+    pub peers: peers::PeersPlan,
+    /// CPU hogs running beside the whole run.
+    pub hogs: usize,
 }
 
 impl Plan {
@@ -190,6 +200,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<(Outcome, Leftovers)> {
         .context("memory file task")??
     };
     note(&format!("memory files written and warm in {:.1}s", started.elapsed().as_secs_f64()));
+    let hogs = hogs::Hogs::start(plan.hogs)?;
+    if hogs.count() > 0 {
+        note(&format!("{} CPU hogs running beside the measurement", hogs.count()));
+    }
+    if plan.has(Group::Peers) {
+        if let peers::PeerSource::Skipped(why) = &plan.peers.source {
+            note(why);
+        }
+    }
 
     for run in 0..plan.runs {
         if plan.runs > 1 {
@@ -210,8 +229,13 @@ pub async fn run(plan: &Plan) -> anyhow::Result<(Outcome, Leftovers)> {
                 record(errors, "sessions", r);
             }
         }
+        if plan.has(Group::Peers) {
+            let r = peer_figures(plan, &files, &dir, run, &mut figures).await;
+            record(errors, "peers", r);
+        }
         out.runs.push(figures);
     }
+    drop(hogs);
     Ok((out, Leftovers { files, work }))
 }
 
@@ -380,6 +404,28 @@ async fn project(
         }
     }
     drop(p);
+}
+
+/// The peer comparison of one run: a supervisor of its own, then each repetition runs every
+/// workload for every contender (see [`peers`]).
+async fn peer_figures(
+    plan: &Plan,
+    files: &MemoryFiles,
+    dir: &std::path::Path,
+    run: usize,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let dense = files.dense.as_deref().context("no dense memory file")?;
+    let many = files.many.as_deref().context("no many-VMs memory file")?;
+    let runtime_dir = dir.join(format!("run-peers-{run}"));
+    let p = Project::start(&plan.bins, &runtime_dir).await?;
+    let peer_dir = dir.join(format!("peer-sockets-{run}"));
+    std::fs::create_dir_all(&peer_dir)
+        .with_context(|| format!("creating {}", peer_dir.display()))?;
+    for rep in 0..plan.reps {
+        peers::rep(&p, &plan.peers, dense, many, &peer_dir, rep, figures).await?;
+    }
+    Ok(())
 }
 
 /// A suffix that tells this process's runtime directories apart.

@@ -97,6 +97,11 @@ pub const ROWS: &[Row] = &[
     row("pager_rss_per_session_kib", None, None, "pager VmRSS growth per live session (incl. file pages)"),
     row("rpc_complete_p50_ms", None, None, "CompleteSession round trip, resident small session"),
     row("watch_snapshot_ms", None, None, "WatchSessions: first SNAPSHOT, every session live"),
+    row("peer_random_p50_us_project", Some("peer_random_p50_us_on_demand"), Some(Target::RatioAtMost(0.8)), "peers: p50 random first touch, fresh VM, unpinned, vs Firecracker's on_demand handler"),
+    row("peer_random_p99_us_project", Some("peer_random_p99_us_on_demand"), Some(Target::RatioAtMost(1.0)), "peers: p99 of the same"),
+    row("peer_touch_all_gbps_project", Some("peer_touch_all_gbps_on_demand"), None, "peers: touch-all vs on_demand"),
+    row("peer_many_wall_s_project", Some("peer_many_wall_s_on_demand"), Some(Target::RatioAtMost(0.8)), "peers: many VMs at once, wall, vs on_demand"),
+    row("peer_many_vm_p99_ms_project", Some("peer_many_vm_p99_ms_on_demand"), Some(Target::RatioAtMost(1.0)), "peers: many VMs at once, per-VM p99 (median over VMs), vs on_demand"),
 ];
 
 /// One evaluated row.

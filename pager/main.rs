@@ -2,6 +2,7 @@
 //! files, and graduates them (populate, then unregister) on request. One process per pager
 //! version; sessions arrive from the supervisor over an SCM_RIGHTS handoff socket.
 
+mod busy;
 mod complete;
 mod copy_threads;
 mod fault_inject;

@@ -40,6 +40,45 @@ pub fn background() {
     }
 }
 
+/// A fault worker's niceness: -10 while it only serves faults, 0 while it also copies in bulk
+/// (read-ahead windows, graduation sweeps).
+///
+/// One worker serves the faults of many vCPUs, each of which waits, blocked, until the worker
+/// runs: on a busy CPU it should weigh what the vCPUs it serves weigh together, not what one of
+/// them does (nice -10 weighs ~9x a nice-0 thread; a handler process per VM, as Firecracker's
+/// example has, gets that weight by being one thread per VM). Bulk copies are background work
+/// that must not take CPU from the vCPUs, so they run at the vCPUs' own weight. Refused (no
+/// `CAP_SYS_NICE`), the worker stays where it is and says so once.
+#[derive(Debug, Default)]
+pub struct WorkerNice {
+    current: Option<i32>,
+    refused: bool,
+}
+
+impl WorkerNice {
+    /// Nice while serving faults only.
+    pub const SERVING: i32 = -10;
+    /// Nice while copying in bulk too.
+    pub const BULK: i32 = 0;
+
+    /// Sets the calling thread's niceness for the work at hand (a system call only on change).
+    pub fn set(&mut self, bulk: bool) {
+        let nice = if bulk { Self::BULK } else { Self::SERVING };
+        if self.refused || self.current == Some(nice) {
+            return;
+        }
+        // SAFETY: setpriority takes integers; PRIO_PROCESS with who = 0 is the calling thread
+        // on Linux.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        if rc != 0 {
+            self.refused = true;
+            warn!(error = %std::io::Error::last_os_error(), thread = ?thread(), nice, "fault worker priority refused");
+            return;
+        }
+        self.current = Some(nice);
+    }
+}
+
 fn set_policy(policy: libc::c_int, name: &str) {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param (priority 0 is the

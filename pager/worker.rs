@@ -20,10 +20,12 @@ use tracing::{error, info, warn};
 use uffdpager::api::SessionState;
 use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 
+use crate::busy::Busy;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
 use crate::watchdog::Heartbeat;
+use crate::thread_priority::WorkerNice;
 
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, reached while no fault comes in (unless the smallest is larger).
@@ -157,17 +159,31 @@ impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut last_fault: Option<Instant> = None;
-        let mut cpus = AllowedCpus::default();
+        let mut busy = Busy::default();
+        let mut nice = WorkerNice::default();
         loop {
             self.heartbeat.beat();
+            nice.set(self.working || !self.streams.is_empty() || !self.completions.is_empty());
             // Right after a fault, poll instead of sleeping for a short while: a vCPU touching
             // memory faults again within microseconds, and a sleeping worker costs it a
             // cross-CPU wake-up (tens of µs on a VM host) on top of its own. Each poll yields,
             // so a vCPU runnable on this CPU is not held up. A worker allowed only one CPU does
             // not poll: there is no other CPU whose wake-up polling could save, and a vCPU
-            // sharing that CPU measurably loses time to it (see BENCHMARKS.md).
-            let spinning =
-                last_fault.is_some_and(|t| t.elapsed() < self.spin) && cpus.more_than_one();
+            // sharing that CPU measurably loses time to it (see BENCHMARKS.md); nor does a
+            // worker on a busy machine (see `crate::busy`).
+            // One clock read for both questions, and none once the window has passed (a clock
+            // read costs ~170 ns on this VM host's TSC).
+            let spinning = match last_fault {
+                Some(t) if !self.spin.is_zero() => {
+                    let now = Instant::now();
+                    let within = now.saturating_duration_since(t) < self.spin;
+                    if !within {
+                        last_fault = None;
+                    }
+                    within && busy.may_poll(now)
+                }
+                _ => false,
+            };
             if spinning {
                 std::thread::yield_now();
             }
@@ -208,7 +224,9 @@ impl Worker {
                 }
             }
             if faulted {
-                last_fault = Some(Instant::now());
+                let now = Instant::now();
+                last_fault = Some(now);
+                crate::zero_scan::note_fault(now);
             }
             self.take_claims_done();
             self.step_completions(faulted);
@@ -442,29 +460,6 @@ impl Worker {
         let tokens: Vec<u64> = self.sessions.keys().copied().collect();
         for t in tokens {
             self.end(t, SessionState::Ended, "the pager shut down".into());
-        }
-    }
-}
-
-/// Whether this thread may use more than one CPU, asked of the kernel at most every
-/// [`AllowedCpus::RECHECK`] (an operator may change it with `taskset` at any time).
-#[derive(Debug, Default)]
-struct AllowedCpus {
-    checked: Option<(Instant, bool)>,
-}
-
-impl AllowedCpus {
-    const RECHECK: Duration = Duration::from_millis(100);
-
-    fn more_than_one(&mut self) -> bool {
-        match self.checked {
-            Some((at, many)) if at.elapsed() < Self::RECHECK => many,
-            _ => {
-                // The calling thread's affinity (and any cgroup CPU quota).
-                let many = std::thread::available_parallelism().map_or(true, |n| n.get() > 1);
-                self.checked = Some((Instant::now(), many));
-                many
-            }
         }
     }
 }

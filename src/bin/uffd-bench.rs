@@ -89,6 +89,33 @@ struct Cli {
     /// Exit with status 2 when a target is missed.
     #[arg(long)]
     check: bool,
+    /// The directory of Firecracker's example handlers (`uffd_on_demand_handler`,
+    /// `uffd_fault_all_handler`) for the `peers` figures [default: $UFFD_BENCH_PEERS; without
+    /// either, the peer contenders are skipped and the report says so].
+    #[arg(long)]
+    peers_dir: Option<PathBuf>,
+    /// CPU-burning processes running beside the whole measurement (a busy host).
+    #[arg(long, default_value_t = 0)]
+    hogs: usize,
+    /// VMs at once in the peers' many-VMs figure (64 MiB each) [default: 50; --quick 10].
+    #[arg(long)]
+    many_vms: Option<usize>,
+    /// Random touches of each VM in the many-VMs figure [default: 4000; --quick 1000].
+    #[arg(long)]
+    many_touches: Option<u64>,
+    /// Peer workloads to run: random, touch_all, many [default: all].
+    #[arg(long, value_delimiter = ',')]
+    peer_workloads: Vec<String>,
+    /// Peer contenders to run: project, on_demand, fault_all, file [default: all there are].
+    #[arg(long, value_delimiter = ',')]
+    contenders: Vec<String>,
+    /// The uffd-vmsim binary (the peers' VMs) [default: uffd-vmsim beside this executable].
+    #[arg(long)]
+    vmsim_binary: Option<PathBuf>,
+
+    /// (internal) Burn CPU until killed (a `--hogs` child).
+    #[arg(long, hide = true)]
+    hog: bool,
 
     /// (internal) Run as the minimal handler, listening on this socket.
     #[arg(long, hide = true, requires = "memory_file")]
@@ -103,6 +130,9 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.hog {
+        bench::hogs::burn();
+    }
     if let (Some(socket), Some(file)) = (&cli.min_handler, &cli.memory_file) {
         return match bench::min_handler::serve(socket, file, cli.cpu) {
             Ok(()) => ExitCode::SUCCESS,
@@ -132,6 +162,9 @@ fn rebuild(cli: &Cli) -> anyhow::Result<()> {
     }
     if cli.pager_binary.is_none() {
         bins.push("uffd-pager");
+    }
+    if cli.vmsim_binary.is_none() {
+        bins.push("uffd-vmsim");
     }
     if !bins.is_empty() && std::env::var_os("CARGO").is_some() {
         eprintln!("uffd-bench: building {}", bins.join(" and "));
@@ -173,19 +206,42 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| uffdpager::harness::bin_path("uffd-pager")),
         show_logs: cli.logs,
     };
-    for b in [&bins.supervisor, &bins.pager] {
+    let vmsim =
+        cli.vmsim_binary.clone().unwrap_or_else(|| uffdpager::harness::bin_path("uffd-vmsim"));
+    for b in [&bins.supervisor, &bins.pager, &vmsim] {
         if !b.is_file() {
             bail!("{} does not exist: build it first (cargo build --release)", b.display());
         }
     }
     let quick = cli.quick;
     let session_size = cli.session_mib << 20;
+    let fault_touches = cli.fault_touches.unwrap_or(if quick { 4000 } else { 20000 });
+    let env = std::env::var_os(bench::peers::PEERS_ENV);
+    let peers = bench::peers::PeersPlan {
+        source: bench::peers::PeerSource::resolve(cli.peers_dir.as_deref(), env.as_deref()),
+        vmsim,
+        touches: fault_touches,
+        many_vms: cli.many_vms.unwrap_or(if quick { 10 } else { 50 }).max(1),
+        many_touches: cli.many_touches.unwrap_or(if quick { 1000 } else { 4000 }),
+        workloads: cli.peer_workloads.clone(),
+        contenders: cli.contenders.clone(),
+    };
+    for w in &peers.workloads {
+        if !["random", "touch_all", "many"].contains(&w.as_str()) {
+            bail!("--peer-workloads: {w:?} is none of random, touch_all, many");
+        }
+    }
+    for c in &peers.contenders {
+        if bench::peers::Contender::ALL.iter().all(|k| k.name() != c) {
+            bail!("--contenders: {c:?} is none of project, on_demand, fault_all, file");
+        }
+    }
     let plan = Plan {
         groups: if cli.only.is_empty() { Group::ALL.to_vec() } else { cli.only.clone() },
         reps: cli.reps.unwrap_or(3).max(1),
         runs: cli.runs.max(1),
         size: cli.size_mib.unwrap_or(if quick { 256 } else { 1024 }) << 20,
-        fault_touches: cli.fault_touches.unwrap_or(if quick { 4000 } else { 20000 }),
+        fault_touches,
         sessions: SessionsPlan {
             count: cli.sessions.unwrap_or(if quick { 100 } else { 1000 }),
             size: session_size,
@@ -197,6 +253,8 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         dir: cli.dir.clone().unwrap_or_else(std::env::temp_dir),
         files_dir: cli.files_dir.clone(),
         bins,
+        peers,
+        hogs: cli.hogs,
     };
     if plan.size == 0 || session_size == 0 {
         bail!("sizes must be at least 1 MiB");
@@ -215,6 +273,16 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         "supervisor_binary": plan.bins.supervisor.display().to_string(),
         "dir": plan.dir.display().to_string(),
         "source": source_version(),
+        "hogs": plan.hogs,
+        "peers_dir": match &plan.peers.source {
+            bench::peers::PeerSource::Found { on_demand, .. } =>
+                on_demand.parent().map(|d| d.display().to_string()),
+            bench::peers::PeerSource::Skipped(_) => None,
+        },
+        "many_vms": plan.peers.many_vms,
+        "many_touches": plan.peers.many_touches,
+        "peer_workloads": plan.peers.workloads,
+        "contenders": plan.peers.contenders,
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -225,11 +293,32 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let (outcome, leftovers) = runtime.block_on(bench::run(&plan))?;
     let rows = bench::report::evaluate(&outcome.runs);
-    let table = if cli.markdown {
+    let mut table = if cli.markdown {
         bench::report::markdown(&rows, plan.reps, plan.runs)
     } else {
         bench::report::table(&rows, plan.reps, plan.runs)
     };
+    let skipped = match &plan.peers.source {
+        bench::peers::PeerSource::Skipped(why) if plan.groups.contains(&Group::Peers) => {
+            Some(why.as_str())
+        }
+        _ => None,
+    };
+    let machine_state = if plan.hogs == 0 {
+        "quiet: no hogs".to_string()
+    } else {
+        format!("beside {} CPU hogs", plan.hogs)
+    };
+    let note = match skipped {
+        Some(why) => format!("{machine_state}; {why}"),
+        None => machine_state,
+    };
+    if let Some(t) = bench::peers::report::table(&outcome.runs, cli.markdown, Some(&note)) {
+        table.push('\n');
+        table.push_str(&t);
+    } else if let Some(why) = skipped {
+        table.push_str(&format!("\n{why}\n"));
+    }
     let mut flags = flags;
     flags["wall_s"] = json!((started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
     if cli.json {
@@ -241,6 +330,9 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             bench::machine(),
             &outcome.errors,
         );
+        let mut line: serde_json::Value =
+            serde_json::from_str(&line).context("re-reading the JSON line")?;
+        line["peers"] = bench::peers::report::json(&outcome.runs, skipped);
         println!("{line}");
     } else {
         print!("{table}");
