@@ -15,3 +15,4 @@ pub mod removed_log;
 pub mod scm;
 pub mod uffd_ops;
 pub mod vmsim;
+pub mod working_set;
