@@ -17,6 +17,7 @@ use crate::overlay::SessionOverlays;
 use crate::registry::{Entry, SessionShared};
 use crate::session::Session;
 use crate::worker::Command;
+use crate::working_set;
 use crate::Pager;
 
 /// How long one handoff may take (both the supervisor's message and the worker's answer).
@@ -91,7 +92,13 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         request.connected_at_ms,
         pager.version.clone(),
     ));
-    let session = Session::new(
+    // A recording that does not fit is skipped with its reason, never served: the session is
+    // then served on demand as without it.
+    let prefetch = request
+        .prefetch_working_set
+        .as_deref()
+        .map(|path| working_set::load_prefetch(path, &file, &shared.regions));
+    let mut session = Session::new(
         Arc::clone(&shared),
         uffd,
         fds.vmm_stream,
@@ -101,6 +108,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         Arc::clone(&pager.zero),
     )
     .with_overlays(overlays);
+    session.start_recording(request.record_working_set.as_deref(), request.adopt, pager.record);
+    session.start_prefetch(prefetch);
     let token = pager.registry.next_token();
     let worker = pager.registry.least_loaded_worker(pager.workers.len());
     pager.registry.lock().insert(

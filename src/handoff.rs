@@ -48,6 +48,14 @@ pub struct HandoffRequest {
     /// instead of the memory file.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlays: Vec<OverlaySpan>,
+    /// CreateSession's `record_working_set`, checked by the supervisor: record the VM's
+    /// first-touch order to this path (see `crate::working_set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_working_set: Option<String>,
+    /// CreateSession's `prefetch_working_set`, checked by the supervisor: prefetch the
+    /// recording at this path (the pager checks it again against the session it gets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_working_set: Option<String>,
 }
 
 /// The pager's answer to a handoff.
@@ -202,6 +210,8 @@ mod tests {
             adopt: false,
             removed: vec![(0x10000, 0x11000)],
             overlays: vec![],
+            record_working_set: None,
+            prefetch_working_set: Some("/snap/ws".into()),
         }
     }
 

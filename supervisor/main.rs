@@ -42,6 +42,7 @@ mod startup;
 mod status;
 mod tuning;
 mod versions;
+mod working_set;
 
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};

@@ -19,7 +19,7 @@ use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
-use crate::{memory_file, runtime_state, session_id, session_socket};
+use crate::{memory_file, runtime_state, session_id, session_socket, working_set};
 
 /// Attempts at a first handoff when the pager dies during it.
 const HANDOFF_ATTEMPTS: u32 = 3;
@@ -67,6 +67,20 @@ impl Core {
             .await
             .map_err(|e| ServiceError::Internal(format!("reading the overlays: {e}")))??
             .map(Arc::new);
+        let (record, prefetch, shown, file) = (
+            req.record_working_set.clone(),
+            req.prefetch_working_set.clone(),
+            memory.path.clone(),
+            memory.file.try_clone().map_err(|source| ServiceError::Io {
+                what: format!("duplicating memory file {}", memory.path),
+                source,
+            })?,
+        );
+        let working_set = tokio::task::spawn_blocking(move || {
+            working_set::check(&record, &prefetch, &shown, &file)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("checking the working-set fields: {e}")))??;
         let (overlay_count, overlay_bytes) = overlays
             .as_ref()
             .map(|o| (u32::try_from(o.spans.len()).unwrap_or(u32::MAX), o.bytes()))
@@ -83,7 +97,7 @@ impl Core {
                     source,
                 })?;
                 listener = Some(l);
-                Ok(Session {
+                Ok(working_set.marked(Session {
                     state: SessionState::Pending as i32,
                     memory_file: memory.path.clone(),
                     socket_path: socket_path.display().to_string(),
@@ -92,7 +106,7 @@ impl Core {
                     overlay_count,
                     overlay_bytes,
                     ..Default::default()
-                })
+                }))
             });
             match (inserted, listener) {
                 (Ok(session), Some(l)) => break (session, l, socket_path),
@@ -127,6 +141,7 @@ impl Core {
                 socket_open: true,
                 fds: None,
                 overlays: overlays.clone(),
+                working_set,
                 request: None,
                 accept: Some(accept.abort_handle()),
                 setup: None,
@@ -172,7 +187,11 @@ impl Core {
                 return;
             }
         };
-        let overlays = self.held().get(&id).and_then(|h| h.overlays.clone());
+        let (overlays, working_set) = self
+            .held()
+            .get(&id)
+            .map(|h| (h.overlays.clone(), h.working_set.clone()))
+            .unwrap_or_default();
         if let Some(o) = &overlays {
             if let Err(e) = overlay::check_regions(&o.spans, &hs.regions) {
                 warn!(error = %e, "the overlays do not fit the VMM's regions; the session FAILED");
@@ -203,6 +222,8 @@ impl Core {
             adopt: false,
             removed: vec![],
             overlays: overlays.as_ref().map(|o| o.spans.clone()).unwrap_or_default(),
+            record_working_set: working_set.record,
+            prefetch_working_set: working_set.prefetch,
         };
         let overlay_fd = match overlays.as_ref().map(|o| o.fd.try_clone()).transpose() {
             Ok(fd) => fd,

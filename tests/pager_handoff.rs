@@ -40,6 +40,8 @@ fn handoff_request(id: &str, guest: &Guest, mem: &Path) -> HandoffRequest {
         adopt: false,
         removed: vec![],
         overlays: vec![],
+        record_working_set: None,
+        prefetch_working_set: None,
     }
 }
 
