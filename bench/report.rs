@@ -97,6 +97,15 @@ pub const ROWS: &[Row] = &[
     row("pager_rss_per_session_kib", None, None, "pager VmRSS growth per live session (incl. file pages)"),
     row("rpc_complete_p50_ms", None, None, "CompleteSession round trip, resident small session"),
     row("watch_snapshot_ms", None, None, "WatchSessions: first SNAPSHOT, every session live"),
+    row("ws_on_demand_ms", None, None, "working set: a random 25% read right after restore, on demand (ms)"),
+    row("ws_prefetch_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(0.25)), "the same pages in the same order, restored with prefetch_working_set of their recording (>= 4x faster)"),
+    row("ws_file_ms", None, None, "ceiling: the same read through a MAP_PRIVATE mapping of the memory file (Firecracker's File backend)"),
+    row("ws_prefetch_vs_file_ms", Some("ws_file_ms"), Some(Target::RatioAtMost(1.5)), "ws_prefetch_ms again, against the file-backed mapping"),
+    row("ws_on_demand_faults", None, None, "faults of the on-demand replay"),
+    row("ws_prefetch_faults", Some("ws_on_demand_faults"), Some(Target::RatioAtMost(0.1)), "faults of the prefetched replay (>= 90% fewer)"),
+    row("ws_differs_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(1.05)), "another random 25% (not the recording's), restored with the prefetch"),
+    row("ws_cold_on_demand_ms", None, None, "the on-demand replay, memory file dropped from the page cache first"),
+    row("ws_cold_prefetch_ms", Some("ws_cold_on_demand_ms"), None, "the prefetched replay, memory file dropped from the page cache first"),
 ];
 
 /// One evaluated row.

@@ -156,10 +156,8 @@ impl Worker {
             if spinning {
                 std::thread::yield_now();
             }
-            let idle = !self.working
-                && self.streams.is_empty()
-                && self.prefetches.is_empty()
-                && !spinning;
+            let idle =
+                !self.working && self.streams.is_empty() && self.prefetches.is_empty() && !spinning;
             let timeout = if idle { self.record_timeout() } else { EpollTimeout::ZERO };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,

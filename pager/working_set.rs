@@ -129,10 +129,16 @@ pub struct Prefetch {
 /// Loads the recording at `path` for a session of `regions` served from `file`, checking that
 /// it was made of this memory file and this layout. The reason on refusal. Blocking (reads the
 /// recording and 2 MiB of the memory file).
-pub fn load_prefetch(path: &str, file: &MappedFile, regions: &[Region]) -> Result<Prefetch, String> {
+pub fn load_prefetch(
+    path: &str,
+    file: &Arc<MappedFile>,
+    regions: &[Region],
+) -> Result<Prefetch, String> {
     let recording = working_set::read(std::path::Path::new(path)).map_err(|e| e.to_string())?;
-    let identity = FileIdentity::of(file.file()).map_err(|e| format!("reading the memory file's identity: {e}"))?;
+    let identity = FileIdentity::of(file.file())
+        .map_err(|e| format!("reading the memory file's identity: {e}"))?;
     recording.fits(&identity, regions).map_err(|e| format!("{path}: {e}"))?;
+    read_ahead_in_file_order(file, &recording);
     let runs = recording.page_runs();
     Ok(Prefetch {
         at: runs.first().map_or(0, |r| r.1),
@@ -142,6 +148,40 @@ pub fn load_prefetch(path: &str, file: &MappedFile, regions: &[Region]) -> Resul
         copied: 0,
         started: Instant::now(),
     })
+}
+
+/// Runs closer than this in the memory file are read from it as one.
+const FILE_GAP: u64 = 2 << 20;
+
+/// Asks the kernel to read the recorded ranges of the memory file into the page cache, in file
+/// order and merged across small gaps (`POSIX_FADV_WILLNEED`: the reads are started, not waited
+/// for): a cold memory file is then read in large sequential requests, not one 4 KiB random
+/// read per recorded page as the copies in recorded order would ask. On a thread of its own (a
+/// request queue that is full blocks the caller): the handoff does not wait. Best effort.
+fn read_ahead_in_file_order(file: &Arc<MappedFile>, recording: &Recording) {
+    use std::os::fd::AsRawFd;
+    let mut spans: Vec<(u64, u64)> =
+        recording.runs.iter().map(|r| (r.offset, r.offset + r.len)).collect();
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in spans {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 + FILE_GAP => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    let file = Arc::clone(file);
+    let _ = std::thread::Builder::new().name("ws-readahead".into()).spawn(move || {
+        for (a, b) in merged {
+            let (Ok(off), Ok(len)) = (i64::try_from(a), i64::try_from(b - a)) else { continue };
+            let _ = nix::fcntl::posix_fadvise(
+                file.file().as_raw_fd(),
+                off,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    });
 }
 
 impl Session {
@@ -166,8 +206,11 @@ impl Session {
         match loaded {
             None => {}
             Some(Ok(p)) => {
-                let total: u64 =
-                    p.runs.iter().map(|&(ri, a, b)| (b - a) * self.regions[ri].region.page_size).sum();
+                let total: u64 = p
+                    .runs
+                    .iter()
+                    .map(|&(ri, a, b)| (b - a) * self.regions[ri].region.page_size)
+                    .sum();
                 ws.prefetch_total.store(total, Ordering::Relaxed);
                 ws.set_prefetch(WorkingSetState::Running, String::new());
                 self.prefetch = Some(p);
@@ -224,7 +267,10 @@ impl Session {
         });
         match handle {
             Ok(h) => self.saving = Some(h),
-            Err(e) => self.shared.working_set.set_record(WorkingSetState::Failed, format!("starting the save thread: {e}")),
+            Err(e) => self
+                .shared
+                .working_set
+                .set_record(WorkingSetState::Failed, format!("starting the save thread: {e}")),
         }
     }
 
