@@ -450,6 +450,9 @@ fn latest(f: &Figures, g: Group) -> String {
             "ws_prefetch_faults",
             "ws_cold_on_demand_ms",
             "ws_cold_prefetch_ms",
+            "ws_prefetch_done_ms",
+            "ws_after_prefetch_ms",
+            "ws_cold_cached_fraction",
         ],
         _ => &[],
     };

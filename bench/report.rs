@@ -99,6 +99,8 @@ pub const ROWS: &[Row] = &[
     row("watch_snapshot_ms", None, None, "WatchSessions: first SNAPSHOT, every session live"),
     row("ws_on_demand_ms", None, None, "working set: a random 25% read right after restore, on demand (ms)"),
     row("ws_prefetch_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(0.25)), "the same pages in the same order, restored with prefetch_working_set of their recording (>= 4x faster)"),
+    row("ws_prefetch_done_ms", None, None, "from the restore until the prefetch of that recording is done (ms)"),
+    row("ws_after_prefetch_ms", Some("ws_file_ms"), None, "the replay begun once the prefetch is done"),
     row("ws_file_ms", None, None, "ceiling: the same read through a MAP_PRIVATE mapping of the memory file (Firecracker's File backend)"),
     row("ws_prefetch_vs_file_ms", Some("ws_file_ms"), Some(Target::RatioAtMost(1.5)), "ws_prefetch_ms again, against the file-backed mapping"),
     row("ws_on_demand_faults", None, None, "faults of the on-demand replay"),
@@ -106,6 +108,7 @@ pub const ROWS: &[Row] = &[
     row("ws_differs_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(1.05)), "another random 25% (not the recording's), restored with the prefetch"),
     row("ws_cold_on_demand_ms", None, None, "the on-demand replay, memory file dropped from the page cache first"),
     row("ws_cold_prefetch_ms", Some("ws_cold_on_demand_ms"), None, "the prefetched replay, memory file dropped from the page cache first"),
+    row("ws_cold_cached_fraction", None, None, "share of the memory file still in the page cache after each drop"),
 ];
 
 /// One evaluated row.
