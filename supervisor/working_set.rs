@@ -91,3 +91,63 @@ pub fn merge_live(s: &mut Session, live: &Session) {
         s.record_reason = live.record_reason.clone();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use uffdpager::working_set::{FileRun, RecordedRegion, Recording};
+
+    use super::*;
+
+    fn memory_file(dir: &std::path::Path, name: &str, byte: u8) -> (String, std::fs::File) {
+        let path = dir.join(name);
+        std::fs::File::create(&path).unwrap().write_all(&vec![byte; 2 << 20]).unwrap();
+        (path.display().to_string(), std::fs::File::open(&path).unwrap())
+    }
+
+    #[test]
+    fn a_recording_is_taken_for_its_own_memory_file_and_refused_for_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, fa) = memory_file(dir.path(), "a", 1);
+        let (b, fb) = memory_file(dir.path(), "b", 2);
+        let ws = dir.path().join("a.ws");
+        let recording = Recording {
+            identity: FileIdentity::of(&fa).unwrap(),
+            recorded_at_ms: 1,
+            regions: vec![RecordedRegion { offset: 0, size: 2 << 20, page_size: 4096 }],
+            runs: vec![FileRun { offset: 0, len: 4096 }],
+        };
+        working_set::write_atomically(&ws, &recording).unwrap();
+        let ws = ws.display().to_string();
+        let ok = check("", &ws, &a, &fa).unwrap();
+        assert_eq!(ok, WorkingSetPaths { record: None, prefetch: Some(ws.clone()) });
+        let shown = ok.marked(Session::default());
+        assert_eq!(shown.prefetch_state(), WorkingSetState::Pending);
+        assert_eq!(shown.record_state(), WorkingSetState::Unspecified);
+        let err = check("", &ws, &b, &fb).unwrap_err();
+        assert!(matches!(err, WorkingSetError::OtherSnapshot { .. }), "{err}");
+        std::fs::write(&ws, b"short").unwrap();
+        assert!(matches!(check("", &ws, &a, &fa), Err(WorkingSetError::Unreadable(_))));
+        assert!(matches!(check("rel", "", &a, &fa), Err(WorkingSetError::Path(_))));
+    }
+
+    #[test]
+    fn a_pagers_figures_replace_pending_and_silence_leaves_it() {
+        let mut s =
+            Session { prefetch_state: WorkingSetState::Pending as i32, ..Default::default() };
+        merge_live(&mut s, &Session::default());
+        assert_eq!(s.prefetch_state(), WorkingSetState::Pending);
+        let live = Session {
+            prefetch_state: WorkingSetState::Running as i32,
+            prefetched_bytes: 8192,
+            prefetch_total_bytes: 16384,
+            ..Default::default()
+        };
+        merge_live(&mut s, &live);
+        assert_eq!(
+            (s.prefetch_state(), s.prefetched_bytes, s.prefetch_total_bytes),
+            (WorkingSetState::Running, 8192, 16384)
+        );
+    }
+}
