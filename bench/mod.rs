@@ -21,6 +21,7 @@ pub mod report;
 pub mod sessions;
 pub mod stats;
 pub mod supervisor;
+pub mod working_set;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -89,6 +90,10 @@ pub enum Group {
     Sessions,
     /// peer_*: the project beside Firecracker's handlers and the file mapping, same VMs
     Peers,
+    /// ws_*: a recorded random 25% working set replayed after restore, with and without
+    /// prefetch, against the file-backed mapping; a differing workload; a cold file
+    #[value(name = "working_set")]
+    WorkingSet,
 }
 
 impl Group {
@@ -98,7 +103,7 @@ impl Group {
         self.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
     }
 
-    pub const ALL: [Group; 12] = [
+    pub const ALL: [Group; 13] = [
         Group::Memcpy,
         Group::RawCopy,
         Group::MinHandler,
@@ -111,6 +116,7 @@ impl Group {
         Group::Rpc,
         Group::Sessions,
         Group::Peers,
+        Group::WorkingSet,
     ];
 }
 
@@ -218,6 +224,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<(Outcome, Leftovers)> {
         let errors = &mut out.errors;
         baselines(plan, &files, &dir, &mut figures, errors).await;
         project(plan, &files, &dir, &mut figures, errors).await;
+        if plan.has(Group::WorkingSet) {
+            let r = working_set_figures(plan, &dir, run, &mut figures).await;
+            record(errors, "working_set", r);
+        }
         if plan.has(Group::Sessions) {
             if let Some(small) = &files.small {
                 let (count, mib) = (plan.sessions.count, plan.sessions.size >> 20);
@@ -428,6 +438,38 @@ async fn peer_figures(
     Ok(())
 }
 
+/// The `working_set` group: a memory file of its own (never locked in memory: the cold case
+/// drops it from the page cache), one recording, then the repetitions.
+async fn working_set_figures(
+    plan: &Plan,
+    dir: &std::path::Path,
+    run: usize,
+    figures: &mut Figures,
+) -> anyhow::Result<()> {
+    let file = dir.join("working-set.mem");
+    if !file.exists() {
+        let spec = uffdpager::vmsim::MemoryFileSpec {
+            size: plan.size,
+            seed: 15,
+            zero_fraction: 0.1,
+            hole_fraction: 0.1,
+        };
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || uffdpager::vmsim::write_memory_file(&f, &spec))
+            .await??;
+        std::fs::read(&file)?; // warm, as the other files are
+    }
+    let runtime_dir = dir.join(format!("run-working-set-{run}"));
+    let p = Project::start(&plan.bins, &runtime_dir).await?;
+    let ws = dir.join(format!("working-set-{run}.ws"));
+    working_set::record(&p, &file, plan.size, &ws).await?;
+    for rep in 0..plan.reps {
+        working_set::rep(&p, figures, rep, &file, plan.size, &ws).await?;
+        note(&format!("working_set rep {rep}: {}", latest(figures, Group::WorkingSet)));
+    }
+    Ok(())
+}
+
 /// A suffix that tells this process's runtime directories apart.
 fn unique_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -445,6 +487,19 @@ fn latest(f: &Figures, g: Group) -> String {
         Group::CompleteScattered => &["complete_scattered_gbps"],
         Group::Stall => &["stall_max_ms", "stall_p99_ms", "complete_with_reader_gbps"],
         Group::Rpc => &["rpc_complete_p50_ms"],
+        Group::WorkingSet => &[
+            "ws_on_demand_ms",
+            "ws_prefetch_ms",
+            "ws_file_ms",
+            "ws_differs_ms",
+            "ws_on_demand_faults",
+            "ws_prefetch_faults",
+            "ws_cold_on_demand_ms",
+            "ws_cold_prefetch_ms",
+            "ws_prefetch_done_ms",
+            "ws_after_prefetch_ms",
+            "ws_cold_cached_fraction",
+        ],
         _ => &[],
     };
     names

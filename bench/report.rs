@@ -102,6 +102,18 @@ pub const ROWS: &[Row] = &[
     row("peer_touch_all_gbps_project", Some("peer_touch_all_gbps_on_demand"), None, "peers: touch-all vs on_demand"),
     row("peer_many_wall_s_project", Some("peer_many_wall_s_on_demand"), Some(Target::RatioAtMost(0.8)), "peers: many VMs at once, wall, vs on_demand"),
     row("peer_many_vm_p99_ms_project", Some("peer_many_vm_p99_ms_on_demand"), Some(Target::RatioAtMost(1.0)), "peers: many VMs at once, per-VM p99 (median over VMs), vs on_demand"),
+    row("ws_on_demand_ms", None, None, "working set: a random 25% read right after restore, on demand (ms)"),
+    row("ws_prefetch_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(0.25)), "the same pages in the same order, restored with prefetch_working_set of their recording (>= 4x faster)"),
+    row("ws_prefetch_done_ms", None, None, "from the restore until the prefetch of that recording is done (ms)"),
+    row("ws_after_prefetch_ms", Some("ws_file_ms"), None, "the replay begun once the prefetch is done"),
+    row("ws_file_ms", None, None, "ceiling: the same read through a MAP_PRIVATE mapping of the memory file (Firecracker's File backend)"),
+    row("ws_prefetch_vs_file_ms", Some("ws_file_ms"), Some(Target::RatioAtMost(1.5)), "ws_prefetch_ms again, against the file-backed mapping"),
+    row("ws_on_demand_faults", None, None, "faults of the on-demand replay"),
+    row("ws_prefetch_faults", Some("ws_on_demand_faults"), Some(Target::RatioAtMost(0.1)), "faults of the prefetched replay (>= 90% fewer)"),
+    row("ws_differs_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(1.05)), "another random 25% (not the recording's), restored with the prefetch"),
+    row("ws_cold_on_demand_ms", None, None, "the on-demand replay, memory file dropped from the page cache first"),
+    row("ws_cold_prefetch_ms", Some("ws_cold_on_demand_ms"), None, "the prefetched replay, memory file dropped from the page cache first"),
+    row("ws_cold_cached_fraction", None, None, "share of the memory file still in the page cache after each drop"),
 ];
 
 /// One evaluated row.

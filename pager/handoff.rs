@@ -18,6 +18,7 @@ use crate::overlay::SessionOverlays;
 use crate::registry::{Entry, SessionShared};
 use crate::session::Session;
 use crate::worker::Command;
+use crate::working_set;
 use crate::Pager;
 
 /// How long one handoff may take (both the supervisor's message and the worker's answer).
@@ -139,7 +140,13 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         request.connected_at_ms,
         pager.version.clone(),
     ));
-    let session = Session::new(
+    // A recording that does not fit is skipped with its reason, never served: the session is
+    // then served on demand as without it.
+    let prefetch = request
+        .prefetch_working_set
+        .as_deref()
+        .map(|path| working_set::load_prefetch(path, &file, &shared.regions));
+    let mut session = Session::new(
         Arc::clone(&shared),
         uffd,
         (fds.vmm_stream, request.vmm_fd),
@@ -150,6 +157,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         request.faults,
     )
     .with_overlays(overlays);
+    session.start_recording(request.record_working_set.as_deref(), request.adopt, pager.record);
+    session.start_prefetch(prefetch);
     let token = pager.registry.next_token();
     let worker = pager.registry.least_loaded_worker(pager.workers.len());
     pager.registry.lock().insert(

@@ -24,6 +24,7 @@ mod sweep;
 mod thread_priority;
 mod watchdog;
 mod worker;
+mod working_set;
 mod zero_scan;
 
 use std::path::PathBuf;
@@ -44,6 +45,7 @@ use crate::memory_file::MemoryFiles;
 use crate::registry::Registry;
 use crate::session::ZeroSource;
 use crate::worker::WorkerHandle;
+use crate::working_set::RecordSettings;
 
 /// The version this build reports unless `--version-label` says otherwise.
 pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -85,6 +87,13 @@ struct Cli {
     /// is NOT_SERVING while one is (the supervisor then replaces the process).
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
+    /// Seconds a session asked to record its working set records first touches for (it stops
+    /// earlier at graduation or at the session's end).
+    #[arg(long, default_value_t = 30)]
+    record_working_set_secs: u64,
+    /// Most runs of pages a working-set recording holds (16 bytes each in the file).
+    #[arg(long, default_value_t = 1 << 18)]
+    record_working_set_max_runs: usize,
     /// Log line format on stderr (filter with RUST_LOG; default info). The supervisor reads
     /// text lines (it takes their level): leave it `text` under a supervisor.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -101,6 +110,8 @@ pub struct Pager {
     pub memory_files: MemoryFiles,
     pub workers: Vec<WorkerHandle>,
     pub zero: Arc<ZeroSource>,
+    /// How sessions asked to record their working set record it.
+    pub record: RecordSettings,
     /// Set to true to stop the process (Shutdown RPC).
     pub shutdown: watch::Sender<bool>,
 }
@@ -145,6 +156,10 @@ fn main() -> anyhow::Result<()> {
             .context("starting the zero scan thread")?,
         workers,
         zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
+        record: RecordSettings {
+            record_for: Duration::from_secs(cli.record_working_set_secs),
+            max_runs: cli.record_working_set_max_runs.min(uffdpager::working_set::MAX_RUNS),
+        },
         shutdown,
     });
 

@@ -39,6 +39,11 @@ impl MappedFile {
         std::os::fd::AsFd::as_fd(&self.file)
     }
 
+    /// The open file (for `pread`s that must not fault on the mapping).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Length when mapped.
     pub fn mapped_len(&self) -> u64 {
         self.map.len() as u64

@@ -12,6 +12,7 @@ use uffdpager::firecracker::Region;
 use uffdpager::grpc::timestamp_ms;
 
 use crate::complete::CompletionResult;
+use crate::working_set::WorkingSetFigures;
 
 /// What gRPC reads of a session while a worker serves it.
 #[derive(Debug)]
@@ -32,6 +33,8 @@ pub struct SessionShared {
     overlay_bytes: AtomicU64,
     graduated_at_ms: AtomicU64,
     error: Mutex<String>,
+    /// The session's working-set recording and prefetch (see `crate::working_set`).
+    pub working_set: WorkingSetFigures,
 }
 
 impl SessionShared {
@@ -60,6 +63,7 @@ impl SessionShared {
             overlay_bytes: AtomicU64::new(0),
             graduated_at_ms: AtomicU64::new(0),
             error: Mutex::new(String::new()),
+            working_set: WorkingSetFigures::default(),
         }
     }
 
@@ -111,7 +115,7 @@ impl SessionShared {
 
     pub fn to_proto(&self) -> api::Session {
         let graduated = self.graduated_at_ms.load(Ordering::Acquire);
-        api::Session {
+        let mut s = api::Session {
             id: self.id.clone(),
             pager_version: self.version.clone(),
             state: self.state() as i32,
@@ -143,7 +147,10 @@ impl SessionShared {
             overlay_count: self.overlay_count.load(Ordering::Relaxed),
             overlay_bytes: self.overlay_bytes.load(Ordering::Relaxed),
             overlay_faults: self.overlay_faults.load(Ordering::Relaxed),
-        }
+            ..Default::default()
+        };
+        self.working_set.fill(&mut s);
+        s
     }
 }
 

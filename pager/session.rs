@@ -114,6 +114,11 @@ pub struct Session {
     zero: Arc<ZeroSource>,
     /// Where discarded ranges are recorded outside this process (see `uffdpager::removed_log`).
     removed_log: Option<RemovedLog>,
+    /// Working sets (see `crate::working_set`): the recording in progress, the prefetch in
+    /// progress, and the thread saving a finished recording.
+    pub recorder: Option<crate::working_set::Recorder>,
+    pub prefetch: Option<crate::working_set::Prefetch>,
+    pub saving: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -160,6 +165,9 @@ impl Session {
             unexpected_events: 0,
             zero,
             removed_log: None,
+            recorder: None,
+            prefetch: None,
+            saving: None,
         };
         // Ranges discarded while an earlier pager served the session stay discarded, those it
         // had read into the log's slot but not yet recorded (it died in between) included.
@@ -370,8 +378,12 @@ impl Session {
             Plan::OnePage
         };
         match plan {
-            Plan::OnePage => Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps),
+            Plan::OnePage => {
+                self.record_touch(ri, page, page + 1);
+                Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps)
+            }
             Plan::Sequential { now, stream } => {
+                self.record_touch(ri, now.start, now.end);
                 // `Populate` past the faulting page: present and discarded pages are
                 // skipped (a discarded range is never given snapshot data).
                 let filled = self.fill(ri, now.start, now.end, FillMode::Populate)?;
@@ -394,7 +406,11 @@ impl Session {
     pub fn stream_step(&mut self) -> Result<bool, SessionError> {
         let Some(mut stream) = self.stream.take() else { return Ok(false) };
         let before = stream.sweep.counts().populated_bytes;
+        let from = stream.sweep.position();
         let done = stream.sweep.step(self, stream.chunk);
+        if let (Some((ri, first)), Some((_, end))) = (from, stream.sweep.position()) {
+            self.record_touch(ri, first, end);
+        }
         metrics::add(&METRICS.read_ahead_bytes, stream.sweep.counts().populated_bytes - before);
         // What GetSession shows follows the stream, not just the faults.
         self.publish();
@@ -691,6 +707,10 @@ impl Session {
             overlays,
             faults: self.faults,
             vmm_fd: self.vmm_kind,
+            // A working-set recording or prefetch is not carried on past a supervisor restart:
+            // an adopter after one serves on demand.
+            record_working_set: None,
+            prefetch_working_set: None,
         };
         let fds = SessionFds {
             uffd: self.uffd.as_fd().try_clone_to_owned()?,

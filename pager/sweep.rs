@@ -76,6 +76,11 @@ impl Sweep {
         self.counts
     }
 
+    /// The cursor (region, page) of a sweep within one region; `None` for an all-regions sweep.
+    pub fn position(&self) -> Option<(usize, u64)> {
+        matches!(self.stop, Stop::Page(_)).then_some((self.region, self.page))
+    }
+
     /// Advances by about `budget` bytes of missing pages (present and discarded pages are passed
     /// over at no cost). `Ok(true)` once every page of the span is behind the cursor.
     pub fn step(&mut self, s: &mut Session, budget: u64) -> Result<bool, SessionError> {

@@ -87,6 +87,8 @@ impl WorkerHandle {
                     reply,
                     claims_rx,
                     streams: Vec::new(),
+                    prefetches: Vec::new(),
+                    record_deadlines: Vec::new(),
                     version,
                     budget,
                     step: budget,
@@ -145,6 +147,10 @@ struct Worker {
     claims_rx: Receiver<ClaimDone>,
     /// Sessions with read-ahead in progress, served round-robin one chunk at a time.
     streams: Vec<u64>,
+    /// Sessions prefetching a working set, served round-robin one budget at a time.
+    prefetches: Vec<u64>,
+    /// When each session recording its working set stops recording.
+    record_deadlines: Vec<(Instant, u64)>,
     version: String,
     budget: u64,
     /// The current completion step (adapts between `budget` and `MAX_STEP_BYTES`).
@@ -187,11 +193,9 @@ impl Worker {
             if spinning {
                 std::thread::yield_now();
             }
-            let timeout = if !self.working && self.streams.is_empty() && !spinning {
-                EpollTimeout::NONE
-            } else {
-                EpollTimeout::ZERO
-            };
+            let idle =
+                !self.working && self.streams.is_empty() && self.prefetches.is_empty() && !spinning;
+            let timeout = if idle { self.record_timeout() } else { EpollTimeout::ZERO };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
@@ -231,6 +235,63 @@ impl Worker {
             self.take_claims_done();
             self.step_completions(faulted);
             self.step_streams();
+            self.step_prefetches();
+            self.finish_due_recordings();
+        }
+    }
+
+    /// How long epoll may sleep: until the next recording is due to stop, or for ever.
+    fn record_timeout(&self) -> EpollTimeout {
+        let Some(next) = self.record_deadlines.iter().map(|d| d.0).min() else {
+            return EpollTimeout::NONE;
+        };
+        let ms = next.saturating_duration_since(Instant::now()).as_millis() + 1;
+        EpollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
+    }
+
+    /// Stops and saves the recordings whose time is up.
+    fn finish_due_recordings(&mut self) {
+        if self.record_deadlines.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let sessions = &mut self.sessions;
+        self.record_deadlines.retain(|&(at, token)| {
+            if at > now {
+                return true;
+            }
+            if let Some(s) = sessions.get_mut(&token) {
+                s.finish_recording("its recording time was up");
+            }
+            false
+        });
+    }
+
+    /// One prefetch step (the completion budget) for each session prefetching a working set,
+    /// each after its queued faults. A failed step stops that prefetch only: the faults that
+    /// follow meet the same failure and decide the session's fate.
+    fn step_prefetches(&mut self) {
+        let mut i = 0;
+        while i < self.prefetches.len() {
+            let token = self.prefetches[i];
+            self.serve_queued(token);
+            let Some(s) = self.sessions.get_mut(&token) else {
+                self.prefetches.swap_remove(i);
+                continue;
+            };
+            let going = match s.prefetch_step(self.budget) {
+                Ok(going) => going,
+                Err(e) => {
+                    warn!(session = %s.id(), version = %self.version, error = %e, "working-set prefetch stopped");
+                    false
+                }
+            };
+            if going {
+                i += 1;
+            } else {
+                self.prefetches.swap_remove(i);
+            }
+            self.serve_queued(token);
         }
     }
 
@@ -242,7 +303,9 @@ impl Worker {
                     let _ = reply.send(self.add(token, *session, adopt));
                 }
                 Command::Complete { token, completion } => {
-                    if self.sessions.contains_key(&token) {
+                    if let Some(s) = self.sessions.get_mut(&token) {
+                        // Graduation touches every page: the first touches end here.
+                        s.finish_recording("graduation began");
                         self.completions.push((token, *completion));
                     } else {
                         completion.fail(CompleteError::SessionEnded(
@@ -284,6 +347,12 @@ impl Worker {
             }
         }
         info!(session = %session.id(), version = %self.version, adopt, regions = session.regions.len(), "serving session");
+        if session.prefetching() {
+            self.prefetches.push(token);
+        }
+        if let Some(at) = session.recording_until() {
+            self.record_deadlines.push((at, token));
+        }
         self.sessions.insert(token, session);
         // Faults may have queued before the uffd joined the epoll set.
         self.on_uffd(token);
@@ -435,7 +504,9 @@ impl Worker {
 
     /// Stops serving a session: out of epoll, fds closed, final state published.
     fn end(&mut self, token: u64, state: SessionState, reason: String) {
-        let Some(s) = self.sessions.remove(&token) else { return };
+        let Some(mut s) = self.sessions.remove(&token) else { return };
+        s.finish_recording("the session ended");
+        self.record_deadlines.retain(|d| d.1 != token);
         let _ = self.epoll.delete(&s.uffd);
         let _ = self.epoll.delete(s.vmm_fd());
         if let Some(pos) = self.completions.iter().position(|(t, _)| *t == token) {
@@ -443,12 +514,29 @@ impl Worker {
             c.fail(CompleteError::SessionEnded(reason.clone()));
         }
         s.publish();
-        if state != SessionState::Graduated {
-            s.shared.set_error(reason.clone());
-        } else {
-            s.shared.set_error(String::new());
+        let error = if state == SessionState::Graduated { String::new() } else { reason.clone() };
+        match s.take_saving() {
+            // Whoever sees the session end sees its recording's outcome too: the final state is
+            // published once the recording is saved (on a thread of its own, not this worker).
+            Some(saving) if !saving.is_finished() => {
+                let shared = Arc::clone(&s.shared);
+                let (err, st) = (error.clone(), state);
+                let spawned = std::thread::Builder::new().name("ws-end".into()).spawn(move || {
+                    let _ = saving.join();
+                    shared.set_error(err);
+                    shared.set_state(st);
+                });
+                if let Err(e) = spawned {
+                    warn!(session = %s.id(), version = %self.version, error = %e, "waiting for the working set's save");
+                    s.shared.set_error(error);
+                    s.shared.set_state(state);
+                }
+            }
+            _ => {
+                s.shared.set_error(error);
+                s.shared.set_state(state);
+            }
         }
-        s.shared.set_state(state);
         if s.unexpected_events() > 0 {
             warn!(session = %s.id(), version = %self.version, count = s.unexpected_events(), "session saw unexpected userfaultfd events");
         }

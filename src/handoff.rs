@@ -62,6 +62,14 @@ pub struct HandoffRequest {
     /// supervisor recovered from the VMM itself, a pidfd of the VMM (readable: it exited).
     #[serde(default)]
     pub vmm_fd: VmmFd,
+    /// CreateSession's `record_working_set`, checked by the supervisor: record the VM's
+    /// first-touch order to this path (see `crate::working_set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_working_set: Option<String>,
+    /// CreateSession's `prefetch_working_set`, checked by the supervisor: prefetch the
+    /// recording at this path (the pager checks it again against the session it gets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_working_set: Option<String>,
 }
 
 /// What tells a pager that a session's VMM is gone.
@@ -352,6 +360,8 @@ mod tests {
             overlays: vec![],
             faults: 12,
             vmm_fd: VmmFd::Stream,
+            record_working_set: None,
+            prefetch_working_set: Some("/snap/ws".into()),
         }
     }
 

@@ -20,3 +20,4 @@ pub mod tls;
 pub mod uffd_msg;
 pub mod uffd_ops;
 pub mod vmsim;
+pub mod working_set;

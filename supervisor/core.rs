@@ -99,6 +99,8 @@ pub struct Held {
     /// The session's overlays (the sealed memfd of their bytes and where they go), from
     /// CreateSession on; handed to the pager with the session and to any pager adopting it.
     pub overlays: Option<Arc<uffdpager::overlay::Overlays>>,
+    /// CreateSession's working-set paths, checked; handed to the pager with the session.
+    pub working_set: crate::working_set::WorkingSetPaths,
     /// The handoff that made the session SERVING, to send again (with `adopt`) on re-adoption.
     pub request: Option<HandoffRequest>,
     /// The task accepting on the session socket (aborting it closes the socket).

@@ -55,6 +55,7 @@ mod status;
 mod tuning;
 mod versions;
 mod vmm_fds;
+mod working_set;
 
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -20,7 +20,7 @@ use crate::inventory::{is_live, is_terminal, state_of, InsertError};
 use crate::runtime_state::ConnectedMeta;
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
-use crate::{memory_file, refused_vmm, runtime_state, session_id, session_socket};
+use crate::{memory_file, refused_vmm, runtime_state, session_id, session_socket, working_set};
 
 /// Attempts at a first handoff when the pager dies during it.
 const HANDOFF_ATTEMPTS: u32 = 3;
@@ -69,6 +69,20 @@ impl Core {
             .await
             .map_err(|e| ServiceError::Internal(format!("reading the overlays: {e}")))??
             .map(Arc::new);
+        let (record, prefetch, shown, file) = (
+            req.record_working_set.clone(),
+            req.prefetch_working_set.clone(),
+            memory.path.clone(),
+            memory.file.try_clone().map_err(|source| ServiceError::Io {
+                what: format!("duplicating memory file {}", memory.path),
+                source,
+            })?,
+        );
+        let working_set = tokio::task::spawn_blocking(move || {
+            working_set::check(&record, &prefetch, &shown, &file)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("checking the working-set fields: {e}")))??;
         let (overlay_count, overlay_bytes) = overlays
             .as_ref()
             .map(|o| (u32::try_from(o.spans.len()).unwrap_or(u32::MAX), o.bytes()))
@@ -99,7 +113,7 @@ impl Core {
                     })?;
                 }
                 listener = Some(l);
-                Ok(Session {
+                Ok(working_set.marked(Session {
                     state: SessionState::Pending as i32,
                     memory_file: memory.path.clone(),
                     socket_path: socket_path.display().to_string(),
@@ -109,7 +123,7 @@ impl Core {
                     overlay_count,
                     overlay_bytes,
                     ..Default::default()
-                })
+                }))
             });
             match (inserted, listener) {
                 (Ok(session), Some(l)) => break (session, l, socket_path),
@@ -160,6 +174,7 @@ impl Core {
                 socket_open: true,
                 fds: None,
                 overlays: overlays.clone(),
+                working_set,
                 request: None,
                 accept: Some(accept.abort_handle()),
                 setup: None,
@@ -223,7 +238,11 @@ impl Core {
                 return;
             }
         };
-        let overlays = self.held().get(&id).and_then(|h| h.overlays.clone());
+        let (overlays, working_set) = self
+            .held()
+            .get(&id)
+            .map(|h| (h.overlays.clone(), h.working_set.clone()))
+            .unwrap_or_default();
         if let Some(o) = &overlays {
             if let Err(e) = overlay::check_regions(&o.spans, &hs.regions) {
                 warn!(error = %e, "the overlays do not fit the VMM's regions; the session FAILED");
@@ -256,6 +275,8 @@ impl Core {
             overlays: overlays.as_ref().map(|o| o.spans.clone()).unwrap_or_default(),
             faults: 0,
             vmm_fd: VmmFd::Stream,
+            record_working_set: working_set.record,
+            prefetch_working_set: working_set.prefetch,
         };
         let overlay_fd = match overlays.as_ref().map(|o| o.fd.try_clone()).transpose() {
             Ok(fd) => fd,
@@ -321,6 +342,7 @@ impl Core {
                     return;
                 }
             };
+            let mut lost_pager = false;
             let error = match (result, fds.take()) {
                 (Ok(()), Some(sent)) => {
                     let Some(sent) = self.record_serving(&id, &reservation, sent, &request) else {
@@ -332,13 +354,18 @@ impl Core {
                 (Ok(()), None) => return,
                 (Err(e), sent) => {
                     fds = sent;
+                    lost_pager = handoff_lost_the_pager(&e);
                     e.to_string()
                 }
             };
             // A pager that died during the handoff may have begun serving the session: the next
-            // one adopts it (waking every range), as after any pager crash.
-            let died =
-                tokio::time::timeout(DIED_CHECK, reservation.process.wait_exit()).await.is_ok();
+            // one adopts it (waking every range), as after any pager crash. A connection lost
+            // mid-handoff is taken for a death too (the exit may be noticed a moment later): the
+            // VMM is never stopped for its pager's fault.
+            let died = tokio::time::timeout(DIED_CHECK, reservation.process.wait_exit())
+                .await
+                .is_ok()
+                || lost_pager;
             if died && attempt < HANDOFF_ATTEMPTS && fds.is_some() {
                 warn!(version = %version, error, "the pager died during the handoff; handing the session to its successor");
                 request.adopt = true;
@@ -599,3 +626,10 @@ pub fn to_proto_region(r: &uffdpager::firecracker::Region) -> Region {
 #[cfg(test)]
 #[path = "sessions_tests.rs"]
 mod tests;
+
+/// Whether a handoff failed because the connection to the pager was lost (the pager died, or is
+/// dying), rather than because the pager refused the session or misspoke.
+fn handoff_lost_the_pager(e: &handoff::HandoffError) -> bool {
+    use handoff::HandoffError as E;
+    matches!(e, E::Connect { .. } | E::Send(_) | E::Recv(_) | E::Closed | E::Io(_))
+}

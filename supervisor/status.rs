@@ -21,6 +21,8 @@ pub enum ServiceError {
     MemoryFile(#[from] MemoryFileError),
     #[error(transparent)]
     Overlay(#[from] uffdpager::overlay::OverlayError),
+    #[error(transparent)]
+    WorkingSet(#[from] crate::working_set::WorkingSetError),
     #[error(
         "session socket path {path} is {len} bytes long, more than a Unix socket allows (107): \
          use a shorter session id or runtime directory"
@@ -107,6 +109,11 @@ impl ServiceError {
             | WatcherLagged(_) => Code::ResourceExhausted,
             Overlay(uffdpager::overlay::OverlayError::Memfd(_)) => Code::Internal,
             Deploy(PagerError::ShuttingDown { .. }) => Code::Unavailable,
+            WorkingSet(crate::working_set::WorkingSetError::OtherSnapshot { .. }) => {
+                Code::FailedPrecondition
+            }
+            WorkingSet(crate::working_set::WorkingSetError::Identity { .. }) => Code::Internal,
+            WorkingSet(_) => Code::InvalidArgument,
             InvalidSessionId { .. }
             | InvalidVersionLabel { .. }
             | MemoryFile(_)

@@ -42,6 +42,8 @@ fn handoff_request(id: &str, guest: &Guest, mem: &Path) -> HandoffRequest {
         overlays: vec![],
         faults: 0,
         vmm_fd: Default::default(),
+        record_working_set: None,
+        prefetch_working_set: None,
     }
 }
 

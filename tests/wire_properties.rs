@@ -140,6 +140,8 @@ fn a_real_request() -> Vec<u8> {
         overlays: vec![],
         faults: 3,
         vmm_fd: Default::default(),
+        record_working_set: None,
+        prefetch_working_set: Some("/snap/ws".into()),
     })
     .unwrap()
 }
