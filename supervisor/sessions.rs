@@ -73,9 +73,8 @@ impl Core {
             req.record_working_set.clone(),
             req.prefetch_working_set.clone(),
             memory.path.clone(),
-            memory.file.try_clone().map_err(|source| ServiceError::Io {
-                what: format!("duplicating memory file {}", memory.path),
-                source,
+            memory.file.try_clone().map_err(|source| {
+                ServiceError::io(format!("duplicating memory file {}", memory.path), source)
             })?,
         );
         let working_set = tokio::task::spawn_blocking(move || {

@@ -103,7 +103,7 @@ async fn a_vmm_that_clears_o_nonblock_and_reads_its_own_uffd_freezes_no_other_vm
 
     let s = env.create("thief", &mem).await;
     let (mut thief, _) = tokio::task::block_in_place(|| {
-        HostileVmm::start(Path::new(&s.socket_path), &["--then", "steal"])
+        HostileVmm::start(Path::new(&s.socket_path), &["--size", "16777216", "--then", "steal"])
     });
     env.wait_state("thief", SessionState::Serving).await;
     thief.go();

@@ -172,14 +172,20 @@ fn steal(uffd: &userfaultfd::Uffd, base: u64, size: u64) -> anyhow::Result<()> {
         });
     }
     let served = Arc::new(AtomicU64::new(0));
-    let pages = (size / 4096).min(256);
-    for page in 0..pages {
+    // Touches until the reader has taken some events (a pager at a higher priority may win
+    // every race for a while), at least 256 pages, at most the whole region.
+    let mut pages = 0;
+    for page in 0..size / 4096 {
+        if page >= 256 && stolen.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        pages += 1;
         let served = Arc::clone(&served);
         std::thread::spawn(move || {
             touch(base, page);
             served.fetch_add(1, Ordering::Relaxed);
         });
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_millis(200));
     emit(json!({"ok": true, "step": "stole", "touched": pages,
