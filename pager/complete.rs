@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::copy_threads::{Claim, ClaimDone, CopyThreads, Reply};
-use crate::metrics::{self, Outcome, METRICS};
 use crate::joined_deadline::JoinedDeadline;
+use crate::metrics::{self, Outcome, METRICS};
 use crate::session::{Session, SessionError};
 use crate::sweep::{Sweep, SweepCounts, ZeroTest};
 

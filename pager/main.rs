@@ -37,8 +37,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use uffdpager::api::pager_server::PagerServer;
-use uffdpager::peer_auth::{checked_incoming, CallerPolicy, RequireAllowedCaller};
 use uffdpager::logging::LogFormat;
+use uffdpager::peer_auth::{checked_incoming, CallerPolicy, RequireAllowedCaller};
 
 use crate::copy_threads::CopyThreads;
 use crate::memory_file::MemoryFiles;

@@ -24,8 +24,8 @@ use crate::busy::Busy;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
 use crate::session::{Session, SessionError};
-use crate::watchdog::Heartbeat;
 use crate::thread_priority::WorkerNice;
+use crate::watchdog::Heartbeat;
 
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, reached while no fault comes in (unless the smallest is larger).

@@ -292,7 +292,9 @@ pub fn reply_give_back(
             Ok(attached) => {
                 (GiveBackReply { ok: true, session: Some(session.clone()), error: None }, attached)
             }
-            Err(e) => (GiveBackReply { ok: false, session: None, error: Some(e.to_string()) }, vec![]),
+            Err(e) => {
+                (GiveBackReply { ok: false, session: None, error: Some(e.to_string()) }, vec![])
+            }
         },
         Err(e) => (GiveBackReply { ok: false, session: None, error: Some(e) }, vec![]),
     };

@@ -319,7 +319,8 @@ async fn serve(
             .add_service(reflection_v1alpha);
         let incoming =
             TcpIncoming::bind(tcp.addr).with_context(|| format!("listening on {}", tcp.addr))?;
-        let incoming = uffdpager::accept_backoff::Backoff::new(incoming, format!("tcp {}", tcp.addr));
+        let incoming =
+            uffdpager::accept_backoff::Backoff::new(incoming, format!("tcp {}", tcp.addr));
         tasks.push(tokio::spawn(tcp_router.serve_with_incoming_shutdown(incoming, stopped(stop))));
     }
     Ok((health, tasks))

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 use uffdpager::api::Session;
-use uffdpager::overlay::{self, OverlaySpan, Overlays};
 use uffdpager::handoff::HandoffRequest;
+use uffdpager::overlay::{self, OverlaySpan, Overlays};
 
 use crate::session_id;
 

@@ -313,9 +313,10 @@ mod tests {
         let listener = bind(&p).unwrap();
         let me = nix::unistd::geteuid().as_raw();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(accept_first(listener, p.clone(), "t".into(), Some(me + 1), move |s| {
-            let _ = tx.send(s);
-        }));
+        let task =
+            tokio::spawn(accept_first(listener, p.clone(), "t".into(), Some(me + 1), move |s| {
+                let _ = tx.send(s);
+            }));
         let mut wrong = UnixStream::connect(&p).await.unwrap();
         let mut buf = [0u8; 1];
         let n = tokio::io::AsyncReadExt::read(&mut wrong, &mut buf).await.unwrap();

@@ -361,10 +361,9 @@ impl Core {
             // one adopts it (waking every range), as after any pager crash. A connection lost
             // mid-handoff is taken for a death too (the exit may be noticed a moment later): the
             // VMM is never stopped for its pager's fault.
-            let died = tokio::time::timeout(DIED_CHECK, reservation.process.wait_exit())
-                .await
-                .is_ok()
-                || lost_pager;
+            let died =
+                tokio::time::timeout(DIED_CHECK, reservation.process.wait_exit()).await.is_ok()
+                    || lost_pager;
             if died && attempt < HANDOFF_ATTEMPTS && fds.is_some() {
                 warn!(version = %version, error, "the pager died during the handoff; handing the session to its successor");
                 request.adopt = true;

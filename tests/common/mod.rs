@@ -40,7 +40,11 @@ impl Env {
     }
 
     /// Starts `supervisor` (this build's, or a wrapper that execs it) in `dir`.
-    pub async fn start_in(dir: tempfile::TempDir, supervisor: &Path, opts: SupervisorOptions) -> Self {
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        supervisor: &Path,
+        opts: SupervisorOptions,
+    ) -> Self {
         Self::start_in_with_env(dir, supervisor, opts, &[]).await
     }
 
@@ -52,9 +56,10 @@ impl Env {
     ) -> Self {
         opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
         opts.show_logs = true;
-        let sup = SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, env)
-            .await
-            .expect("supervisor starts");
+        let sup =
+            SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, env)
+                .await
+                .expect("supervisor starts");
         Self { dir, sup: Some(sup) }
     }
 
