@@ -197,19 +197,23 @@ mod tests {
         assert_eq!(UffdMsg::decode(words(0x77, 0, 0, 0)), Some(UffdMsg::Unknown(0x77)));
     }
 
-    #[test]
-    fn an_empty_uffd_reads_no_message() {
-        let uffd = crate::uffd_ops::firecracker_uffd(true).expect("userfaultfd");
+    /// Reads up to four messages from `uffd` into a buffer of the test's own.
+    fn read_some(uffd: &userfaultfd::Uffd) -> Result<usize, Errno> {
         let mut buf = [0u64; 4 * MSG_WORDS];
         // SAFETY: `buf` is a local, aligned, writable array of the length given.
-        let n = unsafe {
+        unsafe {
             read_into(
-                std::os::fd::AsFd::as_fd(&uffd),
+                std::os::fd::AsFd::as_fd(uffd),
                 buf.as_mut_ptr().cast(),
                 std::mem::size_of_val(&buf),
             )
-        };
-        assert_eq!(n, Ok(0));
+        }
+    }
+
+    #[test]
+    fn an_empty_uffd_reads_no_message() {
+        let uffd = crate::uffd_ops::firecracker_uffd(true).expect("userfaultfd");
+        assert_eq!(read_some(&uffd), Ok(0));
     }
 
     #[test]
@@ -220,16 +224,7 @@ mod tests {
             .user_mode_only(false)
             .create()
             .expect("a userfaultfd");
-        let mut buf = [0u64; 4 * MSG_WORDS];
         // A plain read() here would wait for ever.
-        // SAFETY: `buf` is a local, aligned, writable array of the length given.
-        let n = unsafe {
-            read_into(
-                std::os::fd::AsFd::as_fd(&uffd),
-                buf.as_mut_ptr().cast(),
-                std::mem::size_of_val(&buf),
-            )
-        };
-        assert_eq!(n, Ok(0));
+        assert_eq!(read_some(&uffd), Ok(0));
     }
 }

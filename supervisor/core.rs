@@ -109,6 +109,14 @@ pub struct Held {
     pub setup: Option<AbortHandle>,
 }
 
+impl Held {
+    /// What a restarted supervisor holds for a session it got back (from its pager or its VMM):
+    /// the handoff and its descriptors, ready for a re-adoption.
+    pub fn recovered(socket_path: PathBuf, request: HandoffRequest, fds: SessionFds) -> Self {
+        Self { socket_path, fds: Some(fds), request: Some(request), ..Default::default() }
+    }
+}
+
 /// The shared state, owned by an `Arc` that every task holds.
 #[derive(Debug)]
 pub struct Core {

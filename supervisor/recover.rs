@@ -246,15 +246,7 @@ impl Core {
         let socket_path = PathBuf::from(&meta.socket_path);
         match taken {
             Ok((request, fds)) => {
-                held.insert(
-                    id.clone(),
-                    Held {
-                        socket_path,
-                        fds: Some(fds),
-                        request: Some(request),
-                        ..Default::default()
-                    },
-                );
+                held.insert(id.clone(), Held::recovered(socket_path, request, fds));
                 drop(held);
                 warn!(session = %id, vmm_pid = connected.request.vmm_pid, "session ORPHANED: no pager serves it; taken back from its VMM");
             }
@@ -392,15 +384,7 @@ impl Core {
                 let readoptable = back.is_some();
                 if let Some((request, fds)) = back {
                     let socket_path = PathBuf::from(&s.socket_path);
-                    held.insert(
-                        id.clone(),
-                        Held {
-                            socket_path,
-                            fds: Some(fds),
-                            request: Some(request),
-                            ..Default::default()
-                        },
-                    );
+                    held.insert(id.clone(), Held::recovered(socket_path, request, fds));
                 }
                 drop(held);
                 info!(session = %id, version = %version, state = ?s.state(), readoptable, "session taken over");
