@@ -313,7 +313,8 @@ async fn a_new_session_arriving_while_the_active_pager_restarts_waits_for_it_and
     });
     wait_versions(&env, "v2 FAILED", |l| version(l, "v2").state() == VersionState::Failed).await;
     let mut c = c.await.unwrap();
-    let s = env.get("c").await;
+    // The VM is up once its handshake is sent; the handoff may still be waiting for v2's restart.
+    let s = env.wait_state("c", SessionState::Serving).await;
     assert_eq!((s.state(), s.pager_version.as_str()), (SessionState::Serving, "v1"), "{s:?}");
     vm_cmd(&mut c, "read-random 300").await;
     vm_cmd(&mut c, "verify").await;
