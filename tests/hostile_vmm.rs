@@ -213,7 +213,7 @@ async fn a_fault_worker_that_stops_turning_gets_its_pager_replaced_and_its_vms_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uffd_without_remove_events_is_refused_at_the_handshake_with_a_clear_error() {
-    let env = Env::start().await;
+    let env = keeping_refused_vmms().await;
     let mem = env.memfile("mem", 64 * MIB, 0.1, 0.1);
     let mut vms = canaries(&env, &mem).await;
     let pager = env.pager_pid();
@@ -228,6 +228,16 @@ async fn a_uffd_without_remove_events_is_refused_at_the_handshake_with_a_clear_e
     canaries_verify(&mut vms, 2, CANARY_DEADLINE).await;
     a_later_restore_works(&env, &mem, "later").await;
     assert_eq!(env.pager_pid(), pager, "the pager keeps running");
+}
+
+/// A supervisor that keeps the VMMs it refuses (not SIGKILLed): a hostile VMM whose handshake
+/// is refused lives to report what it sent.
+async fn keeping_refused_vmms() -> Env {
+    Env::start_with(SupervisorOptions {
+        args: vec!["--refused-vmm".into(), "keep".into()],
+        ..Default::default()
+    })
+    .await
 }
 
 /// CPU seconds process `pid` has used (user + system).
@@ -270,12 +280,7 @@ async fn a_page_believed_present_that_faults_again_is_served_not_spun_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_with_more_than_eight_fds_fails_clearly_and_leaves_no_fd_behind() {
-    // The refused VMM is kept (not SIGKILLed), so that it lives to report what it sent.
-    let env = Env::start_with(SupervisorOptions {
-        args: vec!["--refused-vmm".into(), "keep".into()],
-        ..Default::default()
-    })
-    .await;
+    let env = keeping_refused_vmms().await;
     let mem = env.memfile("mem", 64 * MIB, 0.1, 0.1);
     let mut vms = canaries(&env, &mem).await;
     let pager = env.pager_pid();
