@@ -1,5 +1,5 @@
 //! Compiles `proto/uffdpager/v1/*.proto` with a vendored protoc and emits the file descriptor set
-//! that the gRPC servers publish through reflection; compiles the pager's one C file.
+//! that the gRPC servers publish through reflection. (The pager's C file is `pager/build.rs`'s.)
 
 use std::{env, fs, path::PathBuf};
 
@@ -18,10 +18,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }
-
-    // The pager's SIGBUS-guarded read of memory-file mappings (`pager/guarded_read.rs`).
-    println!("cargo:rerun-if-changed=pager/guarded_read.c");
-    cc::Build::new().file("pager/guarded_read.c").warnings(true).compile("guarded_read");
 
     let out = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()

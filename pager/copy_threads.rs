@@ -397,7 +397,7 @@ mod tests {
         const HUGE: u64 = 2 << 20;
         // The fixture maps 4 hugepages (its source is a plain file); one of slack.
         let Some(_hugepages) =
-            uffdpager::vmsim::reserve_hugepages_for_test("copy_threads::a_claim_of_2m_pages", 5)
+            testkit::reserve_hugepages_for_test("copy_threads::a_claim_of_2m_pages", 5)
         else {
             return;
         };

@@ -1,6 +1,10 @@
 //! uffd-pager: serves the page faults of many Firecracker sessions from their snapshot memory
 //! files, and graduates them (populate, then unregister) on request. One process per pager
 //! version; sessions arrive from the supervisor over an SCM_RIGHTS handoff socket.
+//!
+//! A crate of its own (`pager/`): it may depend on the protocol library (`uffdpager`) and on
+//! nothing else of this workspace; test support (`testkit`) only as a dev-dependency. Its one
+//! C file (`guarded_read.c`) is compiled by its own `build.rs`.
 
 mod busy;
 mod complete;

@@ -1,13 +1,17 @@
-//! uffd-pager's shared library: the generated gRPC API, Firecracker's handshake, the
-//! supervisor → pager handoff, userfaultfd operations, page-range bookkeeping, and the VM
-//! simulator used by tests, benchmarks and the demo.
+//! uffd-pager's shared protocol library: the generated gRPC API, Firecracker's handshake and
+//! wire format, SCM_RIGHTS, the supervisor → pager handoff, userfaultfd operations and their
+//! outcomes, the removed-ranges log, page-range bookkeeping, and what the three services share
+//! (gRPC over Unix sockets, peer authentication, TLS, metrics, logging).
+//!
+//! It may depend on nothing of this workspace and on nothing test-only: the services
+//! (`pager/`, `supervisor/`, `controller/`) depend on it, and so do the simulator (`vmsim/`) and
+//! the test support (`testkit/`), never the other way round.
 
 pub mod accept_backoff;
 pub mod api;
 pub mod firecracker;
 pub mod grpc;
 pub mod handoff;
-pub mod harness;
 pub mod logging;
 pub mod metrics;
 pub mod overlay;
@@ -19,5 +23,4 @@ pub mod tls;
 pub mod uffd_fd;
 pub mod uffd_msg;
 pub mod uffd_ops;
-pub mod vmsim;
 pub mod working_set;

@@ -521,7 +521,7 @@ mod tests {
     #[test]
     fn the_example_config_documents_every_setting_and_loads() {
         use clap::CommandFactory;
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/supervisor.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/supervisor.example.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         for arg in Cli::command().get_arguments() {
             let id = arg.get_id().as_str();

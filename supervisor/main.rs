@@ -20,6 +20,9 @@
 //!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
 //!   `vmm_fds`: a session's descriptors taken back from its VMM when no pager serves it;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
+//!
+//! A crate of its own (`supervisor/`): it may depend on the protocol library (`uffdpager`) and
+//! on nothing else of this workspace.
 
 #![deny(unsafe_code)]
 

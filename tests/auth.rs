@@ -24,6 +24,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use testkit::{SupervisorOptions, VmProcess};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use uffdpager::api::controller_client::ControllerClient;
 use uffdpager::api::supervisor_client::SupervisorClient;
@@ -31,8 +32,7 @@ use uffdpager::api::{
     ConnectionState, ControllerStatus, CreateSessionRequest, GetStatusRequest, ListVersionsRequest,
     SessionState,
 };
-use uffdpager::harness::{SupervisorOptions, VmProcess};
-use uffdpager::vmsim::memfile::{write_memory_file, MemoryFileSpec};
+use vmsim::memfile::{write_memory_file, MemoryFileSpec};
 
 const NOBODY: u32 = 65534;
 /// The version label the pager binary reports (it is built from this package).
@@ -298,7 +298,7 @@ impl Controller {
     async fn start(dir: &Path, name: &str, args: &[String]) -> Self {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let child = StdCommand::new(env!("CARGO_BIN_EXE_uffd-controller"))
+        let child = StdCommand::new(testkit::binary("uffd-controller"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(args)
@@ -309,7 +309,7 @@ impl Controller {
             .expect("uffd-controller starts");
         let mut c = Self { child, socket, log };
         let deadline = Instant::now() + STEP;
-        while !(c.socket.exists() && uffdpager::harness::health_ok(&c.socket).await) {
+        while !(c.socket.exists() && testkit::health_ok(&c.socket).await) {
             if let Some(status) = c.child.try_wait().unwrap() {
                 panic!("uffd-controller exited at start ({status}): {}", c.log_text());
             }
@@ -412,7 +412,7 @@ async fn a_tcp_client_with_a_certificate_from_the_ca_is_served_and_every_other_c
 async fn plain_tcp_is_refused_unless_explicitly_asked_and_never_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let supervisor = |args: &[&str]| {
-        let mut cmd = StdCommand::new(env!("CARGO_BIN_EXE_uffd-supervisor"));
+        let mut cmd = StdCommand::new(testkit::binary("uffd-supervisor"));
         cmd.arg("--runtime-dir").arg(dir.path().join("run")).args(args);
         exits_within_a_minute(cmd)
     };
@@ -434,7 +434,7 @@ async fn plain_tcp_is_refused_unless_explicitly_asked_and_never_off_loopback() {
     );
 
     let controller = |args: &[&str]| {
-        let mut cmd = StdCommand::new(env!("CARGO_BIN_EXE_uffd-controller"));
+        let mut cmd = StdCommand::new(testkit::binary("uffd-controller"));
         cmd.arg("--listen").arg(format!("unix:{}", dir.path().join("c.sock").display()));
         exits_within_a_minute({
             cmd.args(args);
@@ -626,7 +626,7 @@ fn wrapper(path: &Path, marker: &Path, owner: u32, mode: u32) {
     let script = format!(
         "#!/bin/sh\nid > {}\nexec {} \"$@\"\n",
         marker.display(),
-        env!("CARGO_BIN_EXE_uffd-pager")
+        testkit::binary("uffd-pager").display()
     );
     std::fs::write(path, script).unwrap();
     std::os::unix::fs::chown(path, Some(owner), Some(owner)).unwrap();
@@ -679,7 +679,7 @@ async fn deploy_version_refuses_binaries_another_user_could_change_and_never_run
     assert!(std::fs::read_to_string(marker("trusted")).unwrap().starts_with("uid=0(root)"));
 
     // At startup too: an untrusted --pager-binary stops the supervisor before it runs anything.
-    let mut cmd = StdCommand::new(env!("CARGO_BIN_EXE_uffd-supervisor"));
+    let mut cmd = StdCommand::new(testkit::binary("uffd-supervisor"));
     cmd.arg("--runtime-dir").arg(env.dir.path().join("run2")).arg("--pager-binary").arg(&nobodys);
     let out = exits_within_a_minute(cmd);
     assert!(!out.status.success(), "{}", text(&out));
@@ -734,7 +734,7 @@ async fn a_vmm_of_another_uid_is_refused_at_the_session_socket_while_the_named_o
     assert_eq!(env.get("jailed").await.state(), SessionState::Pending);
 
     // Another unprivileged uid cannot even connect (the socket is the VMM uid's, 0600).
-    let vmsim = Path::new(env!("CARGO_BIN_EXE_uffd-vmsim"));
+    let vmsim = &testkit::binary("uffd-vmsim");
     let mut other = VmProcess::restore_command(vmsim, &linked, &mem, &[]);
     other.uid(NOBODY - 1).gid(NOBODY - 1).stdin(Stdio::null());
     let out = exits_within_a_minute(other);

@@ -34,7 +34,7 @@ const GOOD_SHAPE: &str = r#"[{"base_host_virt_addr":1073741824,"size":1048576,"o
 async fn bad_handshakes_fail_their_session_alone_while_a_healthy_vm_runs_on() {
     // The bad handshakes come from this test process: a supervisor that stopped refused VMMs
     // (its default) would stop the test (tests/hostile_supervisor.rs checks that it does).
-    let env = Env::start_with(uffdpager::harness::SupervisorOptions {
+    let env = Env::start_with(testkit::SupervisorOptions {
         args: vec!["--refused-vmm".into(), "keep".into()],
         ..Default::default()
     })

@@ -7,7 +7,7 @@
 
 mod common;
 
-use uffdpager::harness::health_ok;
+use testkit::health_ok;
 
 use common::grpcurl;
 
@@ -17,6 +17,7 @@ use std::process::{Command as StdCommand, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::{SupervisorOptions, SupervisorProcess, VmProcess};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use uffdpager::api::controller_client::ControllerClient;
@@ -25,7 +26,6 @@ use uffdpager::api::{
     OutcomeResult, PlanRequest, PlanResponse, SessionState, VersionState,
 };
 use uffdpager::grpc::uds_channel;
-use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
 
 /// A `uffd-controller` child process, its API socket and its log file; killed on drop.
 struct Controller {
@@ -39,7 +39,7 @@ impl Controller {
     async fn start(dir: &Path, name: &str, args: &[&str]) -> Self {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_uffd-controller"))
+        let mut child = Command::new(testkit::binary("uffd-controller"))
             .arg("--listen")
             .arg(format!("unix:{}", socket.display()))
             .args(args)
@@ -138,7 +138,7 @@ fn supervisor_endpoint(env: &Env) -> String {
 
 fn supervisor_options() -> SupervisorOptions {
     SupervisorOptions {
-        pager_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager"))),
+        pager_binary: Some(testkit::binary("uffd-pager")),
         args: vec!["--pager-version".into(), "v1".into()],
         show_logs: true,
     }
@@ -151,7 +151,7 @@ async fn env_v1() -> Env {
 
 /// Makes `v2` (the same pager binary under another label) active; v1 drains.
 async fn deploy_v2(env: &Env) {
-    let pager = Path::new(env!("CARGO_BIN_EXE_uffd-pager"));
+    let pager = &testkit::binary("uffd-pager");
     let v = common::deploy(env, pager, "v2").await.expect("DeployVersion v2");
     assert_eq!(v.state(), VersionState::Active);
 }
@@ -394,7 +394,7 @@ fn nonsense_settings_stop_the_controller_at_startup_naming_the_setting() {
         (vec!["--enabled"], "supervisors"),
     ] {
         let listen = format!("unix:{}", dir.path().join("c.sock").display());
-        let out = StdCommand::new(env!("CARGO_BIN_EXE_uffd-controller"))
+        let out = StdCommand::new(testkit::binary("uffd-controller"))
             .args(&args)
             .args(["--listen", &listen])
             .output()
@@ -431,7 +431,7 @@ async fn a_restarted_supervisor_is_reconnected_re_listed_and_served_on() {
     old.terminate().await.unwrap();
     ctl.wait("the stream lost", |s| s.supervisors[0].state() != ConnectionState::Watching).await;
     let restarted = SupervisorProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+        &testkit::binary("uffd-supervisor"),
         &env.run_dir(),
         &supervisor_options(),
     )

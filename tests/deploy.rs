@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use testkit::{health_ok, pager_pids};
 use uffdpager::api::pager_client::PagerClient;
 use uffdpager::api::GetInfoRequest;
 use uffdpager::grpc::uds_channel;
-use uffdpager::harness::{health_ok, pager_pids};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,8 +22,14 @@ fn repo() -> PathBuf {
 fn unit_for_this_build(dir: &Path, name: &str) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("deploy/systemd").join(name)).unwrap();
     let text = text
-        .replace("/usr/local/bin/uffd-supervisor", env!("CARGO_BIN_EXE_uffd-supervisor"))
-        .replace("/usr/local/bin/uffd-controller", env!("CARGO_BIN_EXE_uffd-controller"));
+        .replace(
+            "/usr/local/bin/uffd-supervisor",
+            testkit::binary("uffd-supervisor").to_str().unwrap(),
+        )
+        .replace(
+            "/usr/local/bin/uffd-controller",
+            testkit::binary("uffd-controller").to_str().unwrap(),
+        );
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
@@ -85,7 +91,7 @@ async fn the_supervisor_runs_from_a_config_file_and_passes_the_pager_tuning_to_e
     // The example file, with this build's pager and the test's directory; metrics on a free port.
     let example = std::fs::read_to_string(repo().join("deploy/supervisor.example.toml")).unwrap();
     let config = example
-        .replace("/usr/local/bin/uffd-pager", env!("CARGO_BIN_EXE_uffd-pager"))
+        .replace("/usr/local/bin/uffd-pager", testkit::binary("uffd-pager").to_str().unwrap())
         .replace("metrics_listen = \"127.0.0.1:9464\"", &format!("metrics_listen = \"{metrics}\""))
         .replace("fault_threads = 2", "fault_threads = 3")
         .replace(
@@ -95,7 +101,7 @@ async fn the_supervisor_runs_from_a_config_file_and_passes_the_pager_tuning_to_e
     let config_path = dir.path().join("supervisor.toml");
     std::fs::write(&config_path, config).unwrap();
     let log = dir.path().join("supervisor.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_uffd-supervisor"))
+    let mut child = tokio::process::Command::new(testkit::binary("uffd-supervisor"))
         .arg("--config")
         .arg(&config_path)
         // The flag overrides the file's runtime_dir.
@@ -148,7 +154,7 @@ fn a_config_file_with_an_unknown_key_stops_the_supervisor_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "metrics_listen = \"127.0.0.1:1\"\nfault_thread = 2\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_uffd-supervisor"))
+    let out = Command::new(testkit::binary("uffd-supervisor"))
         .arg("--config")
         .arg(&config)
         .arg("--runtime-dir")
@@ -200,21 +206,21 @@ async fn the_three_services_log_one_json_shape() {
     let mut logs = Vec::new();
 
     let (grpc, handoff) = (d.join("pager.sock"), d.join("handoff.sock"));
-    let mut pager = tokio::process::Command::new(env!("CARGO_BIN_EXE_uffd-pager"));
+    let mut pager = tokio::process::Command::new(testkit::binary("uffd-pager"));
     pager.arg("--log-format=json").arg("--grpc-socket").arg(&grpc);
     pager.arg("--handoff-socket").arg(&handoff);
     let g = grpc.clone();
     logs.push(("pager", log_of(pager, &d.join("p.log"), async || health_ok(&g).await).await));
 
     let run = d.join("run");
-    let mut sup = tokio::process::Command::new(env!("CARGO_BIN_EXE_uffd-supervisor"));
+    let mut sup = tokio::process::Command::new(testkit::binary("uffd-supervisor"));
     sup.arg("--log-format").arg("json").arg("--runtime-dir").arg(&run);
-    sup.arg("--pager-binary").arg(concat!(env!("CARGO_BIN_EXE_uffd-pager"), "=v1"));
+    sup.arg("--pager-binary").arg(format!("{}=v1", testkit::binary("uffd-pager").display()));
     let s = run.join("supervisor.sock");
     logs.push(("supervisor", log_of(sup, &d.join("s.log"), async || health_ok(&s).await).await));
 
     let csock = d.join("controller.sock");
-    let mut ctl = tokio::process::Command::new(env!("CARGO_BIN_EXE_uffd-controller"));
+    let mut ctl = tokio::process::Command::new(testkit::binary("uffd-controller"));
     ctl.arg("--log-format").arg("json").arg("--listen").arg(format!("unix:{}", csock.display()));
     let c = csock.clone();
     logs.push(("controller", log_of(ctl, &d.join("c.log"), async || health_ok(&c).await).await));

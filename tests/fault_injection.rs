@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use common::{vm_cmd, vm_cmd_within, Env, MIB, STEP};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use testkit::{SupervisorProcess, VmProcess};
 use uffdpager::api::{CompleteSessionRequest, SessionState, VersionState};
-use uffdpager::harness::{SupervisorProcess, VmProcess};
 use versions_support::{deploy, options, pager_binary, sessions, versions};
 
 /// Most VMs alive at once.
@@ -116,13 +116,7 @@ impl Run {
         };
         let socket = PathBuf::from(session.socket_path);
         let mut process = tokio::task::spawn_blocking(move || {
-            VmProcess::restore(
-                Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
-                &socket,
-                &mem,
-                &[],
-                STEP,
-            )
+            VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &mem, &[], STEP)
         })
         .await
         .unwrap()
@@ -243,7 +237,7 @@ impl Run {
             self.tally.sigterms += 1;
         }
         let sup = SupervisorProcess::start(
-            Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+            &testkit::binary("uffd-supervisor"),
             &self.env.run_dir(),
             &options("v1"),
         )
@@ -393,10 +387,10 @@ async fn vms_read_only_right_bytes_and_never_freeze_under_kills_deploys_completi
     files.push(sessions_dir.clone());
     let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     let mut pids = vec![i32::try_from(run.env.sup().pid().unwrap()).unwrap()];
-    pids.extend(uffdpager::harness::pager_pids(&run.env.run_dir()));
+    pids.extend(testkit::pager_pids(&run.env.run_dir()));
     let deadline = Instant::now() + STEP;
     for pid in pids {
-        while let Ok(h) = uffdpager::harness::procfs::holdings(pid, &files) {
+        while let Ok(h) = testkit::procfs::holdings(pid, &files) {
             if h.uffds == 0 && h.file_fds == 0 && h.file_maps == 0 {
                 break;
             }

@@ -11,8 +11,8 @@ use common::grpcurl;
 use std::path::Path;
 
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::{SupervisorOptions, VmProcess};
 use uffdpager::api::SessionState;
-use uffdpager::harness::{SupervisorOptions, VmProcess};
 
 /// How the README's deploy example names this build's pager (run from the repository's root).
 const README_PAGER: &str = "'\"$PWD\"'/target/release/uffd-pager";
@@ -31,7 +31,8 @@ fn readme_examples() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_lists_every_service_and_the_readme_examples_run_verbatim() {
-    let pager = env!("CARGO_BIN_EXE_uffd-pager");
+    let pager = testkit::binary("uffd-pager");
+    let pager = pager.to_str().unwrap();
     let env = Env::start_with(SupervisorOptions {
         pager_binary: Some(format!("{pager}=v1").into()),
         ..Default::default()
@@ -73,7 +74,7 @@ async fn grpcurl_lists_every_service_and_the_readme_examples_run_verbatim() {
             let mem = mem.clone();
             let mut restored = tokio::task::spawn_blocking(move || {
                 VmProcess::restore(
-                    Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
+                    &testkit::binary("uffd-vmsim"),
                     Path::new(&socket),
                     &mem,
                     &[],

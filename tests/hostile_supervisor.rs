@@ -19,13 +19,13 @@ use common::hostile::{
     SilentVmms, NOBODY,
 };
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::{SupervisorOptions, VmProcess, VmProcessError};
 use tonic::Code;
 use uffdpager::api::supervisor_client::SupervisorClient;
 use uffdpager::api::{
     ActivateVersionRequest, CreateSessionRequest, DeleteSessionRequest, GetSessionRequest,
     ListSessionsRequest, Session, SessionState, VersionState,
 };
-use uffdpager::harness::{SupervisorOptions, VmProcess, VmProcessError};
 use versions_support::{deploy, options, pager_binary, script, version, versions, wait_versions};
 
 fn with_args(args: &[&str]) -> SupervisorOptions {
@@ -63,7 +63,7 @@ async fn restore_raw(
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         VmProcess::restore_with_args(
-            Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
+            &testkit::binary("uffd-vmsim"),
             &socket,
             &memfile,
             &[],
@@ -169,7 +169,7 @@ async fn after_a_burst_of_concurrent_connects_the_supervisor_returns_to_its_idle
         assert!(
             Instant::now() < deadline,
             "the supervisor keeps {now} threads, {idle} before 50 connects ({during} during): {:?}",
-            uffdpager::harness::procfs::thread_names(i32::try_from(pid).unwrap())
+            testkit::procfs::thread_names(i32::try_from(pid).unwrap())
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -417,7 +417,7 @@ async fn a_failed_deploy_and_a_stopped_version_leave_none_of_their_processes_beh
 
 /// Starts the supervisor on `run_dir`; it must refuse to start. Returns its stderr.
 fn refused_at_start(run_dir: &Path) -> String {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_uffd-supervisor"))
+    let mut child = std::process::Command::new(testkit::binary("uffd-supervisor"))
         .arg("--runtime-dir")
         .arg(run_dir)
         .arg("--pager-binary")
@@ -436,7 +436,7 @@ fn refused_at_start(run_dir: &Path) -> String {
             let _ = child.kill();
             let _ = child.wait();
             // It started: stop the pager it may have started too.
-            for pid in uffdpager::harness::pager_pids(run_dir) {
+            for pid in testkit::pager_pids(run_dir) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -512,9 +512,7 @@ async fn an_existing_runtime_directory_of_roots_keeps_its_mode_as_run_must() {
     let run = dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let env =
-        Env::start_in(dir, Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")), Default::default())
-            .await;
+    let env = Env::start_in(dir, &testkit::binary("uffd-supervisor"), Default::default()).await;
     let mem = env.memfile("mem", 4 * MIB, 0.2, 0.2);
     let mut vm = env.restore("vm", &mem, &[]).await;
     vm_cmd(&mut vm, "read-random 100").await;
@@ -614,7 +612,7 @@ fn the_controller_refuses_a_listen_socket_in_a_directory_that_does_not_exist() {
     let d = tempfile::tempdir().unwrap();
     let missing = d.path().join("nonexistent-dir");
     let socket = missing.join("x");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_uffd-controller"))
+    let mut child = std::process::Command::new(testkit::binary("uffd-controller"))
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .stdin(std::process::Stdio::null())

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::hostile_vmm::HostileVmm;
 use common::{vm_cmd, vm_cmd_within, Env, MIB, STEP};
+use testkit::{SupervisorOptions, VmProcess};
 use uffdpager::api::pager_client::PagerClient;
 use uffdpager::api::{CompleteSessionRequest, DeleteSessionRequest, GetInfoRequest, SessionState};
-use uffdpager::harness::{SupervisorOptions, VmProcess};
 
 /// How long a healthy VM's command may take while a hostile one does its worst.
 const CANARY_DEADLINE: Duration = Duration::from_secs(20);

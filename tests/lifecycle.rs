@@ -15,13 +15,13 @@ use common::{
     holdings, vm_cmd, vm_cmd_within, wait_holdings_within, Env, MIB, STEP,
     SUPERVISOR_THREAD_SLACK as SLACK,
 };
+use testkit::{SupervisorOptions, VmProcess};
 use uffdpager::api::{
     CompleteSessionRequest, CompleteSessionResponse, DeleteSessionRequest, ListVersionsRequest,
     PagerVersion, SessionState, VersionState,
 };
-use uffdpager::harness::{SupervisorOptions, VmProcess};
-use uffdpager::vmsim::expect::pattern_word;
-use uffdpager::vmsim::GuestRegionSpec;
+use vmsim::expect::pattern_word;
+use vmsim::GuestRegionSpec;
 
 /// How long a write to pages never touched before graduation may take before the test calls
 /// the page unserved (it takes milliseconds when the kernel serves it).
@@ -258,7 +258,7 @@ async fn the_whole_life(guest: Guest) {
     eprintln!("after VM A: pager v1 {v1_after:?} (before {v1_before:?})");
 
     // 6. A new pager version; v1, serving nothing, drains and exits.
-    let pager = std::path::Path::new(env!("CARGO_BIN_EXE_uffd-pager"));
+    let pager = &testkit::binary("uffd-pager");
     let v2 = common::deploy(&env, pager, "v2").await.expect("DeployVersion v2");
     assert_eq!(v2.state(), VersionState::Active);
     let deadline = Instant::now() + STEP;
@@ -320,8 +320,7 @@ async fn a_4k_vm_lives_graduates_stands_by_and_restores_byte_for_byte_and_nothin
 async fn a_2m_hugepage_vm_lives_graduates_stands_by_and_restores_byte_for_byte_and_nothing_leaks() {
     // VM A's 12 hugepages (24 MiB) may not all be back in the pool when VM B takes its 12, and
     // VM A's own copy in flight at graduation can take one more: 24 and 4 of slack.
-    let Some(_hugepages) = uffdpager::vmsim::reserve_hugepages_for_test("lifecycle::a_2m_vm", 28)
-    else {
+    let Some(_hugepages) = testkit::reserve_hugepages_for_test("lifecycle::a_2m_vm", 28) else {
         return;
     };
     the_whole_life(Guest { page: 2 * MIB }).await;

@@ -147,7 +147,7 @@ fn promtool_check(addr: SocketAddr) {
 /// The controller, with its metrics on `metrics` and its log in `dir`.
 fn start_controller(dir: &Path, supervisor: &Path, metrics: SocketAddr) -> Child {
     let socket = dir.join("controller.sock");
-    Command::new(env!("CARGO_BIN_EXE_uffd-controller"))
+    Command::new(testkit::binary("uffd-controller"))
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .arg("--enabled")
@@ -175,7 +175,7 @@ fn have(tool: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_faults_a_readoption_and_the_controllers_graduations() {
     if !(have("prometheus") && have("promtool")) {
-        uffdpager::vmsim::requirement::machine_lacks(
+        testkit::requirement::machine_lacks(
             "prometheus_scrapes_faults_a_readoption_and_the_controllers_graduations",
             "prometheus and promtool (scripts/setup.sh installs Debian's prometheus)",
         );

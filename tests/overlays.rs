@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::{SupervisorOptions, SupervisorProcess, VmProcess};
 use tonic::Code;
 use uffdpager::api::overlay::Source;
 use uffdpager::api::{CreateSessionRequest, Overlay, Session, SessionState};
-use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
 
 const PAGE: u64 = 4096;
 
@@ -79,7 +79,7 @@ async fn restore(env: &Env, id: &str, mem: &Path, regions: &[&str], given: &[Giv
         let regions: Vec<&str> = regions.iter().map(String::as_str).collect();
         let expect: Vec<(u64, &Path)> = expect.iter().map(|(o, f)| (*o, f.as_path())).collect();
         VmProcess::restore_with_overlays(
-            Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
+            &testkit::binary("uffd-vmsim"),
             &socket,
             &mem,
             &regions,
@@ -234,17 +234,13 @@ async fn overlays_survive_a_supervisor_restart() {
     let mut old = env.sup.take().unwrap();
     assert!(old.terminate().await.unwrap().success());
     let opts = SupervisorOptions {
-        pager_binary: Some(PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager"))),
+        pager_binary: Some(testkit::binary("uffd-pager")),
         show_logs: true,
         ..Default::default()
     };
-    let sup = SupervisorProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
-        &env.run_dir(),
-        &opts,
-    )
-    .await
-    .expect("the supervisor starts again");
+    let sup = SupervisorProcess::start(&testkit::binary("uffd-supervisor"), &env.run_dir(), &opts)
+        .await
+        .expect("the supervisor starts again");
     env.sup = Some(sup);
     let s = env.get("r").await;
     assert_eq!((s.state(), s.overlay_count, s.overlay_bytes), (SessionState::Serving, 2, 3 * PAGE));
@@ -322,7 +318,7 @@ async fn invalid_overlays_are_refused_with_invalid_argument_naming_the_overlay_a
 async fn overlays_of_2m_pages_are_served_in_2m_units_and_a_misaligned_one_fails_the_session() {
     const HUGE: u64 = 2 * MIB;
     // Two VMs of 4 hugepages each, and one of slack.
-    let Some(_hugepages) = uffdpager::vmsim::reserve_hugepages_for_test("overlays::2m", 9) else {
+    let Some(_hugepages) = testkit::reserve_hugepages_for_test("overlays::2m", 9) else {
         return;
     };
     let env = Env::start().await;
@@ -356,13 +352,7 @@ async fn overlays_of_2m_pages_are_served_in_2m_units_and_a_misaligned_one_fails_
     .unwrap();
     let (socket, mem2) = (PathBuf::from(s.socket_path), mem.clone());
     let _vm_c = tokio::task::spawn_blocking(move || {
-        VmProcess::restore(
-            Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
-            &socket,
-            &mem2,
-            &["8M@0:2M"],
-            STEP,
-        )
+        VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &mem2, &["8M@0:2M"], STEP)
     })
     .await
     .unwrap()

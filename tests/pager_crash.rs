@@ -268,7 +268,7 @@ async fn when_no_version_can_adopt_them_the_sessions_are_orphaned_saying_why() {
             p = pager_binary().display()
         ),
     );
-    let env = Env::start_with(uffdpager::harness::SupervisorOptions {
+    let env = Env::start_with(testkit::SupervisorOptions {
         pager_binary: Some(format!("{}=v1", flaky.display()).into()),
         ..Default::default()
     })

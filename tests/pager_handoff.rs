@@ -67,7 +67,7 @@ fn start_pager(dir: &Path) -> PagerProcess {
 fn start_pager_with_stderr(dir: &Path, stderr: Stdio) -> PagerProcess {
     let grpc = dir.join("pager.sock");
     let handoff = dir.join("handoff.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_uffd-pager"))
+    let child = Command::new(testkit::binary("uffd-pager"))
         .arg("--grpc-socket")
         .arg(&grpc)
         .arg("--handoff-socket")

@@ -17,12 +17,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{vm_cmd, vm_cmd_within, Env, MIB, STEP};
+use testkit::{SupervisorOptions, SupervisorProcess, VmProcess};
 use tonic::Code;
 use uffdpager::api::{
     CompleteSessionRequest, CreateSessionRequest, DeleteSessionRequest, Session, SessionState,
     VersionState,
 };
-use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
 use versions_support::{
     deploy, options, pager_binary, script, sessions, sigkill, version, versions, wait_sessions,
     wait_versions,
@@ -35,13 +35,9 @@ fn pages(mib: u64, len: u64) -> String {
 
 /// Starts a supervisor on `env`'s runtime directory again, with `opts`.
 async fn start_again(env: &mut Env, opts: &SupervisorOptions) {
-    let sup = SupervisorProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
-        &env.run_dir(),
-        opts,
-    )
-    .await
-    .expect("supervisor restarts");
+    let sup = SupervisorProcess::start(&testkit::binary("uffd-supervisor"), &env.run_dir(), opts)
+        .await
+        .expect("supervisor restarts");
     env.sup = Some(sup);
 }
 
@@ -338,7 +334,7 @@ async fn restore_with(
         .into_inner();
     let (socket, mem) = (std::path::PathBuf::from(s.socket_path), mem.to_path_buf());
     tokio::task::spawn_blocking(move || {
-        VmProcess::restore(Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")), &socket, &mem, &[], STEP)
+        VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &mem, &[], STEP)
     })
     .await
     .unwrap()
@@ -456,7 +452,7 @@ async fn the_supervisors_threads_return_to_their_idle_count_after_concurrent_han
         assert!(
             Instant::now() < deadline,
             "the supervisor keeps {now} threads ({idle} when idle): {:?}",
-            uffdpager::harness::procfs::thread_names(sup)
+            testkit::procfs::thread_names(sup)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -196,8 +196,7 @@ async fn when_the_vmm_exits_the_session_ends_and_the_pager_lets_go_of_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hugepage_vm_is_served_and_graduates_correctly() {
     // The VM's 12 hugepages (24 MiB), and 4 of slack.
-    let Some(_hugepages) =
-        uffdpager::vmsim::reserve_hugepages_for_test("sessions::a_hugepage_vm", 16)
+    let Some(_hugepages) = testkit::reserve_hugepages_for_test("sessions::a_hugepage_vm", 16)
     else {
         return;
     };

@@ -25,10 +25,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::{holdings, vm_cmd, wait_holdings_within, Env, MIB, SUPERVISOR_THREAD_SLACK};
+use testkit::pagecache::{evict, residency};
+use testkit::procfs::{resident, storage_read_bytes, Resident};
+use testkit::VmProcess;
 use uffdpager::api::DeleteSessionRequest;
-use uffdpager::harness::pagecache::{evict, residency};
-use uffdpager::harness::procfs::{resident, storage_read_bytes, Resident};
-use uffdpager::harness::VmProcess;
 
 const VMS: usize = 20;
 const FILE_SIZE: u64 = 256 * MIB;

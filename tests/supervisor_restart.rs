@@ -10,8 +10,8 @@ mod versions_support;
 use std::path::{Path, PathBuf};
 
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::{SupervisorProcess, VmProcess};
 use uffdpager::api::{CompleteSessionRequest, CreateSessionRequest, SessionState, VersionState};
-use uffdpager::harness::{SupervisorProcess, VmProcess};
 use versions_support::{
     deploy, options, pager_binary, sessions, sigkill, version, versions, wait_sessions,
     wait_versions,
@@ -32,7 +32,7 @@ async fn restore_labelled(env: &Env, id: &str, mem: &Path) -> VmProcess {
         .into_inner();
     let (socket, mem) = (PathBuf::from(s.socket_path), mem.to_path_buf());
     let vm = tokio::task::spawn_blocking(move || {
-        VmProcess::restore(Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")), &socket, &mem, &[], STEP)
+        VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &mem, &[], STEP)
     })
     .await
     .unwrap()
@@ -75,7 +75,7 @@ async fn a_restarted_supervisor_takes_over_running_pagers_and_rebuilds_the_inven
 
     // Same command line (v1): v2 was recorded as active and still runs, so it stays active.
     let restarted = SupervisorProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+        &testkit::binary("uffd-supervisor"),
         &env.run_dir(),
         &options("v1"),
     )

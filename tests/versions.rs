@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{vm_cmd, Env, MIB};
+use testkit::{SupervisorOptions, SupervisorProcess};
 use tonic::Code;
 use uffdpager::api::{
     ActivateVersionRequest, CompleteSessionRequest, PagerVersion, SessionState, VersionState,
 };
-use uffdpager::harness::{SupervisorOptions, SupervisorProcess};
 use versions_support::{
     deploy, options, pager_binary, script, sessions, version, versions, wait_reaped, wait_versions,
 };
@@ -197,7 +197,7 @@ async fn a_versions_file_starts_every_listed_version_with_the_marked_one_active(
     )
     .unwrap();
     let sup = SupervisorProcess::start(
-        Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+        &testkit::binary("uffd-supervisor"),
         &dir.path().join("run"),
         &SupervisorOptions {
             pager_binary: None,
@@ -224,7 +224,7 @@ async fn a_versions_file_starts_every_listed_version_with_the_marked_one_active(
         "[[versions]]\nbinary_path = \"/a\"\nactive = true\n[[versions]]\nbinary_path = \"/b\"\nactive = true\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_uffd-supervisor"))
+    let out = std::process::Command::new(testkit::binary("uffd-supervisor"))
         .arg("--runtime-dir")
         .arg(env.dir.path().join("other"))
         .arg("--versions-config")

@@ -11,9 +11,11 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use uffdpager::firecracker::recv_handshake;
-use uffdpager::vmsim::Reply;
+use vmsim::Reply;
 
-const VMSIM: &str = env!("CARGO_BIN_EXE_uffd-vmsim");
+fn vmsim_binary() -> std::path::PathBuf {
+    testkit::binary("uffd-vmsim")
+}
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A running `uffd-vmsim run`, its stdout read line by line on a thread (so a test never hangs).
@@ -25,7 +27,7 @@ struct Sim {
 
 impl Sim {
     fn start(args: &[&str]) -> Sim {
-        let mut child = Command::new(VMSIM)
+        let mut child = Command::new(vmsim_binary())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -69,7 +71,7 @@ impl Sim {
 }
 
 fn make_memfile(path: &Path, size: &str) {
-    let out = Command::new(VMSIM)
+    let out = Command::new(vmsim_binary())
         .args(["make-memfile", path.to_str().unwrap(), "--size", size, "--seed", "5"])
         .stderr(Stdio::null())
         .output()
@@ -88,7 +90,7 @@ fn make_memfile_writes_the_file_and_prints_one_json_line() {
     let path = dir.path().join("mem");
     make_memfile(&path, "1M");
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
-    let out = Command::new(VMSIM)
+    let out = Command::new(vmsim_binary())
         .args(["make-memfile", path.to_str().unwrap(), "--size", "4097"])
         .stderr(Stdio::null())
         .output()

@@ -13,11 +13,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{vm_cmd, Env, MIB, STEP};
+use testkit::VmProcess;
 use tonic::Code;
 use uffdpager::api::{
     CreateSessionRequest, Session, SessionState, WatchSessionsRequest, WorkingSetState,
 };
-use uffdpager::harness::VmProcess;
 use uffdpager::working_set::{self, FileIdentity, FileRun, RecordedRegion, Recording};
 
 const PAGE: u64 = 4096;
@@ -54,7 +54,7 @@ async fn restore(
         .unwrap_or_else(|e| panic!("CreateSession {id}: {e:?}"));
     let (socket, mem) = (PathBuf::from(s.socket_path), mem.to_path_buf());
     let vm = tokio::task::spawn_blocking(move || {
-        VmProcess::restore(Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")), &socket, &mem, &[], STEP)
+        VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &mem, &[], STEP)
     })
     .await
     .unwrap()
@@ -154,13 +154,13 @@ async fn a_recording_of_another_memory_file_is_refused_at_create_session() {
     let env = Env::start().await;
     let a = env.memfile("a", 8 * MIB, 0.1, 0.1);
     let b = env.dir.path().join("b");
-    let spec = uffdpager::vmsim::memfile::MemoryFileSpec {
+    let spec = vmsim::memfile::MemoryFileSpec {
         size: 8 * MIB,
         seed: 99,
         zero_fraction: 0.1,
         hole_fraction: 0.1,
     };
-    uffdpager::vmsim::memfile::write_memory_file(&b, &spec).unwrap();
+    vmsim::memfile::write_memory_file(&b, &spec).unwrap();
     let c = env.memfile("c", 16 * MIB, 0.1, 0.1);
     let ws = env.dir.path().join("a.ws");
     working_set::write_atomically(&ws, &recording_of(&a, [(0, 4), (100, 1)])).unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use common::{vm_cmd, Env, MIB, STEP};
 use uffdpager::api::{CompleteSessionRequest, SessionState};
-use uffdpager::vmsim::memfile::MemoryFileSpec;
+use vmsim::memfile::MemoryFileSpec;
 
 /// Sum of `Rss:` (bytes) of the VMAs of process `pid` that overlap `[start, end)`.
 fn rss_of_range(pid: u32, start: u64, end: u64) -> u64 {

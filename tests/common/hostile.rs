@@ -21,7 +21,7 @@ pub struct SilentVmms {
 impl SilentVmms {
     /// Connects to every socket; returns once all are connected.
     pub fn connect(sockets: &[PathBuf]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_uffd-vmsim"))
+        let mut child = Command::new(testkit::binary("uffd-vmsim"))
             .arg("silent")
             .args(sockets)
             .stdin(Stdio::piped())
@@ -90,7 +90,7 @@ pub fn supervisor_with_nofile(dir: &Path, soft: u64, hard: u64) -> PathBuf {
     let path = dir.join("limited-supervisor");
     let body = format!(
         "#!/bin/sh\nulimit -S -n {soft} && ulimit -H -n {hard} || exit 97\nexec {} \"$@\"\n",
-        env!("CARGO_BIN_EXE_uffd-supervisor")
+        testkit::binary("uffd-supervisor").display()
     );
     std::fs::write(&path, body).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -19,7 +19,7 @@ pub struct HostileVmm {
 impl HostileVmm {
     /// Starts it against `socket` with `args`, and waits for its handshake to be sent.
     pub fn start(socket: &Path, args: &[&str]) -> (Self, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_uffd-hostile-vmm"))
+        let mut child = Command::new(testkit::binary("uffd-hostile-vmm"))
             .arg("--socket")
             .arg(socket)
             .args(args)

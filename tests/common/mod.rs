@@ -9,11 +9,11 @@ pub mod hostile_vmm;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use testkit::{SupervisorOptions, SupervisorProcess, VmProcess};
 use tonic::transport::Channel;
 use uffdpager::api::supervisor_client::SupervisorClient;
 use uffdpager::api::{CreateSessionRequest, GetSessionRequest, Session, SessionState};
-use uffdpager::harness::{SupervisorOptions, SupervisorProcess, VmProcess};
-use uffdpager::vmsim::memfile::{write_memory_file, MemoryFileSpec};
+use vmsim::memfile::{write_memory_file, MemoryFileSpec};
 
 pub const STEP: Duration = Duration::from_secs(60);
 pub const MIB: u64 = 1 << 20;
@@ -35,8 +35,7 @@ impl Env {
     /// A supervisor with environment variables of its own (inherited by its pagers).
     pub async fn start_with_env(opts: SupervisorOptions, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in_with_env(dir, Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")), opts, env)
-            .await
+        Self::start_in_with_env(dir, &testkit::binary("uffd-supervisor"), opts, env).await
     }
 
     /// Starts `supervisor` (this build's, or a wrapper that execs it) in `dir`.
@@ -54,7 +53,7 @@ impl Env {
         mut opts: SupervisorOptions,
         env: &[(&str, &str)],
     ) -> Self {
-        opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
+        opts.pager_binary.get_or_insert_with(|| testkit::binary("uffd-pager"));
         opts.show_logs = true;
         let sup =
             SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, env)
@@ -66,9 +65,9 @@ impl Env {
     /// [`Env::start_with`], the supervisor's log going to the file `log` (to read it back).
     pub async fn start_logging_to(mut opts: SupervisorOptions, log: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        opts.pager_binary.get_or_insert_with(|| PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager")));
+        opts.pager_binary.get_or_insert_with(|| testkit::binary("uffd-pager"));
         let sup = SupervisorProcess::start_logging_to(
-            Path::new(env!("CARGO_BIN_EXE_uffd-supervisor")),
+            &testkit::binary("uffd-supervisor"),
             &dir.path().join("run"),
             &opts,
             log,
@@ -123,13 +122,7 @@ impl Env {
         let regions: Vec<String> = regions.iter().map(|r| r.to_string()).collect();
         let vm = tokio::task::spawn_blocking(move || {
             let r: Vec<&str> = regions.iter().map(String::as_str).collect();
-            VmProcess::restore(
-                Path::new(env!("CARGO_BIN_EXE_uffd-vmsim")),
-                &socket,
-                &memfile,
-                &r,
-                STEP,
-            )
+            VmProcess::restore(&testkit::binary("uffd-vmsim"), &socket, &memfile, &r, STEP)
         })
         .await
         .unwrap()
@@ -173,7 +166,7 @@ impl Env {
 
     /// Pid of the one pager child.
     pub fn pager_pid(&self) -> i32 {
-        let pids = uffdpager::harness::pager_pids(&self.run_dir());
+        let pids = testkit::pager_pids(&self.run_dir());
         assert_eq!(pids.len(), 1, "one pager expected: {pids:?}");
         pids[0]
     }
@@ -185,7 +178,7 @@ impl Drop for Env {
             // Kill the supervisor and its pagers: a test leaves no process behind.
             let dir = sup.runtime_dir.clone();
             drop(sup);
-            for pid in uffdpager::harness::pager_pids(&dir) {
+            for pid in testkit::pager_pids(&dir) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -219,13 +212,13 @@ pub const SUPERVISOR_THREAD_SLACK: usize = 4;
 pub async fn wait_holdings_within(
     who: &str,
     pid: i32,
-    baseline: &uffdpager::harness::procfs::Holdings,
+    baseline: &testkit::procfs::Holdings,
     thread_slack: usize,
     files: &[&Path],
-) -> Option<uffdpager::harness::procfs::Holdings> {
+) -> Option<testkit::procfs::Holdings> {
     let deadline = Instant::now() + STEP;
     loop {
-        let Ok(now) = uffdpager::harness::procfs::holdings(pid, files) else {
+        let Ok(now) = testkit::procfs::holdings(pid, files) else {
             return None; // exited
         };
         if now.within(baseline, thread_slack) {
@@ -235,16 +228,15 @@ pub async fn wait_holdings_within(
             Instant::now() < deadline,
             "{who} (pid {pid}) still holds more than before the VMs: now {now:?}, before \
              {baseline:?}; threads now: {:?}",
-            uffdpager::harness::procfs::thread_names(pid)
+            testkit::procfs::thread_names(pid)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// What process `pid` holds now (it must be running).
-pub fn holdings(pid: i32, files: &[&Path]) -> uffdpager::harness::procfs::Holdings {
-    uffdpager::harness::procfs::holdings(pid, files)
-        .unwrap_or_else(|e| panic!("reading /proc/{pid}: {e}"))
+pub fn holdings(pid: i32, files: &[&Path]) -> testkit::procfs::Holdings {
+    testkit::procfs::holdings(pid, files).unwrap_or_else(|e| panic!("reading /proc/{pid}: {e}"))
 }
 
 /// Runs a VM command with its own deadline, failing with `what` if it does not answer in time.

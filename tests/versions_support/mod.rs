@@ -7,18 +7,18 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use testkit::SupervisorOptions;
 use uffdpager::api::{
     ListSessionsRequest, ListSessionsResponse, ListVersionsRequest, ListVersionsResponse,
     PagerVersion,
 };
-use uffdpager::harness::SupervisorOptions;
 
 pub use crate::common::deploy;
 use crate::common::{Env, STEP};
 
 /// The pager binary of this build.
 pub fn pager_binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_uffd-pager"))
+    testkit::binary("uffd-pager")
 }
 
 /// A supervisor whose first (active) version is this build labelled `label`.
