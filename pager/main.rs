@@ -10,12 +10,17 @@ mod busy;
 mod complete;
 mod copy_threads;
 mod fault_inject;
+#[allow(unsafe_code)]
 mod file_extents;
+#[allow(unsafe_code)]
 mod guarded_read;
+#[allow(unsafe_code)]
 mod handoff;
 mod joined_deadline;
+#[allow(unsafe_code)]
 mod memory_file;
 mod metrics;
+#[allow(unsafe_code)]
 mod overlay;
 mod pagemap;
 mod read_ahead;
@@ -25,6 +30,7 @@ mod remove_gate;
 mod service;
 mod session;
 mod sweep;
+#[allow(unsafe_code)]
 mod thread_priority;
 mod watchdog;
 mod worker;

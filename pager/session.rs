@@ -255,11 +255,7 @@ impl Session {
             let n = log.read_into_slot(uffd, EVENT_BATCH).map_err(failed)?;
             return Ok((0..n).filter_map(|i| log.slot_message(i)).collect());
         }
-        let len = self.events.len() * 8;
-        // SAFETY: `events` is this session's own u64 buffer of `len` bytes (8-byte aligned),
-        // borrowed mutably here and read only after the call returns.
-        let n = unsafe { uffd_msg::read_into(uffd, self.events.as_mut_ptr().cast(), len) }
-            .map_err(failed)?;
+        let n = uffd_msg::read_into_words(uffd, &mut self.events).map_err(failed)?;
         Ok(self
             .events
             .chunks_exact(MSG_WORDS)

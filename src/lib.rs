@@ -17,10 +17,14 @@ pub mod metrics;
 pub mod overlay;
 pub mod pages;
 pub mod peer_auth;
+#[allow(unsafe_code)]
 pub mod removed_log;
+#[allow(unsafe_code)]
 pub mod scm;
 pub mod tls;
 pub mod uffd_fd;
+#[allow(unsafe_code)]
 pub mod uffd_msg;
+#[allow(unsafe_code)]
 pub mod uffd_ops;
 pub mod working_set;

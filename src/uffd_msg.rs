@@ -124,6 +124,15 @@ pub unsafe fn read_into(uffd: BorrowedFd<'_>, dst: *mut u8, len: usize) -> Resul
     }
 }
 
+/// [`read_into`] a buffer of the caller's own: as many whole messages as fit in `buf`, never
+/// waiting for one. Returns how many were read (0: none queued).
+pub fn read_into_words(uffd: BorrowedFd<'_>, buf: &mut [u64]) -> Result<usize, Errno> {
+    let len = std::mem::size_of_val(buf);
+    // SAFETY: `buf` is borrowed mutably for the call, so it is writable for its `len` bytes,
+    // 8-byte aligned (u64s), and nothing else refers to it until the call returns.
+    unsafe { read_into(uffd, buf.as_mut_ptr().cast(), len) }
+}
+
 /// One read of at most `len` bytes into `dst`, never waiting (see [`read_into`]).
 ///
 /// # Safety

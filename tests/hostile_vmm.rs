@@ -3,6 +3,9 @@
 //! served and verified, on the same pager process unless the case is the one where the pager
 //! must be replaced.
 
+// The test plays the VMM (raw guest memory) and a debugger (ptrace): unsafe by nature.
+#![allow(unsafe_code)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

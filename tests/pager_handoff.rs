@@ -1,6 +1,9 @@
 //! The pager binary alone: a session handed over the SCM_RIGHTS socket (as the supervisor does)
 //! is served byte for byte, discards read as zero, and CompleteSession graduates it.
 
+// The test plays the VMM: it maps and touches raw guest memory.
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};

@@ -12,6 +12,7 @@
 //! - [`layer`]: the accepted-connection wrapper that carries the verdict into each request,
 //!   and the tower layer that enforces it.
 
+#[allow(unsafe_code)]
 pub mod creds;
 pub mod layer;
 

@@ -11,6 +11,7 @@
 
 mod build;
 pub mod hugepages;
+#[allow(unsafe_code)]
 pub mod pagecache;
 pub mod procfs;
 pub mod requirement;

@@ -68,32 +68,41 @@ fn emit(v: serde_json::Value) {
     println!("{v}");
 }
 
-/// One page-aligned anonymous private region, as Firecracker maps guest memory.
-fn map_region(size: usize, at: Option<*mut libc::c_void>) -> anyhow::Result<*mut libc::c_void> {
-    let fixed = if at.is_some() { libc::MAP_FIXED } else { 0 };
-    // SAFETY: a fresh private anonymous mapping; with MAP_FIXED it replaces this program's own
-    // region at `at` (made here, and only touched through volatile reads in this file).
-    let p = unsafe {
-        libc::mmap(
-            at.unwrap_or(std::ptr::null_mut()),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
-            -1,
-            0,
-        )
-    };
-    anyhow::ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-    Ok(p)
+/// The program's two raw operations on guest memory: its only unsafe code.
+#[allow(unsafe_code)]
+mod sys {
+    /// One page-aligned anonymous private region, as Firecracker maps guest memory.
+    pub fn map_region(
+        size: usize,
+        at: Option<*mut libc::c_void>,
+    ) -> anyhow::Result<*mut libc::c_void> {
+        let fixed = if at.is_some() { libc::MAP_FIXED } else { 0 };
+        // SAFETY: a fresh private anonymous mapping; with MAP_FIXED it replaces this program's own
+        // region at `at` (made here, and only touched through volatile reads in this file).
+        let p = unsafe {
+            libc::mmap(
+                at.unwrap_or(std::ptr::null_mut()),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+                -1,
+                0,
+            )
+        };
+        anyhow::ensure!(p != libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Ok(p)
+    }
+
+    /// Reads the first word of page `page` (may fault: that is the point).
+    pub fn touch(base: u64, page: u64) -> u64 {
+        let p = (base + page * 4096) as *const u64;
+        // SAFETY: `p` lies inside the mapped region; a volatile read because the pager fills the
+        // page behind the program's back.
+        unsafe { std::ptr::read_volatile(p) }
+    }
 }
 
-/// Reads the first word of page `page` (may fault: that is the point).
-fn touch(base: u64, page: u64) -> u64 {
-    let p = (base + page * 4096) as *const u64;
-    // SAFETY: `p` lies inside the mapped region; a volatile read because the pager fills the
-    // page behind the program's back.
-    unsafe { std::ptr::read_volatile(p) }
-}
+use sys::{map_region, touch};
 
 fn wait_line() {
     let mut line = String::new();

@@ -9,11 +9,15 @@
 //! - [`hogs`]: CPU hogs beside the measurement (`--hogs N`).
 //! - [`report`]: rows, targets, the table and the JSON line.
 
+#[allow(unsafe_code)]
 pub mod baseline;
 pub mod hogs;
+#[allow(unsafe_code)]
 pub mod memfiles;
+#[allow(unsafe_code)]
 pub mod min_handler;
 pub mod peers;
+#[allow(unsafe_code)]
 pub mod placement;
 pub mod procstat;
 pub mod project;
@@ -21,6 +25,7 @@ pub mod report;
 pub mod sessions;
 pub mod stats;
 pub mod supervisor;
+#[allow(unsafe_code)]
 pub mod working_set;
 
 use std::collections::BTreeMap;

@@ -17,6 +17,7 @@
 //! handlers are not part of the project: their directory comes from `--peers-dir` or
 //! `UFFD_BENCH_PEERS`, and without it the peer contenders are skipped (and the report says so).
 
+#[allow(unsafe_code)]
 pub mod file_backend;
 pub mod report;
 pub mod vmproc;
