@@ -267,7 +267,9 @@ impl Settings {
                     .map_err(|e| invalid("metrics_listen", format!("{a:?} is not IP:PORT: {e}")))
             })
             .transpose()?;
-        let history = self.outcome_history.unwrap_or(DEFAULT_OUTCOME_HISTORY as i64);
+        let history = self
+            .outcome_history
+            .unwrap_or(i64::try_from(DEFAULT_OUTCOME_HISTORY).unwrap_or(i64::MAX));
         if !(1..=MAX_OUTCOME_HISTORY).contains(&history) {
             return Err(invalid(
                 "outcome_history",

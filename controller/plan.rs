@@ -309,4 +309,6 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests;

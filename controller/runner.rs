@@ -279,4 +279,6 @@ impl<C: Completer> Runner<C> {
 
 #[cfg(test)]
 #[path = "runner_tests.rs"]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests;

@@ -249,6 +249,8 @@ fn mark(done: &mut ClaimDone, pages: Range<u64>) {
 #[cfg(test)]
 // A claim of one run is a vector of one range here, not a range of pages spelled wrong.
 #[allow(clippy::single_range_in_vec_init)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use std::fs::File;
     use std::io::Write;

@@ -15,6 +15,9 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 /// Extents asked for per call.
 const EXTENTS_PER_CALL: usize = 512;
+/// [`EXTENTS_PER_CALL`] as the kernel's `fm_extent_count` takes it.
+const EXTENTS_PER_CALL_U32: u32 = 512;
+const _: () = assert!(EXTENTS_PER_CALL_U32 as usize == EXTENTS_PER_CALL);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -63,7 +66,7 @@ fn fiemap(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
         map.fm_length = len - start;
         map.fm_flags = 0;
         map.fm_mapped_extents = 0;
-        map.fm_extent_count = EXTENTS_PER_CALL as u32;
+        map.fm_extent_count = EXTENTS_PER_CALL_U32;
         // SAFETY: `map` is a valid, writable `struct fiemap` followed by room for exactly
         // `fm_extent_count` extents; the kernel writes no more than that.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut *map as *mut Fiemap) };

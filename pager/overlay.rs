@@ -154,6 +154,8 @@ impl SessionOverlays {
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use std::io::Write;
 

@@ -96,7 +96,7 @@ impl Watchdog {
             for (i, verdict) in verdicts.iter().enumerate() {
                 match (verdict, stalled[i]) {
                     (Some(still), false) => {
-                        error!(version = %version, worker = i, stalled_ms = still.as_millis() as u64,
+                        error!(version = %version, worker = i, stalled_ms = u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
                             "fault worker stalled: its VMs are not served; health is NOT_SERVING");
                         stalled[i] = true;
                     }

@@ -472,7 +472,7 @@ impl Worker {
                     match c.finish(s) {
                         Ok(()) => {
                             info!(session = %s.id(), version = %self.version, populated_bytes = report.populated_bytes,
-                                assisted_bytes, skipped_zero_bytes = report.skipped_zero_bytes, ms = elapsed.as_millis() as u64, "session graduated");
+                                assisted_bytes, skipped_zero_bytes = report.skipped_zero_bytes, ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "session graduated");
                             self.end(token, SessionState::Graduated, String::new());
                         }
                         Err(e) => self.fail_completion(token, c, e),

@@ -299,7 +299,7 @@ impl Session {
             }
             Ok(false) => {
                 info!(session = %self.shared.id, version = %self.shared.version, processed = p.processed, copied = p.copied,
-                    ms = p.started.elapsed().as_millis() as u64, "working-set prefetch done");
+                    ms = u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX), "working-set prefetch done");
                 ws.set_prefetch(WorkingSetState::Done, String::new());
                 Ok(false)
             }

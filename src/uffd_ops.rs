@@ -155,6 +155,8 @@ pub fn unregister(uffd: &Uffd, start: u64, len: u64) -> Result<(), Errno> {
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
 

@@ -196,16 +196,15 @@ impl Recording {
             return Err(FormatError::UnsupportedVersion(version));
         }
         let (nregions, nruns) = (u64::from(u32_at(12)), u64_at(16));
-        if nregions > MAX_REGIONS as u64 {
-            return Err(FormatError::TooMany {
-                what: "regions",
-                count: nregions,
-                max: MAX_REGIONS,
-            });
-        }
-        if nruns > MAX_RUNS as u64 {
-            return Err(FormatError::TooMany { what: "runs", count: nruns, max: MAX_RUNS });
-        }
+        let at_most = |count: u64, what: &'static str, max: usize| {
+            usize::try_from(count).ok().filter(|n| *n <= max).ok_or(FormatError::TooMany {
+                what,
+                count,
+                max,
+            })
+        };
+        let (regions_count, runs_count) =
+            (at_most(nregions, "regions", MAX_REGIONS)?, at_most(nruns, "runs", MAX_RUNS)?);
         let expected =
             (HEADER_LEN as u64) + nregions * REGION_LEN as u64 + nruns * RUN_LEN as u64 + 4;
         if b.len() as u64 != expected {
@@ -220,7 +219,7 @@ impl Recording {
             FileIdentity { size: u64_at(24), head_crc: u32_at(32), tail_crc: u32_at(36) };
         let mut at = HEADER_LEN;
         let mut regions = Vec::new();
-        for index in 0..nregions as usize {
+        for index in 0..regions_count {
             let r = RecordedRegion {
                 offset: u64_at(at),
                 size: u64_at(at + 8),
@@ -232,7 +231,7 @@ impl Recording {
             regions.push(r);
         }
         let mut runs = Vec::new();
-        for index in 0..nruns as usize {
+        for index in 0..runs_count {
             let run = FileRun { offset: u64_at(at), len: u64_at(at + 8) };
             at += RUN_LEN;
             check_run(&run, &regions).map_err(|why| FormatError::BadRun {

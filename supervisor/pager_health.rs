@@ -108,7 +108,7 @@ impl Core {
                      supervisor killed it to hand its sessions to another process",
                     spell.as_secs_f64()
                 );
-                error!(version = %version, pid = process.pid, spell_ms = spell.as_millis() as u64,
+                error!(version = %version, pid = process.pid, spell_ms = u64::try_from(spell.as_millis()).unwrap_or(u64::MAX),
                     "pager NOT_SERVING too long; killing it so its sessions are re-adopted");
                 process.set_kill_reason(reason);
                 tokio::spawn(async move {

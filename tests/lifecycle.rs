@@ -5,6 +5,9 @@
 //! VM held it, graduated again, exit; and afterwards the supervisor and the pagers hold nothing
 //! of it (fds, mappings, threads, counted in /proc).
 
+// Test values are small and known: plain `as` casts.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 mod common;
 
 use std::os::unix::fs::MetadataExt;

@@ -7,6 +7,9 @@
 //! every byte it reads. Invalid overlays are refused with INVALID_ARGUMENT naming the overlay
 //! and the reason; 2 MiB pages take overlays in 2 MiB units.
 
+// Test values are small and known: plain `as` casts.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

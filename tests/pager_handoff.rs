@@ -1,6 +1,8 @@
 //! The pager binary alone: a session handed over the SCM_RIGHTS socket (as the supervisor does)
 //! is served byte for byte, discards read as zero, and CompleteSession graduates it.
 
+// Test values are small and known: plain `as` casts.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 // The test plays the VMM: it maps and touches raw guest memory.
 #![allow(unsafe_code)]
 

@@ -93,7 +93,7 @@ impl PageStates {
     /// The page's state, or `None` while a mutation is in progress (or for no such page).
     pub fn get(&self, page: usize) -> Option<PageState> {
         let word = self.words.get(page)?.load(Ordering::Acquire);
-        ((word >> 32) % 2 == 0).then(|| PageState::decode(word as u32))
+        ((word >> 32) % 2 == 0).then(|| PageState::decode(state_half(word)))
     }
 
     /// Starts mutating a page (single mutator only): readers retry until [`publish`](Self::publish).
@@ -105,7 +105,7 @@ impl PageStates {
         slot.store(word.wrapping_add(1 << 32), Ordering::Relaxed);
         // Orders the odd sequence before the page's new contents (seqlock writer side).
         fence(Ordering::Release);
-        PageState::decode(word as u32)
+        PageState::decode(state_half(word))
     }
 
     /// Ends a mutation begun with [`begin`](Self::begin): the page now holds `state`.
@@ -131,7 +131,7 @@ impl PageStates {
         if (before >> 32) % 2 == 1 {
             return Check::Changed;
         }
-        let state = PageState::decode(before as u32);
+        let state = PageState::decode(state_half(before));
         let diff = first_difference(memory, &expected(state, snapshot, global_page));
         // Orders the page reads before the re-check (seqlock reader side).
         fence(Ordering::Acquire);
@@ -249,7 +249,15 @@ pub fn first_difference_in(
     first
 }
 
+/// The state half (low 32 bits) of a page's seqlock word; the high half is its sequence.
+#[allow(clippy::cast_possible_truncation)] // keeping the low 32 bits is the point
+fn state_half(word: u64) -> u32 {
+    word as u32
+}
+
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;

@@ -38,8 +38,12 @@ pub mod workload;
 
 #[cfg(test)]
 #[allow(unsafe_code)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod testpager;
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests;
 
 pub use control::{parse_workload_list, Command, CommandRunner, Reply};

@@ -26,6 +26,11 @@ use super::mix;
 pub const FILE_PAGE: u64 = 4096;
 /// Pages generated and written per step (2 MiB).
 const CHUNK_PAGES: u64 = 512;
+/// [`FILE_PAGE`] and a chunk's bytes as buffer lengths.
+#[allow(clippy::cast_possible_truncation)] // 4096 and 2 MiB fit every usize
+pub(crate) const PAGE_BYTES: usize = FILE_PAGE as usize;
+#[allow(clippy::cast_possible_truncation)] // as above
+const CHUNK_BYTES: usize = (FILE_PAGE * CHUNK_PAGES) as usize;
 /// Salts keeping the kind choice and the content streams independent.
 const KIND_SALT: u64 = 0x6b69_6e64_7361_6c74;
 const DATA_SALT: u64 = 0x6461_7461_7361_6c74;
@@ -227,7 +232,9 @@ pub fn write_memory_file_layout(path: &Path, layout: &MemoryFileLayout) -> io::R
     }
     layout.validate()?;
     let kinds = layout.page_kinds();
-    write_kinds(path, &layout.spec, |index| kinds[index as usize])
+    write_kinds(path, &layout.spec, |index| {
+        kinds[usize::try_from(index).expect("a page of the in-memory layout")]
+    })
 }
 
 /// Writes a file of `spec.size` bytes whose page `index` is of kind `kind(index)`.
@@ -239,8 +246,8 @@ fn write_kinds(
     spec.validate()?;
     let file = File::create(path)?;
     file.set_len(spec.size)?;
-    let page = FILE_PAGE as usize;
-    let mut buf = vec![0u8; page * CHUNK_PAGES as usize];
+    let page = PAGE_BYTES;
+    let mut buf = vec![0u8; CHUNK_BYTES];
     let pages = spec.pages();
     let mut first = 0;
     while first < pages {
@@ -278,6 +285,8 @@ fn write_kinds(
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 pub(crate) mod tests {
     use std::os::fd::AsRawFd;
 
@@ -389,8 +398,8 @@ pub(crate) mod tests {
         spec.validate()?;
         let file = File::create(path)?;
         file.set_len(spec.size)?;
-        let page = FILE_PAGE as usize;
-        let mut buf = vec![0u8; page * CHUNK_PAGES as usize];
+        let page = PAGE_BYTES;
+        let mut buf = vec![0u8; CHUNK_BYTES];
         let pages = spec.pages();
         let mut first = 0;
         while first < pages {

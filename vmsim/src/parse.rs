@@ -114,6 +114,8 @@ pub enum Amount {
 
 impl Amount {
     /// The number of pages this amount means in a guest of `total` pages.
+    // The fraction is within 0..=1 (checked when parsed): the product is in 0..=total.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn pages_of(self, total: u64) -> u64 {
         match self {
             Amount::Pages(n) => n,
@@ -148,6 +150,8 @@ impl FromStr for Amount {
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
 

@@ -51,6 +51,7 @@ impl Report {
 const SUB_BITS: u32 = 4;
 const SUB: u64 = 1 << SUB_BITS;
 /// Buckets covering every `u64` nanosecond value.
+#[allow(clippy::cast_possible_truncation)] // 61 * 16
 const BUCKETS: usize = ((64 - SUB_BITS + 1) as usize) * (SUB as usize);
 
 /// A latency histogram with logarithmic buckets (bounded memory, ~6% resolution).
@@ -67,6 +68,8 @@ impl Default for LatencyHistogram {
     }
 }
 
+// Below `SUB` the value is its own bucket, and every bucket index is below `BUCKETS` (976).
+#[allow(clippy::cast_possible_truncation)]
 fn bucket_of(ns: u64) -> usize {
     if ns < SUB {
         return ns as usize;
@@ -107,6 +110,8 @@ impl LatencyHistogram {
     }
 
     /// The `q` quantile (0.0 ..= 1.0) in nanoseconds: the middle of its bucket, at most the max.
+    // The rank is `q` (clamped to 0..=1) times the count: non-negative, at most `total`.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     pub fn quantile_ns(&self, q: f64) -> u64 {
         if self.total == 0 {
             return 0;
@@ -191,6 +196,8 @@ impl Recorder {
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
     use super::*;
 

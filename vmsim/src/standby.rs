@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::expect::{expected, first_difference_in};
 use super::guest::{Guest, PageRef, Vm};
-use super::memfile::FILE_PAGE;
+use super::memfile::PAGE_BYTES;
 use super::report::{Recorder, Report};
 use super::workload::describe;
 
@@ -211,7 +211,7 @@ impl<'f> SparseWriter<'f> {
     /// Writes `bytes` at `offset` (4 KiB-aligned), block by block.
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let mut at = offset;
-        for block in bytes.chunks(FILE_PAGE as usize) {
+        for block in bytes.chunks(PAGE_BYTES) {
             if is_zero(block) {
                 self.flush()?;
                 self.hole_bytes += block.len() as u64;
@@ -255,6 +255,8 @@ fn is_zero(block: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+// Test values are small and known: plain `as` casts.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests {
 
     use super::*;

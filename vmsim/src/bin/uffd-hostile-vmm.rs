@@ -222,7 +222,7 @@ fn remap_refault(
     });
     match rx.recv_timeout(wait) {
         Ok(word) => emit(json!({"ok": true, "step": "refaulted", "word": word,
-            "ms": started.elapsed().as_millis() as u64})),
+            "ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)})),
         Err(_) => emit(json!({"ok": false, "step": "refaulted",
             "error": format!("page 0 of the fresh mapping was not served within {wait:?}")})),
     }

@@ -173,7 +173,7 @@ mod tests {
     /// checks that release gives back what each had.
     #[test]
     fn pinning_a_process_is_undone_on_release_and_on_drop() {
-        let pid = std::process::id() as i32;
+        let pid = nix::unistd::getpid().as_raw();
         let tid = || nix::unistd::gettid().as_raw();
         let mine = tid();
         let before = get_affinity(mine).unwrap();

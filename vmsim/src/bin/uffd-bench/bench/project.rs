@@ -111,7 +111,10 @@ pub async fn complete(
     let (done, elapsed) = p.complete(&id).await?;
     f.add(&format!("complete_{kind}_gbps"), gbps(size, elapsed.as_secs_f64()));
     if let Some(d) = done.duration {
-        let pager = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+        let pager = Duration::new(
+            u64::try_from(d.seconds).unwrap_or(0),
+            u32::try_from(d.nanos).unwrap_or(0),
+        );
         f.add(&format!("complete_{kind}_pager_ms"), pager.as_secs_f64() * 1000.0);
     }
     f.add(&format!("complete_{kind}_copied_share"), done.populated_bytes as f64 / size as f64);

@@ -8,6 +8,8 @@ pub fn median(values: &[f64]) -> Option<f64> {
 
 /// The `q` quantile (0.0 ..= 1.0) of `values`, linearly interpolated between neighbours;
 /// `None` if empty or if any value is NaN.
+// `pos` is within 0..=len-1 (q clamped): its floor and ceiling index `sorted`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     if values.is_empty() || values.iter().any(|v| v.is_nan()) {
         return None;

@@ -134,12 +134,15 @@ pub async fn record(p: &Project, file: &Path, size: u64, ws: &Path) -> anyhow::R
 }
 
 /// The file-backed mapping read in the workload's order: ms.
+// `SHARE` of the page count: a fraction of a usize, non-negative.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn file_backed(file: &Path, size: u64, seed: u64) -> anyhow::Result<f64> {
     let f = std::fs::File::open(file)?;
+    let len = usize::try_from(size)?;
     // SAFETY: a private, read-only mapping of a file this run wrote and nobody truncates.
-    let private: Mmap = unsafe { MmapOptions::new().len(size as usize).map_copy_read_only(&f)? };
+    let private: Mmap = unsafe { MmapOptions::new().len(len).map_copy_read_only(&f)? };
     // SAFETY: as above; the reference copy the pages are compared with.
-    let reference: Mmap = unsafe { MmapOptions::new().len(size as usize).map(&f)? };
+    let reference: Mmap = unsafe { MmapOptions::new().len(len).map(&f)? };
     reference.advise(memmap2::Advice::WillNeed)?;
     let total = (size / 4096) as usize;
     let k = (total as f64 * SHARE) as usize;
