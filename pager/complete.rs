@@ -259,15 +259,23 @@ impl Completion {
         );
     }
 
-    /// After a full sweep: serve what is queued, unregister every region, and release any event
-    /// that came in meanwhile (a VMM madvise blocks until its REMOVE is read).
+    /// After a full sweep: serve what is queued, unregister every region, and read every event
+    /// raised before the unregister, queued yet or not (a VMM madvise blocks until its REMOVE is
+    /// read: one left unread once the session is released would freeze that VMM thread).
     pub fn finish(&mut self, s: &mut Session) -> Result<(), CompleteError> {
         let result = (|| {
             s.drain_events()?;
             s.serve_pending()?;
             s.unregister_all()?;
-            s.drain_events()?;
-            s.serve_pending()
+            match s.settle_events() {
+                // Every region is unregistered: the session cannot go back to serving. Events
+                // that keep coming are for ranges this pager never registered.
+                Err(e @ SessionError::Stuck(_)) => {
+                    tracing::warn!(session = %s.id(), error = %e, "events kept coming after the unregister; graduating anyway");
+                    Ok(())
+                }
+                other => other,
+            }
         })();
         match result {
             Ok(()) => {

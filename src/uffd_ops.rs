@@ -18,6 +18,14 @@
 //!   it, or our own `UFFDIO_UNREGISTER` did. It says nothing about whether the VMM lives: never
 //!   proof that a session is over (callers check the VMM's stream for that).
 //! * `UFFDIO_ZEROPAGE` does not work on hugetlbfs regions: callers copy zeros there instead.
+//! * A non-cooperative event (`UFFD_EVENT_REMOVE`, `UNMAP`, `REMAP`, `FORK`) holds the VMM's
+//!   thread until the event is read. The kernel counts it in `ctx->mmap_changing` while it still
+//!   holds the VMM's `mmap_lock`, but queues it only after dropping that lock
+//!   (`userfaultfd_remove` in `fs/userfaultfd.c`): an event can appear *after* our
+//!   `UFFDIO_UNREGISTER` returned and after a drain found the queue empty. `UFFDIO_ZEROPAGE`
+//!   checks `mmap_changing` before it looks at its range, so a zero-length one answers `EAGAIN`
+//!   while any event is in flight and `EINVAL` otherwise, touching nothing: see
+//!   [`events_in_flight`].
 //!
 //! Every call names a destination in the VMM's address space, not in this process; the source is
 //! read by the kernel with `copy_from_user`, so an unreadable source is `EFAULT`, never a signal.
@@ -141,6 +149,35 @@ pub fn zeropage(uffd: &Uffd, dst: u64, len: u64, wake: bool) -> Result<FillOutco
     }
 }
 
+/// Whether a non-cooperative event is raised and not yet read, queued or about to be (see the
+/// module's notes): a `UFFDIO_ZEROPAGE` of an empty range, which the kernel refuses with `EAGAIN`
+/// while `mmap_changing` is set and with `EINVAL` (an empty range) otherwise. It maps nothing.
+pub fn events_in_flight(uffd: &Uffd) -> Result<bool, Errno> {
+    use std::os::fd::AsRawFd;
+    use userfaultfd_sys as sys;
+
+    nix::ioctl_readwrite!(
+        uffdio_zeropage,
+        sys::UFFDIO,
+        sys::_UFFDIO_ZEROPAGE,
+        sys::uffdio_zeropage
+    );
+    let mut probe = sys::uffdio_zeropage {
+        range: sys::uffdio_range { start: 0, len: 0 },
+        mode: u64::from(sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE),
+        zeropage: 0,
+    };
+    // SAFETY: `uffd` is a userfaultfd and `probe` a valid uffdio_zeropage the kernel may write its
+    // result into; an empty range maps nothing.
+    match unsafe { uffdio_zeropage(uffd.as_raw_fd(), &mut probe) } {
+        Err(Errno::EAGAIN) => Ok(true),
+        Err(Errno::EINVAL) => Ok(false),
+        Err(other) => Err(other),
+        // No kernel maps an empty range; should one, nothing was mapped and nothing is pending.
+        Ok(_) => Ok(false),
+    }
+}
+
 /// `UFFDIO_WAKE`: wakes threads blocked on faults in `start..start+len`.
 pub fn wake(uffd: &Uffd, start: u64, len: u64) -> Result<(), Errno> {
     let len = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
@@ -168,6 +205,46 @@ mod tests {
         assert_ne!(fl & libc::O_NONBLOCK, 0, "non-blocking");
         let fd = nix::fcntl::fcntl(uffd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
         assert_ne!(fd & libc::FD_CLOEXEC, 0, "close-on-exec");
+    }
+
+    /// A REMOVE raised by a thread of ours (its `madvise` waits until the event is read) is in
+    /// flight after the range is unregistered, and no longer once read: the probe the graduation
+    /// relies on to read every event before it lets go of a uffd.
+    #[test]
+    fn an_unread_remove_is_in_flight_past_unregister_until_it_is_read() {
+        use std::os::fd::AsFd;
+        let uffd = firecracker_uffd(false).expect("a userfaultfd");
+        let len = 16 * 4096;
+        let mut map = memmap2::MmapMut::map_anon(len).expect("anonymous memory");
+        let base = map.as_mut_ptr() as u64;
+        uffd.register(map.as_mut_ptr().cast(), len).expect("register");
+        assert_eq!(events_in_flight(&uffd), Ok(false), "nothing raised yet");
+
+        let discard = std::thread::spawn(move || {
+            // SAFETY: the range is this test's own anonymous mapping, alive until the join.
+            let r = unsafe { libc::madvise(base as *mut c_void, 4 * 4096, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0, "madvise");
+        });
+        let raised = std::time::Instant::now();
+        while events_in_flight(&uffd) != Ok(true) {
+            assert!(raised.elapsed() < std::time::Duration::from_secs(10), "the REMOVE never came");
+            std::thread::yield_now();
+        }
+        unregister(&uffd, base, len as u64).expect("unregister");
+        assert_eq!(events_in_flight(&uffd), Ok(true), "the REMOVE is still unread");
+
+        let mut msg = [0u64; crate::uffd_msg::MSG_WORDS];
+        let read = loop {
+            // SAFETY: `msg` is a local buffer of one message, read only after the call returns.
+            match unsafe { crate::uffd_msg::read_into(uffd.as_fd(), msg.as_mut_ptr().cast(), 32) } {
+                Ok(0) => std::thread::yield_now(),
+                other => break other,
+            }
+        };
+        assert_eq!(read, Ok(1), "one event read");
+        discard.join().expect("the madvise returns once its REMOVE is read");
+        assert_eq!(events_in_flight(&uffd), Ok(false), "nothing in flight once read");
+        drop(map);
     }
 
     #[test]

@@ -80,6 +80,8 @@ fn precheck(id: &str, r: &Record) -> Result<Option<CompleteSessionResponse>, Ser
         })),
         SessionState::Serving | SessionState::Completing => Ok(None),
         SessionState::Orphaned => Err(ServiceError::Orphaned { id: id.into() }),
+        // Its VMM has connected and the first handoff is in flight: SERVING in a moment.
+        SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.into())),
         s => Err(ServiceError::WrongState {
             id: id.into(),
             state: state_name(s),

@@ -35,8 +35,11 @@ use crate::inventory::{is_held, is_live};
 use crate::pagers::Exit;
 use crate::versions::HandoffGuard;
 
-/// Handoffs tried per session before it is FAILED.
-const ATTEMPTS: u32 = 3;
+/// Handoffs tried per session in one re-adoption, a pause between them (see [`next_step`]).
+const ATTEMPTS: u32 = 5;
+/// The pause after a session's first failed handoff; it doubles after each one (0.1 s, 0.2 s,
+/// 0.4 s, 0.8 s): time for the supervisor to see an adopter that died and respawn it.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why one re-adoption failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,44 @@ pub enum ReadoptError {
     Task(String),
     #[error("pager version {0} exited right after adopting the session")]
     AdopterDied(String),
+}
+
+impl ReadoptError {
+    /// Whether the adopting pager itself answered no (it read the session and refused it), as
+    /// opposed to bad luck on the way: an adopter that died or was not listening yet.
+    fn adopter_refused(&self) -> bool {
+        use handoff::HandoffError::*;
+        matches!(
+            self,
+            ReadoptError::Handoff {
+                source: Refused(_) | Malformed(_) | WrongFdCount(_) | NoOverlayData,
+                ..
+            }
+        )
+    }
+}
+
+/// What to do with a session whose handoff just failed for the `attempts`-th time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NextStep {
+    /// Hand it over again, to a fresh reservation, after the pause.
+    Retry,
+    /// Keep its descriptors and wait for the next version available (the monitor hands
+    /// ORPHANED sessions over on every pass).
+    Orphan,
+    /// Nothing can serve it: no descriptors, or the adopters keep refusing it.
+    Fail,
+}
+
+/// The decision after a failed handoff. An adopter that died or was not listening yet is bad
+/// luck, never a reason to give a VM up: retried, then ORPHANED.
+fn next_step(error: &ReadoptError, attempts: u32) -> NextStep {
+    match error {
+        ReadoptError::NotHeld => NextStep::Fail,
+        _ if attempts < ATTEMPTS => NextStep::Retry,
+        e if e.adopter_refused() => NextStep::Fail,
+        _ => NextStep::Orphan,
+    }
 }
 
 /// What became of one session.
@@ -188,23 +229,47 @@ impl Core {
                 }
             };
             let mut retry = Vec::new();
+            let mut most_attempts = 0;
             for id in queue {
                 match self.adopt_one(&id, &guard, &why).await {
                     Ok(Outcome::Adopted | Outcome::Gone) => {}
                     Err(e) => {
                         let n = attempts.entry(id.clone()).or_default();
                         *n += 1;
-                        if *n < ATTEMPTS && !matches!(e, ReadoptError::NotHeld) {
-                            warn!(session = %id, to = %guard.version, error = %e, "re-adoption failed; trying again");
-                            retry.push(id);
-                        } else {
-                            error!(session = %id, to = %guard.version, error = %e, "session FAILED: re-adoption failed");
-                            self.fail_session(&id, format!("{why}; re-adoption failed: {e}"), true);
+                        most_attempts = most_attempts.max(*n);
+                        match next_step(&e, *n) {
+                            NextStep::Retry => {
+                                warn!(session = %id, to = %guard.version, attempt = *n, error = %e, "re-adoption failed; trying again");
+                                retry.push(id);
+                            }
+                            NextStep::Orphan => {
+                                warn!(session = %id, to = %guard.version, error = %e, "session ORPHANED: re-adoption kept failing; the next version available adopts it");
+                                self.orphan_session(
+                                    &id,
+                                    format!(
+                                        "{why}; re-adoption failed {n} times (last: {e}): it is \
+                                         ORPHANED until a pager version adopts it"
+                                    ),
+                                );
+                            }
+                            NextStep::Fail => {
+                                error!(session = %id, to = %guard.version, error = %e, "session FAILED: re-adoption failed");
+                                self.fail_session(
+                                    &id,
+                                    format!("{why}; re-adoption failed: {e}"),
+                                    true,
+                                );
+                            }
                         }
                     }
                 }
             }
             drop(guard);
+            if !retry.is_empty() {
+                // An adopter that died is seen by the supervisor (and respawned) a moment later:
+                // a retry at once would meet the same dead process.
+                tokio::time::sleep(RETRY_PAUSE * 2u32.pow(most_attempts.saturating_sub(1))).await;
+            }
             queue = retry;
         }
     }
@@ -259,5 +324,42 @@ impl Core {
         info!(session = %id, to = %to, pid, "session re-adopted");
         self.metrics.readoptions.inc(&[&to]);
         Ok(Outcome::Adopted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uffdpager::handoff::HandoffError;
+
+    fn handoff(source: HandoffError) -> ReadoptError {
+        ReadoptError::Handoff { version: "v2".into(), source }
+    }
+
+    #[test]
+    fn an_adopter_that_died_or_did_not_listen_is_retried_then_the_session_orphaned() {
+        let unlucky = [
+            handoff(HandoffError::Connect {
+                path: "h.sock".into(),
+                source: nix::errno::Errno::ECONNREFUSED,
+            }),
+            handoff(HandoffError::Recv(nix::errno::Errno::ECONNRESET)),
+            handoff(HandoffError::Closed),
+            ReadoptError::AdopterDied("v2".into()),
+        ];
+        for e in &unlucky {
+            for n in 1..ATTEMPTS {
+                assert_eq!(next_step(e, n), NextStep::Retry, "{e} after {n}");
+            }
+            assert_eq!(next_step(e, ATTEMPTS), NextStep::Orphan, "{e}: never FAILED");
+        }
+    }
+
+    #[test]
+    fn a_session_the_adopters_refuse_fails_after_the_attempts_and_one_not_held_at_once() {
+        let refused = handoff(HandoffError::Refused("memory file truncated".into()));
+        assert_eq!(next_step(&refused, 1), NextStep::Retry);
+        assert_eq!(next_step(&refused, ATTEMPTS), NextStep::Fail);
+        assert_eq!(next_step(&ReadoptError::NotHeld, 1), NextStep::Fail);
     }
 }

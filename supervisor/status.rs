@@ -122,10 +122,10 @@ impl ServiceError {
             | Deploy(PagerError::Binary { .. }) => Code::InvalidArgument,
             SessionExists(_) | VersionRunning { .. } => Code::AlreadyExists,
             SessionNotFound(_) | VersionNotFound(_) => Code::NotFound,
-            WrongState { .. } | HandingOff(_) | VersionNotRunning { .. } | Deploy(_) => {
-                Code::FailedPrecondition
-            }
-            NoActiveVersion
+            WrongState { .. } | VersionNotRunning { .. } | Deploy(_) => Code::FailedPrecondition,
+            // Transient: the first handoff answers within the handoff timeout.
+            HandingOff(_)
+            | NoActiveVersion
             | OwnerUnavailable { .. }
             | ShuttingDown
             | Readopting { .. }
@@ -217,6 +217,7 @@ mod tests {
         assert_eq!(status(down).0, Code::Unavailable);
         assert_eq!(status(ServiceError::NoActiveVersion).0, Code::Unavailable);
         assert_eq!(status(ServiceError::ShuttingDown).0, Code::Unavailable);
+        assert_eq!(status(ServiceError::HandingOff("vm-1".into())).0, Code::Unavailable);
         let (code, msg) = status(ServiceError::Readopting { id: "vm-1".into() });
         assert_eq!(code, Code::Unavailable);
         assert!(msg.contains("vm-1") && msg.contains("retry"), "{msg}");

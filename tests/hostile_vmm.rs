@@ -318,10 +318,6 @@ async fn a_handshake_with_more_than_eight_fds_fails_clearly_and_leaves_no_fd_beh
 
 /// Balloon discards (64 x 1 MiB, each read back) arrive while CompleteSession runs: a VM that
 /// is alive is never released as gone. Looped, since the race is narrow (`HOSTILE_ROUNDS`).
-// Run by hand (`cargo test --release --test hostile_vmm -- --ignored`): it reproduces, now and
-// then, the open freeze that tests/fault_injection.rs finds (a VM stops answering after balloon
-// discards during its graduation; see the README, "What a supervisor restart keeps and loses").
-#[ignore = "reproduces an open freeze now and then: run with --ignored"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balloon_discards_during_graduation_never_release_a_live_vm() {
     let env = Env::start().await;

@@ -12,8 +12,11 @@ use serde_json::Value;
 pub enum VmProcessError {
     #[error("starting uffd-vmsim: {0}")]
     Spawn(std::io::Error),
-    #[error("uffd-vmsim did not answer {cmd:?} within {timeout:?} (a page left unserved?)")]
-    Timeout { cmd: String, timeout: Duration },
+    #[error(
+        "uffd-vmsim did not answer {cmd:?} within {timeout:?} (a page left unserved?); its \
+         threads: {threads}"
+    )]
+    Timeout { cmd: String, timeout: Duration, threads: String },
     #[error("uffd-vmsim exited before answering {0:?}")]
     Exited(String),
     #[error("uffd-vmsim answered {cmd:?} with something that is not JSON: {line}")]
@@ -125,7 +128,8 @@ impl VmProcess {
         let line = match self.lines.recv_timeout(timeout) {
             Ok(l) => l,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(VmProcessError::Timeout { cmd: cmd.into(), timeout })
+                let threads = threads_of(self.pid);
+                return Err(VmProcessError::Timeout { cmd: cmd.into(), timeout, threads });
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(VmProcessError::Exited(cmd.into()))
@@ -189,4 +193,34 @@ impl Drop for VmProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where each thread of process `pid` waits, as the kernel says (`/proc/<pid>/task/<tid>/`:
+/// `comm`, `wchan` and the innermost frames of `stack`): what a frozen VM is blocked in, a
+/// fault nobody serves (`handle_userfault`) or a REMOVE nobody reads
+/// (`userfaultfd_event_wait_completion`).
+fn threads_of(pid: u32) -> String {
+    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(process {pid} is gone)");
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let stack: Vec<String> = read(dir.join("stack"))
+            .lines()
+            .take(6)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect();
+        out.push(format!(
+            "{} {} wchan={} stack=[{}]",
+            task.file_name().to_string_lossy(),
+            read(dir.join("comm")).trim(),
+            read(dir.join("wchan")).trim(),
+            stack.join(" < ")
+        ));
+    }
+    let registered = crate::vmsim::smaps::uffd_registered_vmas(pid)
+        .map_or_else(|e| format!("unknown ({e})"), |n| n.to_string());
+    format!("{}; uffd-registered VMAs: {registered}", out.join("; "))
 }
