@@ -787,4 +787,7 @@ impl Session {
 
 #[cfg(test)]
 #[path = "session_tests.rs"]
+// The tests play the VMM on a real uffd (raw guest memory); their values are small and known.
+#[allow(unsafe_code)]
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 mod tests;

@@ -15,6 +15,7 @@ pub mod hugepages;
 pub mod pagecache;
 pub mod procfs;
 pub mod requirement;
+pub mod smaps;
 mod supervisor;
 mod vm;
 

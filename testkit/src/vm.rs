@@ -220,7 +220,7 @@ fn threads_of(pid: u32) -> String {
             stack.join(" < ")
         ));
     }
-    let registered = crate::vmsim::smaps::uffd_registered_vmas(pid)
+    let registered = crate::smaps::uffd_registered_vmas(pid)
         .map_or_else(|e| format!("unknown ({e})"), |n| n.to_string());
     format!("{}; uffd-registered VMAs: {registered}", out.join("; "))
 }

@@ -32,7 +32,8 @@ pub mod memfile;
 pub mod parse;
 pub mod reader;
 pub mod report;
-pub mod smaps;
+/// The kernel's word on uffd registrations: test support's reader (`testkit::smaps`).
+pub use testkit::smaps;
 pub mod standby;
 pub mod workload;
 
