@@ -10,6 +10,7 @@ mod file_extents;
 mod guarded_read;
 mod handoff;
 mod joined_deadline;
+mod lifecycle;
 mod memory_file;
 mod metrics;
 mod overlay;

@@ -17,6 +17,7 @@ use uffdpager::overlay;
 
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
+use crate::lifecycle::Lifecycle;
 use crate::runtime_state::ConnectedMeta;
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
@@ -255,11 +256,7 @@ impl Core {
         }
         let connected_at_ms = uffdpager::grpc::now_ms();
         // From here the session cannot be deleted until the pager has answered.
-        let claimed = self.inventory.modify(&id, |r| {
-            let pending = r.state() == SessionState::Pending;
-            r.handing_off = pending;
-            pending
-        });
+        let claimed = self.inventory.modify(&id, |r| r.step(Lifecycle::hand_over).is_ok());
         if !matches!(claimed, Some((true, _))) {
             return; // deleted meanwhile: dropping the fds closes the VMM's connection
         }
@@ -436,10 +433,11 @@ impl Core {
         let version = &reservation.version;
         let total_bytes: u64 = request.regions.iter().map(|r| r.size).sum();
         self.inventory.modify(id, |r| {
-            r.handing_off = false;
+            if let Err(e) = r.step(Lifecycle::serve) {
+                warn!(session = %id, error = %e, "served, though not being handed over");
+            }
             r.serving_since = Some(tokio::time::Instant::now());
             let s = &mut r.session;
-            s.state = SessionState::Serving as i32;
             s.pager_version = version.clone();
             show_connected(s, request);
         });
@@ -464,9 +462,10 @@ impl Core {
         h.request = Some(request.clone());
         h.setup = None;
         self.inventory.modify(id, |r| {
-            r.handing_off = false;
+            if let Err(e) = r.step(Lifecycle::orphan) {
+                warn!(session = %id, error = %e, "ORPHANED, though not being handed over");
+            }
             let s = &mut r.session;
-            s.state = SessionState::Orphaned as i32;
             s.error = why;
             show_connected(s, request);
         });
@@ -529,7 +528,7 @@ impl Core {
                     hint: "its VM waits for a pager: deploy a version and it is adopted (it ends \
                            by itself once its VMM exits)",
                 }),
-                SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.clone())),
+                SessionState::Pending if r.handing_off() => Err(ServiceError::HandingOff(id.clone())),
                 _ => Ok(()),
             });
             let session = removed.ok_or_else(|| ServiceError::SessionNotFound(id.clone()))??;
