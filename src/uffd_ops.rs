@@ -164,7 +164,7 @@ pub fn events_in_flight(uffd: &Uffd) -> Result<bool, Errno> {
     );
     let mut probe = sys::uffdio_zeropage {
         range: sys::uffdio_range { start: 0, len: 0 },
-        mode: u64::from(sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE),
+        mode: sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE,
         zeropage: 0,
     };
     // SAFETY: `uffd` is a userfaultfd and `probe` a valid uffdio_zeropage the kernel may write its
