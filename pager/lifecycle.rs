@@ -66,8 +66,7 @@ impl SessionLifecycle {
         loop {
             let from = decode(current);
             let to = next(from, change).ok_or(Refused { from, change })?;
-            match self.0.compare_exchange(current, to as i32, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.0.compare_exchange(current, to as i32, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Ok(to),
                 Err(now) => current = now,
             }
@@ -93,7 +92,8 @@ mod tests {
             (Serving, Change::End, Ended),
             (Completing, Change::End, Ended),
         ];
-        let states = [Unspecified, Pending, Serving, Completing, Graduated, Ended, Failed, Orphaned];
+        let states =
+            [Unspecified, Pending, Serving, Completing, Graduated, Ended, Failed, Orphaned];
         let changes =
             [Change::BeginCompletion, Change::CompletionFailed, Change::Graduate, Change::End];
         for from in states {

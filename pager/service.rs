@@ -10,9 +10,9 @@ use tracing::info;
 use uffdpager::api::{self, pager_server, SessionState};
 use uffdpager::grpc::{grpc_timeout, timestamp};
 
-use crate::lifecycle::Change;
 use crate::complete::{CompleteError, Completion, CompletionReport, CompletionResult};
 use crate::joined_deadline::JoinedDeadline;
+use crate::lifecycle::Change;
 use crate::registry::CompletionWatch;
 use crate::worker::Command;
 use crate::Pager;

@@ -252,11 +252,7 @@ impl Inventory {
     /// Sessions being handed to a pager right now: a first handoff, or a re-adoption (their
     /// pager died, or they were ORPHANED).
     pub fn handing_off_count(&self) -> usize {
-        self.lock()
-            .sessions
-            .values()
-            .filter(|e| e.record.handing_off())
-            .count()
+        self.lock().sessions.values().filter(|e| e.record.handing_off()).count()
     }
 
     /// ORPHANED sessions not being handed over yet.

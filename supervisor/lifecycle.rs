@@ -100,9 +100,7 @@ impl Lifecycle {
     pub fn recovered(state: SessionState) -> Self {
         let phase = match state {
             SessionState::Serving => SERVED,
-            SessionState::Completing => {
-                Phase::Served { pager_completing: true, readopting: false }
-            }
+            SessionState::Completing => Phase::Served { pager_completing: true, readopting: false },
             SessionState::Orphaned => Phase::Orphaned { adopting: false },
             SessionState::Graduated => Phase::Graduated,
             SessionState::Ended => Phase::Ended,
@@ -329,9 +327,10 @@ mod tests {
         match (transition, from) {
             (T::HandOver, Pending) => same(HandingOver),
             (T::Serve, HandingOver) => same(served(false, false)),
-            (T::Orphan, HandingOver | Served { readopting: true, .. } | Orphaned { adopting: true }) => {
-                same(ORPHAN)
-            }
+            (
+                T::Orphan,
+                HandingOver | Served { readopting: true, .. } | Orphaned { adopting: true },
+            ) => same(ORPHAN),
             (T::BeginReadopt, Served { pager_completing, readopting: false }) => {
                 same(served(pager_completing, true))
             }
@@ -415,8 +414,7 @@ mod tests {
 
     #[test]
     fn handing_off_is_any_handoff_in_flight() {
-        let off: Vec<_> =
-            all_phases().into_iter().filter(|&p| at(p, 0).handing_off()).collect();
+        let off: Vec<_> = all_phases().into_iter().filter(|&p| at(p, 0).handing_off()).collect();
         assert_eq!(off, [Phase::HandingOver, served(false, true), served(true, true), ADOPTING]);
     }
 }

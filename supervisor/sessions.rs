@@ -28,18 +28,11 @@ const HANDOFF_ATTEMPTS: u32 = 3;
 /// How long a failed handoff waits to learn whether its pager died.
 const DIED_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The API's spelling of a session state, for messages.
+/// The API's spelling of a session state, for messages: the generated name without its
+/// `SESSION_STATE_` prefix ("SERVING").
 pub fn state_name(state: SessionState) -> &'static str {
-    match state {
-        SessionState::Unspecified => "UNSPECIFIED",
-        SessionState::Pending => "PENDING",
-        SessionState::Serving => "SERVING",
-        SessionState::Completing => "COMPLETING",
-        SessionState::Graduated => "GRADUATED",
-        SessionState::Ended => "ENDED",
-        SessionState::Failed => "FAILED",
-        SessionState::Orphaned => "ORPHANED",
-    }
+    let name = state.as_str_name();
+    name.strip_prefix("SESSION_STATE_").unwrap_or(name)
 }
 
 impl Core {
@@ -528,7 +521,9 @@ impl Core {
                     hint: "its VM waits for a pager: deploy a version and it is adopted (it ends \
                            by itself once its VMM exits)",
                 }),
-                SessionState::Pending if r.handing_off() => Err(ServiceError::HandingOff(id.clone())),
+                SessionState::Pending if r.handing_off() => {
+                    Err(ServiceError::HandingOff(id.clone()))
+                }
                 _ => Ok(()),
             });
             let session = removed.ok_or_else(|| ServiceError::SessionNotFound(id.clone()))??;
