@@ -255,6 +255,18 @@ impl Inventory {
         self.lock().sessions.values().filter(|e| e.record.handing_off()).count()
     }
 
+    /// Sessions waiting for a pager: their VMM connected, and no pager serves them yet (a first
+    /// handoff in flight) or any more (ORPHANED).
+    pub fn awaiting_pager_count(&self) -> usize {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|e| {
+                matches!(e.record.lifecycle().phase(), Phase::HandingOver | Phase::Orphaned { .. })
+            })
+            .count()
+    }
+
     /// ORPHANED sessions not being handed over yet.
     pub fn orphans(&self) -> Vec<Record> {
         self.lock()
