@@ -19,7 +19,7 @@ pub const DEFAULT_LISTEN: &str = "unix:/run/uffd-pager/controller.sock";
 /// Outcomes kept for GetStatus unless told otherwise.
 pub const DEFAULT_OUTCOME_HISTORY: usize = 100;
 /// Longest duration any setting accepts (keeps every time sum far from overflow).
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub use uffdpager::duration::parse_duration;
 /// Most outcomes GetStatus can keep.
 const MAX_OUTCOME_HISTORY: i64 = 100_000;
 
@@ -318,23 +318,6 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         }
     };
     n.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
-}
-
-/// Parses a duration as operators write them (`10m`, `90s`, `1h 30m`, `250ms`, `0`).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    if t.starts_with('-') {
-        return Err(format!("{text:?} is negative"));
-    }
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let d = humantime::parse_duration(t)
-        .map_err(|e| format!("{text:?} is not a duration like \"10m\" or \"90s\": {e}"))?;
-    if d > MAX_DURATION {
-        return Err(format!("{text:?} is longer than 365 days"));
-    }
-    Ok(d)
 }
 
 fn duration(

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::copy_threads::{Claim, ClaimDone, CopyThreads, Reply};
 use crate::joined_deadline::JoinedDeadline;
+use crate::lifecycle::Change;
 use crate::metrics::{self, Outcome, METRICS};
 use crate::session::{Session, SessionError};
 use crate::sweep::{Sweep, SweepCounts, ZeroTest};
@@ -287,7 +288,9 @@ impl Completion {
                 s.publish();
                 // Graduated before anyone hears of it, so the answer shows the final state.
                 s.shared.set_error(String::new());
-                s.shared.set_state(uffdpager::api::SessionState::Graduated);
+                if let Err(e) = s.shared.change(Change::Graduate) {
+                    tracing::warn!(session = %s.id(), error = %e, "graduated, though not completing");
+                }
                 METRICS.graduated(self.report.duration, s.shared.total_bytes());
                 let _ = self.done.send(Some(Ok(self.report.clone())));
                 Ok(())

@@ -17,6 +17,7 @@ mod guarded_read;
 #[allow(unsafe_code)]
 mod handoff;
 mod joined_deadline;
+mod lifecycle;
 #[allow(unsafe_code)]
 mod memory_file;
 mod metrics;

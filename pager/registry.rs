@@ -3,7 +3,7 @@
 //! table's lock, so that two CompleteSession calls cannot both start a completion.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
@@ -12,6 +12,7 @@ use uffdpager::firecracker::Region;
 use uffdpager::grpc::timestamp_ms;
 
 use crate::complete::CompletionResult;
+use crate::lifecycle::{Change, Refused, SessionLifecycle};
 use crate::working_set::WorkingSetFigures;
 
 /// What gRPC reads of a session while a worker serves it.
@@ -23,7 +24,7 @@ pub struct SessionShared {
     pub vmm_pid: u32,
     pub connected_at_ms: u64,
     pub version: String,
-    state: AtomicI32,
+    state: SessionLifecycle,
     resident: AtomicU64,
     removed: AtomicU64,
     zero: AtomicU64,
@@ -53,7 +54,7 @@ impl SessionShared {
             vmm_pid,
             connected_at_ms,
             version,
-            state: AtomicI32::new(SessionState::Serving as i32),
+            state: SessionLifecycle::default(),
             resident: AtomicU64::new(0),
             removed: AtomicU64::new(0),
             zero: AtomicU64::new(0),
@@ -72,13 +73,13 @@ impl SessionShared {
     }
 
     pub fn state(&self) -> SessionState {
-        SessionState::try_from(self.state.load(Ordering::Acquire))
-            .unwrap_or(SessionState::Unspecified)
+        self.state.state()
     }
 
-    pub fn set_state(&self, state: SessionState) {
-        self.state.store(state as i32, Ordering::Release);
-        if state == SessionState::Graduated {
+    /// Changes the session's state (see `crate::lifecycle`); a graduation is timestamped.
+    pub fn change(&self, change: Change) -> Result<SessionState, Refused> {
+        let to = self.state.change(change)?;
+        if to == SessionState::Graduated {
             let _ = self.graduated_at_ms.compare_exchange(
                 0,
                 uffdpager::grpc::now_ms(),
@@ -86,6 +87,7 @@ impl SessionShared {
                 Ordering::Acquire,
             );
         }
+        Ok(to)
     }
 
     pub fn is_live(&self) -> bool {

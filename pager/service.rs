@@ -12,6 +12,7 @@ use uffdpager::grpc::{grpc_timeout, timestamp};
 
 use crate::complete::{CompleteError, Completion, CompletionReport, CompletionResult};
 use crate::joined_deadline::JoinedDeadline;
+use crate::lifecycle::Change;
 use crate::registry::CompletionWatch;
 use crate::worker::Command;
 use crate::Pager;
@@ -145,13 +146,16 @@ impl pager_server::Pager for PagerService {
                         cancel: Arc::clone(&cancel),
                         deadline: Arc::clone(&joined),
                     };
-                    shared.set_state(SessionState::Completing);
+                    // Refused only if the session ended since the match above read it.
+                    shared
+                        .change(Change::BeginCompletion)
+                        .map_err(|e| Status::failed_precondition(format!("session {id}: {e}")))?;
                     let completion = Completion::new(joined, cancel, tx);
                     if let Err(e) = self.pager.workers[entry.worker].send(Command::Complete {
                         token: entry.token,
                         completion: Box::new(completion),
                     }) {
-                        shared.set_state(SessionState::Serving);
+                        let _ = shared.change(Change::CompletionFailed);
                         return Err(Status::unavailable(e));
                     }
                     entry.completion = Some(w.clone());

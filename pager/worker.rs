@@ -23,6 +23,8 @@ use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 use crate::busy::Busy;
 use crate::complete::{CompleteError, Completion, Progress};
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
+use crate::lifecycle::Change;
+use crate::registry::SessionShared;
 use crate::session::{Session, SessionError};
 use crate::thread_priority::WorkerNice;
 use crate::watchdog::Heartbeat;
@@ -497,7 +499,7 @@ impl Worker {
                 self.end(token, SessionState::Ended, reason);
                 return;
             }
-            s.shared.set_state(SessionState::Serving);
+            let _ = s.shared.change(Change::CompletionFailed);
         }
         c.fail(e);
     }
@@ -524,17 +526,17 @@ impl Worker {
                 let spawned = std::thread::Builder::new().name("ws-end".into()).spawn(move || {
                     let _ = saving.join();
                     shared.set_error(err);
-                    shared.set_state(st);
+                    publish_end(&shared, st);
                 });
                 if let Err(e) = spawned {
                     warn!(session = %s.id(), version = %self.version, error = %e, "waiting for the working set's save");
                     s.shared.set_error(error);
-                    s.shared.set_state(state);
+                    publish_end(&s.shared, state);
                 }
             }
             _ => {
                 s.shared.set_error(error);
-                s.shared.set_state(state);
+                publish_end(&s.shared, state);
             }
         }
         if s.unexpected_events() > 0 {
@@ -549,5 +551,13 @@ impl Worker {
         for t in tokens {
             self.end(t, SessionState::Ended, "the pager shut down".into());
         }
+    }
+}
+
+/// Publishes how a released session ended: ENDED is made here; GRADUATED was made by the
+/// completion's finish, before its callers were answered.
+fn publish_end(shared: &SessionShared, state: SessionState) {
+    if state != SessionState::Graduated {
+        let _ = shared.change(Change::End);
     }
 }

@@ -114,12 +114,16 @@ pub fn grpc_timeout<T>(request: &tonic::Request<T>) -> Option<Duration> {
     parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
 }
 
-/// Parses a `grpc-timeout` header value.
+/// Parses a `grpc-timeout` header value: 1 to 8 ASCII digits and a unit (H, M, S, m, u, n).
+/// Anything else (a sign, more digits, another unit) is no timeout at all.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 {
+    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.checked_mul(3600)?),
@@ -147,6 +151,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "5", "+5S", "-5S", "5s", "1 S", "1.5S", "123456789S", "٥S", "１S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

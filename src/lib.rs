@@ -9,6 +9,7 @@
 
 pub mod accept_backoff;
 pub mod api;
+pub mod duration;
 pub mod firecracker;
 pub mod grpc;
 pub mod handoff;

@@ -313,41 +313,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
-/// Parses a duration: one or more `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`
-/// (`1h`, `90s`, `1h30m`), or `0`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("{s:?}: expected a number at {rest:?}"));
-        }
-        let n: u64 = rest[..digits].parse().map_err(|e| format!("{s:?}: {e}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86400)),
-            "" => return Err(format!("{s:?}: missing unit after {n} (ms, s, m, h or d)")),
-            other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m, h or d)")),
-        };
-        total = total.saturating_add(part);
-    }
-    Ok(total)
-}
+pub use uffdpager::duration::parse_duration;
 
 /// `uffd-pager` beside the running executable.
 pub fn default_pager_binary() -> std::io::Result<PathBuf> {
@@ -372,25 +338,6 @@ mod tests {
         assert!(parse_listen_addr("example.com:80").is_err());
         assert!(parse_listen_addr("127.0.0.1").is_err());
         assert!(parse_listen_addr("localhost:http").is_err());
-    }
-
-    #[test]
-    fn durations_read_as_operators_write_them() {
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172800)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-    }
-
-    #[test]
-    fn cannot_parse_durations_without_units_or_numbers() {
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
-        assert!(parse_duration("h").unwrap_err().contains("expected a number"));
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
     }
 
     fn resolved(args: &[&str]) -> Result<Resolved, ConfigError> {

@@ -16,7 +16,8 @@ use uffdpager::api::{
 };
 
 use crate::core::Core;
-use crate::inventory::{is_live, is_terminal, Record};
+use crate::inventory::{is_terminal, Record};
+use crate::lifecycle::{Lifecycle, Phase};
 use crate::monitor::merge_live;
 use crate::pagers::PagerProcess;
 use crate::sessions::state_name;
@@ -26,27 +27,6 @@ use crate::status::ServiceError;
 const MAX_MARGIN: Duration = Duration::from_millis(250);
 /// How long a failed call waits to learn whether its pager died.
 const DIED_CHECK: Duration = Duration::from_millis(500);
-
-/// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n).
-pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 || value.len() > 9 || !value.is_ascii() {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
 
 /// The timeout to give the pager when `remaining` is left of the caller's deadline.
 pub fn outgoing_timeout(remaining: Duration) -> Duration {
@@ -71,20 +51,22 @@ fn deadline_status(status: tonic::Status, deadline: Option<Instant>) -> tonic::S
 
 /// What a CompleteSession on a session in this state does without asking a pager.
 fn precheck(id: &str, r: &Record) -> Result<Option<CompleteSessionResponse>, ServiceError> {
-    match r.state() {
-        SessionState::Graduated => Ok(Some(CompleteSessionResponse {
+    match r.lifecycle().phase() {
+        Phase::Graduated => Ok(Some(CompleteSessionResponse {
             session: Some(r.session.clone()),
             already_graduated: true,
             message: format!("session {id} had already graduated; nothing was done"),
             ..Default::default()
         })),
-        SessionState::Serving | SessionState::Completing => Ok(None),
-        SessionState::Orphaned => Err(ServiceError::Orphaned { id: id.into() }),
+        Phase::Served { readopting: false, .. } => Ok(None),
+        // Its pager died: being re-adopted.
+        Phase::Served { readopting: true, .. } => Err(ServiceError::Readopting { id: id.into() }),
+        Phase::Orphaned { .. } => Err(ServiceError::Orphaned { id: id.into() }),
         // Its VMM has connected and the first handoff is in flight: SERVING in a moment.
-        SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.into())),
-        s => Err(ServiceError::WrongState {
+        Phase::HandingOver => Err(ServiceError::HandingOff(id.into())),
+        Phase::Pending | Phase::Ended | Phase::Failed => Err(ServiceError::WrongState {
             id: id.into(),
-            state: state_name(s),
+            state: state_name(r.state()),
             hint: "only a SERVING session can be completed",
         }),
     }
@@ -129,30 +111,21 @@ impl Core {
         if let Some(done) = precheck(&id, &record)? {
             return Ok(done);
         }
-        if record.handing_off {
-            return Err(ServiceError::Readopting { id });
-        }
         let version = record.session.pager_version.clone();
         let process = self.versions.owner(&version)?;
         // COMPLETING from now on, so that watchers see it (unless it changed meanwhile).
         let started = self.inventory.modify(&id, |r| {
-            if !is_live(r.state()) || r.session.pager_version != version {
-                return Err(Some(Box::new(r.clone()))); // it changed meanwhile
+            if r.session.pager_version != version {
+                return Err(Box::new(r.clone())); // re-adopted by another version meanwhile
             }
-            if r.handing_off {
-                return Err(None); // its pager died: being re-adopted
-            }
-            r.completions += 1;
-            r.session.state = SessionState::Completing as i32;
-            Ok(())
+            r.step(Lifecycle::begin_completion).map_err(|_| Box::new(r.clone()))
         });
         match started {
             None => return Err(ServiceError::SessionNotFound(id)),
-            Some((Err(Some(changed)), _)) => {
+            Some((Err(changed), _)) => {
                 return precheck(&id, &changed)?
                     .ok_or_else(|| ServiceError::Readopting { id: id.clone() });
             }
-            Some((Err(None), _)) => return Err(ServiceError::Readopting { id }),
             Some((Ok(()), _)) => {}
         }
         let core = self.clone();
@@ -230,17 +203,17 @@ impl Core {
         error: Option<String>,
     ) -> Option<uffdpager::api::Session> {
         let (finished, session) = self.inventory.modify(id, |r| {
-            r.completions = r.completions.saturating_sub(1);
             let was_terminal = is_terminal(r.state());
             if !was_terminal {
                 if let Some(live) = live {
                     merge_live(r, live);
                 }
             }
+            // The last call in flight makes the session SERVING again (unless it finished).
+            if let Err(e) = r.step(Lifecycle::end_completion) {
+                warn!(session = %id, error = %e, "a completion ended that was not counted");
+            }
             if !is_terminal(r.state()) {
-                if r.completions == 0 {
-                    r.session.state = SessionState::Serving as i32;
-                }
                 if let Some(e) = error {
                     r.session.error = e;
                 }
@@ -261,23 +234,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_timeouts_parse_in_every_unit() {
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("2M"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_grpc_timeout("30S"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_grpc_timeout("999m"), Some(Duration::from_millis(999)));
-        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
-    }
-
-    #[test]
-    fn malformed_grpc_timeouts_are_ignored() {
-        for bad in ["", "S", "10", "123456789S", "1x", "-1S", "1.5S", "１S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
     fn the_pager_gets_the_deadline_less_a_small_margin() {
         assert_eq!(outgoing_timeout(Duration::from_secs(1)), Duration::from_millis(900));
         assert_eq!(outgoing_timeout(Duration::from_secs(600)), Duration::from_millis(599_750));
@@ -285,16 +241,11 @@ mod tests {
     }
 
     fn record(state: SessionState) -> Record {
-        Record {
-            session: uffdpager::api::Session {
-                id: "a".into(),
-                state: state as i32,
-                ..Default::default()
-            },
-            completions: 0,
-            handing_off: false,
-            serving_since: None,
-        }
+        Record::new(uffdpager::api::Session {
+            id: "a".into(),
+            state: state as i32,
+            ..Default::default()
+        })
     }
 
     #[tokio::test(start_paused = true)]
@@ -325,6 +276,19 @@ mod tests {
         }
         assert!(precheck("a", &record(SessionState::Serving)).unwrap().is_none());
         assert!(precheck("a", &record(SessionState::Completing)).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_session_being_handed_over_or_readopted_is_not_completed_but_retryable() {
+        let mut r = record(SessionState::Pending);
+        r.step(Lifecycle::hand_over).unwrap();
+        let err = precheck("a", &r).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        let mut r = record(SessionState::Serving);
+        r.step(Lifecycle::begin_readopt).unwrap();
+        let err = precheck("a", &r).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        assert!(err.to_string().contains("another pager"), "{err}");
     }
 
     #[test]

@@ -14,10 +14,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
-use uffdpager::api::{EndSessionRequest, SessionState};
+use uffdpager::api::EndSessionRequest;
 use uffdpager::handoff::{HandoffRequest, SessionFds};
 
-use crate::inventory::{is_terminal, Inventory};
+use crate::inventory::Inventory;
+use crate::lifecycle::{Finish, Lifecycle};
 use crate::refused_vmm::RefusedVmm;
 use crate::versions::Versions;
 
@@ -292,10 +293,8 @@ impl Core {
     /// resources (see [`Core::release`] for `keep_fds`).
     pub fn fail_session(&self, id: &str, error: String, keep_fds: bool) {
         self.inventory.modify(id, |r| {
-            if !is_terminal(r.state()) {
-                r.session.state = SessionState::Failed as i32;
+            if r.step(|l| l.finish(Finish::Failed)).is_ok() {
                 r.session.error = error;
-                r.handing_off = false;
             }
         });
         self.release(id, keep_fds);
@@ -305,12 +304,9 @@ impl Core {
     /// supervisor keeps its descriptors, and the next version available adopts it (the monitor
     /// hands it over: `adopt_orphans`).
     pub fn orphan_session(&self, id: &str, why: String) {
-        self.inventory.modify(id, |r| {
-            if !is_terminal(r.state()) {
-                r.session.state = SessionState::Orphaned as i32;
-                r.session.error = why;
-                r.handing_off = false;
-            }
+        self.inventory.modify(id, |r| match r.step(Lifecycle::orphan) {
+            Ok(()) => r.session.error = why,
+            Err(e) => warn!(session = %id, error = %e, "not ORPHANED"),
         });
     }
 

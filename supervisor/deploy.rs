@@ -282,10 +282,14 @@ impl Core {
         let _handling = self.adoption_task();
         // Even while shutting down, an active version that dies with sessions is respawned: the
         // re-adoption finishes before the supervisor exits (shutdown waits for it, bounded).
-        let depended_on = self.inventory.live_count(&version) > 0;
-        let wanted = !self.spawns_closed() && (!self.is_closing() || depended_on);
+        let serves = self.inventory.live_count(&version) > 0;
+        // Sessions waiting for a pager (a first handoff in flight, or ORPHANED) depend on the
+        // active version too: without it their VMs stay frozen.
+        let awaited = self.inventory.awaiting_pager_count() > 0;
+        let wanted = !self.spawns_closed() && (!self.is_closing() || serves);
         let outcome = self.versions.update(|t| {
             let is_active = t.active.as_deref() == Some(version.as_str());
+            let depended_on = serves || (is_active && awaited);
             let Some(e) = t.entries.get_mut(&version) else { return ExitOutcome::Stale };
             if !e.process.as_ref().is_some_and(|p| Arc::ptr_eq(p, &process)) {
                 return ExitOutcome::Stale; // an older process of this version

@@ -19,6 +19,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use uffdpager::api::{Session, SessionEvent, SessionEventType, SessionState};
 
+use crate::lifecycle::{Lifecycle, Phase, Refused};
+
 /// Least time between two counter-only UPDATED events of one session.
 pub const COUNTER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -26,21 +28,52 @@ pub const COUNTER_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_EVENT_CAPACITY: usize = 4096;
 
 /// A session's record: the public view plus what the supervisor needs to order its own work.
+/// Its state changes only through [`Record::step`], which applies a [`Lifecycle`] transition
+/// and shows the resulting state in the public view.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub session: Session,
-    /// CompleteSession calls in flight for this session (the state stays COMPLETING meanwhile).
-    pub completions: u32,
-    /// The handshake was accepted and the session is being handed to a pager: it cannot be
-    /// deleted until the handoff answers.
-    pub handing_off: bool,
+    lifecycle: Lifecycle,
     /// When the supervisor marked it SERVING (a pager that does not list it after that lost it).
     pub serving_since: Option<Instant>,
 }
 
 impl Record {
+    /// A record of `session`, in the state its public view holds (PENDING when created, the
+    /// recorded one when read back after a restart).
+    pub fn new(session: Session) -> Self {
+        let lifecycle = Lifecycle::recovered(state_of(&session));
+        let mut r = Self { session, lifecycle, serving_since: None };
+        r.session.state = r.lifecycle.state() as i32;
+        r
+    }
+
     pub fn state(&self) -> SessionState {
-        state_of(&self.session)
+        self.lifecycle.state()
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    /// Applies one transition (see [`Lifecycle`]); a refused one changes nothing.
+    pub fn step(
+        &mut self,
+        transition: impl FnOnce(&mut Lifecycle) -> Result<(), Refused>,
+    ) -> Result<(), Refused> {
+        let result = transition(&mut self.lifecycle);
+        self.session.state = self.lifecycle.state() as i32;
+        result
+    }
+
+    /// A handoff of the session is in flight (see [`Lifecycle::handing_off`]).
+    pub fn handing_off(&self) -> bool {
+        self.lifecycle.handing_off()
+    }
+
+    /// CompleteSession calls in flight.
+    pub fn completions(&self) -> u32 {
+        self.lifecycle.completions()
     }
 }
 
@@ -169,12 +202,7 @@ impl Inventory {
         session.outdated = outdated(&session, &st.active_version);
         let now = Instant::now();
         let finished_at = is_terminal(state_of(&session)).then_some(now);
-        let record = Record {
-            session: session.clone(),
-            completions: 0,
-            handing_off: false,
-            serving_since: None,
-        };
+        let record = Record::new(session.clone());
         st.sessions.insert(
             id.to_string(),
             Entry { record, last_event: now, counters_unsent: false, finished_at },
@@ -224,10 +252,18 @@ impl Inventory {
     /// Sessions being handed to a pager right now: a first handoff, or a re-adoption (their
     /// pager died, or they were ORPHANED).
     pub fn handing_off_count(&self) -> usize {
+        self.lock().sessions.values().filter(|e| e.record.handing_off()).count()
+    }
+
+    /// Sessions waiting for a pager: their VMM connected, and no pager serves them yet (a first
+    /// handoff in flight) or any more (ORPHANED).
+    pub fn awaiting_pager_count(&self) -> usize {
         self.lock()
             .sessions
             .values()
-            .filter(|e| e.record.handing_off && !is_terminal(e.record.state()))
+            .filter(|e| {
+                matches!(e.record.lifecycle().phase(), Phase::HandingOver | Phase::Orphaned { .. })
+            })
             .count()
     }
 
@@ -236,7 +272,7 @@ impl Inventory {
         self.lock()
             .sessions
             .values()
-            .filter(|e| e.record.state() == SessionState::Orphaned && !e.record.handing_off)
+            .filter(|e| e.record.lifecycle().phase() == Phase::Orphaned { adopting: false })
             .map(|e| e.record.clone())
             .collect()
     }
@@ -249,6 +285,8 @@ impl Inventory {
         let entry = st.sessions.get_mut(id)?;
         let before = entry.record.session.clone();
         let result = f(&mut entry.record);
+        // The public state is the lifecycle's, whatever `f` wrote into the view.
+        entry.record.session.state = entry.record.lifecycle.state() as i32;
         let session = &mut entry.record.session;
         session.id = before.id.clone();
         session.outdated = outdated(session, &st.active_version);
@@ -314,7 +352,7 @@ impl Inventory {
             .sessions
             .iter()
             .filter(|(_, e)| {
-                e.record.completions == 0
+                e.record.completions() == 0
                     && e.finished_at.is_some_and(|t| now.duration_since(t) >= retention)
             })
             .map(|(id, _)| id.clone())

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use tokio::sync::broadcast::error::TryRecvError;
 
 use super::*;
+use crate::lifecycle::Finish;
 
 fn pending(id: &str) -> Session {
     Session { id: id.into(), state: SessionState::Pending as i32, ..Default::default() }
@@ -14,7 +15,8 @@ fn add(inv: &Inventory, id: &str) {
 
 fn serve(inv: &Inventory, id: &str, version: &str) {
     inv.modify(id, |r| {
-        r.session.state = SessionState::Serving as i32;
+        r.step(Lifecycle::hand_over).unwrap();
+        r.step(Lifecycle::serve).unwrap();
         r.session.pager_version = version.into();
     })
     .unwrap();
@@ -166,8 +168,8 @@ async fn a_state_change_is_sent_at_once_even_right_after_another() {
     add(&inv, "a");
     let (_, mut rx) = inv.watch();
     serve(&inv, "a", "v1");
-    inv.modify("a", |r| r.session.state = SessionState::Completing as i32).unwrap();
-    inv.modify("a", |r| r.session.state = SessionState::Graduated as i32).unwrap();
+    inv.modify("a", |r| r.step(Lifecycle::begin_completion).unwrap()).unwrap();
+    inv.modify("a", |r| r.step(|l| l.pager_reports(SessionState::Graduated)).unwrap()).unwrap();
     let states: Vec<i32> =
         drain(&mut rx).iter().map(|e| e.session.as_ref().unwrap().state).collect();
     assert_eq!(
@@ -185,7 +187,7 @@ async fn an_unchanged_record_sends_nothing() {
     let inv = Inventory::default();
     add(&inv, "a");
     let (_, mut rx) = inv.watch();
-    inv.modify("a", |r| r.completions = 0).unwrap();
+    inv.modify("a", |_| ()).unwrap();
     assert!(drain(&mut rx).is_empty());
 }
 
@@ -212,7 +214,7 @@ async fn finished_sessions_are_forgotten_after_the_retention_only() {
     add(&inv, "done");
     add(&inv, "live");
     serve(&inv, "live", "v1");
-    inv.modify("done", |r| r.session.state = SessionState::Ended as i32).unwrap();
+    inv.modify("done", |r| r.step(|l| l.finish(Finish::Ended)).unwrap()).unwrap();
     tokio::time::advance(Duration::from_secs(59)).await;
     assert!(inv.prune_finished(Duration::from_secs(60)).is_empty());
     let (_, mut rx) = inv.watch();
@@ -255,7 +257,7 @@ async fn live_counts_follow_the_owning_version() {
     serve(&inv, "a", "v1");
     serve(&inv, "b", "v1");
     serve(&inv, "c", "v2");
-    inv.modify("b", |r| r.session.state = SessionState::Graduated as i32).unwrap();
+    inv.modify("b", |r| r.step(|l| l.pager_reports(SessionState::Graduated)).unwrap()).unwrap();
     assert_eq!(inv.live_count("v1"), 1);
     assert_eq!(inv.live_count("v2"), 1);
     assert_eq!(inv.records_of_version("v1").len(), 2);
@@ -272,7 +274,7 @@ fn the_session_cap_counts_unfinished_sessions_only() {
     inv.insert_capped("b", 2, make("b")).unwrap();
     let r = inv.insert_capped("c", 2, make("c"));
     assert!(matches!(r, Err(InsertError::Full { live: 2 })), "{r:?}");
-    inv.modify("a", |r| r.session.state = SessionState::Failed as i32);
+    inv.modify("a", |r| r.step(|l| l.finish(Finish::Failed)).unwrap());
     inv.insert_capped("c", 2, make("c")).unwrap();
     assert!(matches!(inv.insert_capped("a", 9, make("a")), Err(InsertError::Exists)));
 }

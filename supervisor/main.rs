@@ -34,6 +34,7 @@ mod deploy;
 mod fd_limit;
 mod file_watch;
 mod inventory;
+mod lifecycle;
 mod memory_file;
 mod metrics;
 mod monitor;

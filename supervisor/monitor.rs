@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
-use uffdpager::api::{ListSessionsRequest, Session, SessionState};
+use uffdpager::api::{ListSessionsRequest, Session};
 
 use crate::core::Core;
 use crate::inventory::{is_live, is_terminal, state_of, Record};
+use crate::lifecycle::{Finish, Phase};
 use crate::pagers::PagerProcess;
 use crate::sessions::state_name;
 
@@ -37,12 +38,9 @@ pub fn merge_live(r: &mut Record, live: &Session) {
     if s.total_bytes == 0 {
         s.total_bytes = live.total_bytes;
     }
-    match state_of(live) {
-        st if is_terminal(st) => s.state = st as i32,
-        SessionState::Completing => s.state = SessionState::Completing as i32,
-        SessionState::Serving if r.completions == 0 => s.state = SessionState::Serving as i32,
-        _ => {}
-    }
+    // A served session takes its pager's word on how it stands (a terminal state, or whether a
+    // completion runs); any other has no pager to speak for it.
+    let _ = r.step(|l| l.pager_reports(state_of(live)));
 }
 
 /// How a pager's view of a session was taken in.
@@ -71,11 +69,11 @@ impl Core {
                 return Merged::NotOwner;
             }
             if is_terminal(r.state()) {
-                return Merged::AlreadyFinished { completions: r.completions };
+                return Merged::AlreadyFinished { completions: r.completions() };
             }
             merge_live(r, live);
             if is_terminal(r.state()) {
-                Merged::Finished { completions: r.completions }
+                Merged::Finished { completions: r.completions() }
             } else {
                 Merged::Live
             }
@@ -141,7 +139,7 @@ impl Core {
                 }
                 Some((Merged::NotOwner, _)) | None => {
                     let handing_off =
-                        self.inventory.record(&live.id).is_some_and(|r| r.handing_off);
+                        self.inventory.record(&live.id).is_some_and(|r| r.handing_off());
                     if !handing_off && warned.insert(format!("{version}/{}", live.id)) {
                         warn!(
                             session = %live.id,
@@ -157,7 +155,7 @@ impl Core {
         for rec in self.inventory.records_of_version(version) {
             let id = &rec.session.id;
             let stale = rec.serving_since.is_some_and(|t| t < asked_at);
-            let settled = rec.completions == 0 && !rec.handing_off;
+            let settled = rec.completions() == 0 && !rec.handing_off();
             if is_live(rec.state()) && settled && stale && !seen.contains(id) {
                 warn!(
                     session = %id,
@@ -190,9 +188,8 @@ impl Core {
                 continue;
             }
             let ended = self.inventory.modify(id, |r| {
-                let orphan = r.state() == SessionState::Orphaned && !r.handing_off;
-                if orphan {
-                    r.session.state = SessionState::Ended as i32;
+                let orphan = r.lifecycle().phase() == Phase::Orphaned { adopting: false };
+                if orphan && r.step(|l| l.finish(Finish::Ended)).is_ok() {
                     r.session.error =
                         format!("{}; its VMM exited before a pager adopted it", r.session.error);
                 }
@@ -245,20 +242,22 @@ pub async fn run(core: Arc<Core>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::Lifecycle;
+    use uffdpager::api::SessionState;
 
+    /// A record in `state` with `completions` CompleteSession calls in flight.
     fn record(state: SessionState, completions: u32) -> Record {
-        Record {
-            session: Session {
-                id: "a".into(),
-                state: state as i32,
-                pager_version: "v1".into(),
-                total_bytes: 8192,
-                ..Default::default()
-            },
-            completions,
-            handing_off: false,
-            serving_since: None,
+        let mut r = Record::new(Session {
+            id: "a".into(),
+            state: state as i32,
+            pager_version: "v1".into(),
+            total_bytes: 8192,
+            ..Default::default()
+        });
+        for _ in 0..completions {
+            r.step(Lifecycle::begin_completion).unwrap();
         }
+        r
     }
 
     fn live(state: SessionState) -> Session {

@@ -5,8 +5,9 @@
 //! the VMM discarded), and the handoff request itself. When a pager process exits unexpectedly:
 //!
 //! 1. under the `held` lock (the one a first handoff records its outcome under), every SERVING or
-//!    COMPLETING session of that version is marked as being handed over (`handing_off`): the
-//!    monitor does not fail it for missing from a listing, CompleteSession answers UNAVAILABLE;
+//!    COMPLETING session of that version is marked as being handed over (`Served { readopting }`
+//!    in `crate::lifecycle`): the monitor does not fail it for missing from a listing,
+//!    CompleteSession answers UNAVAILABLE;
 //! 2. a task reserves an adopter ([`Versions::begin_handoff`]): the active version, waiting
 //!    while it is respawned if it was the one that died; else the running version started last;
 //! 3. each session is sent again (`adopt: true`, duplicates of the kept descriptors, the faults
@@ -27,11 +28,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tracing::{error, info, instrument, warn};
-use uffdpager::api::SessionState;
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 
 use crate::core::Core;
 use crate::inventory::{is_held, is_live};
+use crate::lifecycle::{Lifecycle, Phase};
 use crate::pagers::Exit;
 use crate::versions::HandoffGuard;
 
@@ -137,10 +138,10 @@ impl Core {
                 // One being handed over already (a fresh process of this version died before it
                 // adopted it) stays with the task that hands it over.
                 let marked = self.inventory.modify(&id, |r| {
-                    let mine =
-                        is_live(r.state()) && r.session.pager_version == version && !r.handing_off;
+                    let mine = r.lifecycle().is_served()
+                        && r.session.pager_version == version
+                        && r.step(Lifecycle::begin_readopt).is_ok();
                     if mine {
-                        r.handing_off = true;
                         r.session.error = format!("{why}; re-adopting the session");
                     }
                     mine
@@ -183,9 +184,8 @@ impl Core {
         let mut why = String::new();
         for rec in self.inventory.orphans() {
             let marked = self.inventory.modify(&rec.session.id, |r| {
-                let mine = r.state() == SessionState::Orphaned && !r.handing_off;
-                r.handing_off |= mine;
-                mine
+                r.lifecycle().phase() == Phase::Orphaned { adopting: false }
+                    && r.step(Lifecycle::begin_readopt).is_ok()
             });
             if matches!(marked, Some((true, _))) {
                 why = rec.session.error.clone();
@@ -290,7 +290,7 @@ impl Core {
             (request, dup_fds(fds).map_err(ReadoptError::Dup)?)
         };
         let Some(record) = self.inventory.record(id) else { return Ok(Outcome::Gone) };
-        if !(is_held(record.state()) && record.handing_off) {
+        if !(is_held(record.state()) && record.handing_off()) {
             return Ok(Outcome::Gone);
         }
         request.adopt = true;
@@ -312,12 +312,11 @@ impl Core {
             return Err(ReadoptError::AdopterDied(to));
         }
         self.inventory.modify(id, |r| {
-            r.handing_off = false;
+            if let Err(e) = r.step(Lifecycle::readopted) {
+                warn!(session = %id, error = %e, "re-adopted, though not being handed over");
+            }
             r.serving_since = Some(tokio::time::Instant::now());
             r.session.pager_version = to.clone();
-            if r.completions == 0 {
-                r.session.state = SessionState::Serving as i32;
-            }
             r.session.error = format!("{why}; re-adopted by pager version {to} (pid {pid})");
         });
         drop(held);

@@ -15,10 +15,10 @@ use uffdpager::api::{
     PagerVersion, Session, SessionEvent, WatchSessionsRequest,
 };
 
-use crate::complete::parse_grpc_timeout;
 use crate::core::{until_true, Core};
 use crate::inventory::Inventory;
 use crate::status::ServiceError;
+use uffdpager::grpc::parse_grpc_timeout;
 
 /// Events buffered between a watcher's task and its HTTP/2 stream.
 const STREAM_BUFFER: usize = 64;

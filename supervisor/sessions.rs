@@ -17,6 +17,7 @@ use uffdpager::overlay;
 
 use crate::core::{Core, Held};
 use crate::inventory::{is_live, is_terminal, state_of, InsertError};
+use crate::lifecycle::Lifecycle;
 use crate::runtime_state::ConnectedMeta;
 use crate::status::ServiceError;
 use crate::versions::HandoffGuard;
@@ -27,18 +28,11 @@ const HANDOFF_ATTEMPTS: u32 = 3;
 /// How long a failed handoff waits to learn whether its pager died.
 const DIED_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// The API's spelling of a session state, for messages.
+/// The API's spelling of a session state, for messages: the generated name without its
+/// `SESSION_STATE_` prefix ("SERVING").
 pub fn state_name(state: SessionState) -> &'static str {
-    match state {
-        SessionState::Unspecified => "UNSPECIFIED",
-        SessionState::Pending => "PENDING",
-        SessionState::Serving => "SERVING",
-        SessionState::Completing => "COMPLETING",
-        SessionState::Graduated => "GRADUATED",
-        SessionState::Ended => "ENDED",
-        SessionState::Failed => "FAILED",
-        SessionState::Orphaned => "ORPHANED",
-    }
+    let name = state.as_str_name();
+    name.strip_prefix("SESSION_STATE_").unwrap_or(name)
 }
 
 impl Core {
@@ -255,11 +249,7 @@ impl Core {
         }
         let connected_at_ms = uffdpager::grpc::now_ms();
         // From here the session cannot be deleted until the pager has answered.
-        let claimed = self.inventory.modify(&id, |r| {
-            let pending = r.state() == SessionState::Pending;
-            r.handing_off = pending;
-            pending
-        });
+        let claimed = self.inventory.modify(&id, |r| r.step(Lifecycle::hand_over).is_ok());
         if !matches!(claimed, Some((true, _))) {
             return; // deleted meanwhile: dropping the fds closes the VMM's connection
         }
@@ -436,10 +426,11 @@ impl Core {
         let version = &reservation.version;
         let total_bytes: u64 = request.regions.iter().map(|r| r.size).sum();
         self.inventory.modify(id, |r| {
-            r.handing_off = false;
+            if let Err(e) = r.step(Lifecycle::serve) {
+                warn!(session = %id, error = %e, "served, though not being handed over");
+            }
             r.serving_since = Some(tokio::time::Instant::now());
             let s = &mut r.session;
-            s.state = SessionState::Serving as i32;
             s.pager_version = version.clone();
             show_connected(s, request);
         });
@@ -464,9 +455,10 @@ impl Core {
         h.request = Some(request.clone());
         h.setup = None;
         self.inventory.modify(id, |r| {
-            r.handing_off = false;
+            if let Err(e) = r.step(Lifecycle::orphan) {
+                warn!(session = %id, error = %e, "ORPHANED, though not being handed over");
+            }
             let s = &mut r.session;
-            s.state = SessionState::Orphaned as i32;
             s.error = why;
             show_connected(s, request);
         });
@@ -529,7 +521,9 @@ impl Core {
                     hint: "its VM waits for a pager: deploy a version and it is adopted (it ends \
                            by itself once its VMM exits)",
                 }),
-                SessionState::Pending if r.handing_off => Err(ServiceError::HandingOff(id.clone())),
+                SessionState::Pending if r.handing_off() => {
+                    Err(ServiceError::HandingOff(id.clone()))
+                }
                 _ => Ok(()),
             });
             let session = removed.ok_or_else(|| ServiceError::SessionNotFound(id.clone()))??;

@@ -106,7 +106,10 @@ async fn a_serving_session_cannot_be_deleted_and_a_pending_one_cannot_be_complet
     assert_eq!(err.code(), Code::FailedPrecondition);
     let err = core.complete_session("nope".into(), None).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    core.inventory.modify("p", |r| r.session.state = SessionState::Serving as i32);
+    core.inventory.modify("p", |r| {
+        r.step(crate::lifecycle::Lifecycle::hand_over).unwrap();
+        r.step(crate::lifecycle::Lifecycle::serve).unwrap();
+    });
     let err = core.delete_session("p".into()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.to_string().contains("graduate it first"), "{err}");
