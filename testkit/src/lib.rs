@@ -23,7 +23,7 @@ pub use build::{binary, build_sibling_binaries, ALL_BINARIES};
 pub use hugepages::{reserve_for_test as reserve_hugepages_for_test, HugepageReservation};
 pub use requirement::machine_lacks;
 pub use supervisor::{health_ok, pager_pids, SupervisorOptions, SupervisorProcess};
-pub use vm::{VmProcess, VmProcessError};
+pub use vm::{stdout_lines, VmProcess, VmProcessError};
 
 use std::path::PathBuf;
 

@@ -8,6 +8,23 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// The lines a child writes to its piped stdout, read by a thread of their own, so that a
+/// caller can wait for the next one with a timeout (`recv_timeout`). Disconnected once the
+/// child closes its stdout.
+pub fn stdout_lines(child: &mut Child) -> Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VmProcessError {
     #[error("starting uffd-vmsim: {0}")]
@@ -107,16 +124,7 @@ impl VmProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(VmProcessError::Spawn)?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = stdout_lines(&mut child);
         let pid = child.id();
         let stdin = child.stdin.take();
         let mut vm = Self { child, stdin, lines, pid, restored: Value::Null };

@@ -1,7 +1,7 @@
 //! A hostile VMM (`uffd-hostile-vmm`) in a child process: started against a session socket,
 //! steered by lines on its stdin, answering JSON lines on stdout.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -28,16 +28,7 @@ impl HostileVmm {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("uffd-hostile-vmm starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = testkit::stdout_lines(&mut child);
         let pid = child.id();
         let stdin = child.stdin.take();
         let mut vmm = Self { child, stdin, lines, pid };
