@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::completion_result::{CompleteError, CompletionReport, CompletionResult};
 use crate::copy_threads::{Claim, ClaimDone, CopyThreads, Reply};
 use crate::joined_deadline::JoinedDeadline;
 use crate::lifecycle::Change;
 use crate::metrics::{self, Outcome, METRICS};
+use crate::page_copy::ZeroTest;
 use crate::session::{Session, SessionError};
-use crate::sweep::{Sweep, SweepCounts, ZeroTest};
+use crate::sweep::{Sweep, SweepCounts};
 
 /// Bytes of missing pages per claim a copy thread takes (~1 ms of copying).
 const CLAIM_BYTES: u64 = 4 << 20;
@@ -43,32 +45,6 @@ pub enum Progress {
     /// Every page is present, discarded or zero: ready to finish.
     Swept,
 }
-
-/// What a finished completion did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CompletionReport {
-    pub populated_bytes: u64,
-    pub already_resident_bytes: u64,
-    pub skipped_zero_bytes: u64,
-    pub skipped_removed_bytes: u64,
-    pub faults_during: u64,
-    pub duration: Duration,
-}
-
-/// Why a completion did not graduate the session.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum CompleteError {
-    #[error("completion cancelled after {0:?}; the session keeps serving")]
-    Cancelled(Duration),
-    #[error("completion deadline expired after {0:?}; the session keeps serving")]
-    DeadlineExceeded(Duration),
-    #[error("completion failed: {0}; the session keeps serving")]
-    Failed(String),
-    #[error("the session ended during completion: {0}")]
-    SessionEnded(String),
-}
-
-pub type CompletionResult = Result<CompletionReport, CompleteError>;
 
 /// A completion in progress, owned by the worker that serves the session.
 #[derive(Debug)]
@@ -156,13 +132,13 @@ impl Completion {
             self.hand_out(s, threads, reply, token);
         }
         if let Some(leftover) = self.leftovers.last_mut() {
-            if leftover.step(s, budget).map_err(to_complete_error)? {
+            if s.sweep_step(leftover, budget).map_err(CompleteError::from)? {
                 let counts = leftover.counts();
                 self.count(counts);
                 self.leftovers.pop();
             }
         } else if !self.swept {
-            self.swept = self.sweep.step(s, budget).map_err(to_complete_error)?;
+            self.swept = s.sweep_step(&mut self.sweep, budget).map_err(CompleteError::from)?;
         }
         // `resident_bytes` in GetSession grows while the completion runs.
         s.publish();
@@ -183,7 +159,8 @@ impl Completion {
     /// Plans claims off the front of the sweep and queues them for the copy threads.
     fn hand_out(&mut self, s: &Session, threads: &CopyThreads, reply: &Reply, token: u64) {
         while !self.swept && self.claims_out < threads.threads() * CLAIMS_PER_THREAD {
-            let Some((region_index, runs)) = self.sweep.claim(s, CLAIM_BYTES, CLAIM_RUNS) else {
+            let Some((region_index, runs)) = self.sweep.claim(&s.regions, CLAIM_BYTES, CLAIM_RUNS)
+            else {
                 self.swept = true;
                 return;
             };
@@ -225,7 +202,7 @@ impl Completion {
         self.claims_out -= 1;
         self.take_back(done.region_index, &done.undone);
         if let Some(e) = done.error {
-            return Err(to_complete_error(e));
+            return Err(CompleteError::from(e));
         }
         self.assisted_bytes += done.populated_bytes;
         self.count(SweepCounts {
@@ -295,7 +272,7 @@ impl Completion {
                 let _ = self.done.send(Some(Ok(self.report.clone())));
                 Ok(())
             }
-            Err(e) => Err(to_complete_error(e)),
+            Err(e) => Err(CompleteError::from(e)),
         }
     }
 
@@ -316,14 +293,5 @@ impl Completion {
 
     pub fn report(&self) -> &CompletionReport {
         &self.report
-    }
-}
-
-fn to_complete_error(e: SessionError) -> CompleteError {
-    match e {
-        SessionError::Gone(_) | SessionError::VmmGone(_) => {
-            CompleteError::SessionEnded(e.to_string())
-        }
-        other => CompleteError::Failed(other.to_string()),
     }
 }

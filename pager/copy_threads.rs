@@ -21,14 +21,14 @@ use std::sync::{Arc, Mutex};
 use nix::sys::eventfd::EventFd;
 use tracing::warn;
 use uffdpager::firecracker::Region;
-use uffdpager::pages::flag_runs;
-use uffdpager::uffd_ops::{self, FillOutcome};
+use uffdpager::uffd_ops::FillOutcome;
 use userfaultfd::Uffd;
 
 use crate::memory_file::MappedFile;
 use crate::overlay::SessionOverlays;
+use crate::page_copy::{PageSource, ZeroTest};
 use crate::remove_gate::RemoveGate;
-use crate::session::SessionError;
+use crate::session_error::SessionError;
 
 /// Bytes a copy thread copies per `UFFDIO_COPY`, holding the session's gate: the longest a
 /// worker waits for the gate before it reads a fault (~35 µs at 4 GB/s).
@@ -158,43 +158,44 @@ fn copy_claim(claim: Claim) -> ClaimDone {
     done
 }
 
-/// Copies the data pages of one run; `Err(page)` if it stopped at `page`.
+/// Copies the data pages of one run (zero pages and holes are left missing, as the sweep does);
+/// `Err(page)` if it stopped at `page`.
 fn copy_run(claim: &Claim, run: Range<u64>, done: &mut ClaimDone) -> Result<(), u64> {
-    let r = claim.region;
-    let ps = r.page_size;
-    let (offset, pages) = (r.offset + run.start * ps, run.end - run.start);
-    claim.file.map_ahead(offset, pages * ps);
-    let mut zero = claim.file.zero_pages(offset, pages, ps);
-    claim.overlays.unmark_zero(claim.region_index, run.start, &mut zero);
-    for (part, is_zero) in flag_runs(run.start, &zero) {
-        let pages = part.end - part.start;
+    let ps = claim.region.page_size;
+    let source = PageSource { file: &claim.file, overlays: &claim.overlays };
+    let parts =
+        source.zero_parts(claim.region_index, &claim.region, run, ZeroTest::HolesAndZeroPages);
+    for (part, is_zero) in parts {
         if is_zero {
-            done.skipped_zero_bytes += pages * ps;
+            done.skipped_zero_bytes += (part.end - part.start) * ps;
             continue;
         }
-        copy_data(claim, part, done)?;
+        copy_data(claim, &source, part, done)?;
     }
     Ok(())
 }
 
 /// Copies pages `[first, end)` from the memory file, [`COPY_CALL_BYTES`] per call under the gate.
-fn copy_data(claim: &Claim, pages: Range<u64>, done: &mut ClaimDone) -> Result<(), u64> {
+fn copy_data(
+    claim: &Claim,
+    source: &PageSource<'_>,
+    pages: Range<u64>,
+    done: &mut ClaimDone,
+) -> Result<(), u64> {
     let r = claim.region;
     let ps = r.page_size;
     let call_pages = (COPY_CALL_BYTES / ps).max(1);
     let mut p = pages.start;
     while p < pages.end {
-        let end = (p + call_pages).min(pages.end);
-        // The overlay's bytes or the memory file's, up to the next edge between the two.
-        let (end, src) = claim.overlays.source(&claim.file, claim.region_index, &r, p, end);
-        let (addr, len) = (r.base + p * ps, (end - p) * ps);
-        let result = {
+        let call_end = (p + call_pages).min(pages.end);
+        let (end, result) = {
             let _held = claim.gate.lock();
             if claim.stop.load(Ordering::Acquire) || claim.gate.epoch() != claim.epoch {
                 return Err(p);
             }
-            uffd_ops::copy(&claim.uffd, src, addr, true)
+            source.copy_pages(&claim.uffd, claim.region_index, &r, p, call_end)
         };
+        let (addr, len) = (r.base + p * ps, (end - p) * ps);
         match result {
             Ok(FillOutcome::Done) => {
                 mark(done, p..end);
@@ -260,6 +261,7 @@ mod tests {
 
     use super::*;
     use crate::memory_file::MemoryFiles;
+    use uffdpager::uffd_ops;
 
     const PAGES: u64 = 64;
     const PS: u64 = 4096;

@@ -8,6 +8,7 @@
 
 mod busy;
 mod complete;
+mod completion_result;
 mod copy_threads;
 mod fault_inject;
 #[allow(unsafe_code)]
@@ -16,6 +17,7 @@ mod file_extents;
 mod guarded_read;
 #[allow(unsafe_code)]
 mod handoff;
+mod heartbeat;
 mod joined_deadline;
 mod lifecycle;
 #[allow(unsafe_code)]
@@ -23,6 +25,7 @@ mod memory_file;
 mod metrics;
 #[allow(unsafe_code)]
 mod overlay;
+mod page_copy;
 mod pagemap;
 mod read_ahead;
 mod region_pages;
@@ -30,13 +33,14 @@ mod registry;
 mod remove_gate;
 mod service;
 mod session;
+mod session_error;
 mod sweep;
 #[allow(unsafe_code)]
 mod thread_priority;
 mod watchdog;
 mod worker;
 mod working_set;
-mod zero_scan;
+mod working_set_figures;
 
 use std::path::PathBuf;
 use std::sync::Arc;

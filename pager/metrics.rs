@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use uffdpager::api;
 
-use crate::complete::CompleteError;
+use crate::completion_result::CompleteError;
 
 /// Upper bounds of the fault-latency buckets, in nanoseconds: 5 µs to 100 ms.
 const FAULT_BOUNDS_NS: [u64; 14] = [

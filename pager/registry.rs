@@ -11,9 +11,9 @@ use uffdpager::api::{self, SessionState};
 use uffdpager::firecracker::Region;
 use uffdpager::grpc::timestamp_ms;
 
-use crate::complete::CompletionResult;
+use crate::completion_result::CompletionResult;
 use crate::lifecycle::{Change, Refused, SessionLifecycle};
-use crate::working_set::WorkingSetFigures;
+use crate::working_set_figures::WorkingSetFigures;
 
 /// What gRPC reads of a session while a worker serves it.
 #[derive(Debug)]

@@ -10,7 +10,8 @@ use tracing::info;
 use uffdpager::api::{self, pager_server, SessionState};
 use uffdpager::grpc::{grpc_timeout, timestamp};
 
-use crate::complete::{CompleteError, Completion, CompletionReport, CompletionResult};
+use crate::complete::Completion;
+use crate::completion_result::{CompleteError, CompletionReport, CompletionResult};
 use crate::joined_deadline::JoinedDeadline;
 use crate::lifecycle::Change;
 use crate::registry::CompletionWatch;

@@ -5,13 +5,15 @@
 //!
 //! Two users: graduation sweeps every region once; sequential read-ahead sweeps a window ahead
 //! of a vCPU that reads memory in order.
+//!
+//! This module is the plan only, a pure function of the session's page state (which pages are
+//! present, which discarded): the next run to copy, the next claim for a copy thread. The copies
+//! are the session's (`Session::sweep_step`) and the copy threads'.
 
 use std::ops::Range;
-use std::sync::Arc;
 
-use uffdpager::pages::flag_runs;
-
-use crate::session::{FillMode, Session, SessionError};
+use crate::page_copy::ZeroTest;
+use crate::region_pages::RegionPages;
 
 /// Where a sweep stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,16 +29,6 @@ enum Stop {
 pub struct SweepCounts {
     pub populated_bytes: u64,
     pub skipped_zero_bytes: u64,
-}
-
-/// Which pages a sweep leaves missing because they read as zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZeroTest {
-    /// Holes and data pages of zeros (each data page is read once per memory file to know).
-    HolesAndZeroPages,
-    /// Holes only, known from the file's extents without reading: for read-ahead, which runs
-    /// while a vCPU waits to catch up and must copy faster than it reads.
-    Holes,
 }
 
 /// A cursor over (region, page).
@@ -81,17 +73,15 @@ impl Sweep {
         matches!(self.stop, Stop::Page(_)).then_some((self.region, self.page))
     }
 
-    /// Advances by about `budget` bytes of missing pages (present and discarded pages are passed
-    /// over at no cost). `Ok(true)` once every page of the span is behind the cursor.
-    pub fn step(&mut self, s: &mut Session, budget: u64) -> Result<bool, SessionError> {
-        s.check_file_length()?;
-        let mut left = budget;
-        while left > 0 {
-            let Some((ri, run)) = self.next_run(s, left) else { return Ok(true) };
-            self.populate_run(s, ri, run.start, run.end)?;
-            left = left.saturating_sub((run.end - run.start) * s.regions[ri].region.page_size);
-        }
-        Ok(false)
+    /// Which pages the sweep leaves missing because they read as zero.
+    pub fn zero_test(&self) -> ZeroTest {
+        self.zero_test
+    }
+
+    /// Counts bytes the caller copied, and bytes it left missing as zero.
+    pub fn count(&mut self, populated_bytes: u64, skipped_zero_bytes: u64) {
+        self.counts.populated_bytes += populated_bytes;
+        self.counts.skipped_zero_bytes += skipped_zero_bytes;
     }
 
     /// Takes up to `budget` bytes of runs of missing, not discarded pages off the front of the
@@ -99,17 +89,17 @@ impl Sweep {
     /// copy thread ([`crate::copy_threads`]). `None` once every page is behind the cursor.
     pub fn claim(
         &mut self,
-        s: &Session,
+        regions: &[RegionPages],
         budget: u64,
         max_runs: usize,
     ) -> Option<(usize, Vec<Range<u64>>)> {
-        let (region, first) = self.next_run(s, budget)?;
-        let ps = s.regions[region].region.page_size;
+        let (region, first) = self.next_run(regions, budget)?;
+        let ps = regions[region].region.page_size;
         let mut left = budget.saturating_sub((first.end - first.start) * ps);
         let mut runs = vec![first];
         while left > 0 && runs.len() < max_runs {
             let before = (self.region, self.page);
-            match self.next_run(s, left) {
+            match self.next_run(regions, left) {
                 Some((ri, run)) if ri == region => {
                     left = left.saturating_sub((run.end - run.start) * ps);
                     runs.push(run);
@@ -127,9 +117,13 @@ impl Sweep {
 
     /// The next run of missing, not discarded pages (at most `budget` bytes, at least one page),
     /// with the cursor moved past it. `None` once every page of the span is behind the cursor.
-    fn next_run(&mut self, s: &Session, budget: u64) -> Option<(usize, Range<u64>)> {
+    pub fn next_run(
+        &mut self,
+        regions: &[RegionPages],
+        budget: u64,
+    ) -> Option<(usize, Range<u64>)> {
         loop {
-            let r = s.regions.get(self.region)?;
+            let r = regions.get(self.region)?;
             let (ps, region_pages) = (r.region.page_size, r.region.pages());
             let end = match self.stop {
                 Stop::AllRegions => region_pages,
@@ -156,38 +150,5 @@ impl Sweep {
             self.page = run_end;
             return Some((self.region, p..run_end));
         }
-    }
-
-    /// Copies the non-zero pages of the missing run `[first, end)` of the current region. Holes
-    /// are known from the file's extents (never read); within data, zero pages are told apart by
-    /// content (the memory file's shared zero map) if the sweep tests for them.
-    fn populate_run(
-        &mut self,
-        s: &mut Session,
-        ri: usize,
-        first: u64,
-        end: u64,
-    ) -> Result<(), SessionError> {
-        let r = s.regions[ri].region;
-        let ps = r.page_size;
-        let file = Arc::clone(&s.file);
-        let (offset, pages) = (r.offset + first * ps, end - first);
-        file.map_ahead(offset, pages * ps);
-        let mut zero = match self.zero_test {
-            ZeroTest::HolesAndZeroPages => file.zero_pages(offset, pages, ps),
-            ZeroTest::Holes => file.hole_pages(offset, pages, ps),
-        };
-        // An overlay page is copied even where the snapshot's page is zero.
-        s.overlays.unmark_zero(ri, first, &mut zero);
-        for (run, is_zero) in flag_runs(first, &zero) {
-            let pages = run.end - run.start;
-            if is_zero {
-                self.counts.skipped_zero_bytes += pages * ps;
-                continue;
-            }
-            let filled = s.fill(ri, run.start, run.end, FillMode::Populate)?;
-            self.counts.populated_bytes += filled * ps;
-        }
-        Ok(())
     }
 }

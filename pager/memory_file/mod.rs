@@ -12,7 +12,11 @@ use std::sync::{Arc, Mutex, Weak};
 use memmap2::Mmap;
 use uffdpager::pages::{flag_runs, PageBitmap};
 
-use crate::zero_scan::ZeroScanner;
+// The scan reads with `pread` (no unsafe code), though its parent maps files.
+#[deny(unsafe_code)]
+pub mod zero_scan;
+
+use zero_scan::ZeroScanner;
 
 /// Runs shorter than this are not worth a [`MappedFile::map_ahead`] call.
 const MAP_AHEAD_MIN_BYTES: u64 = 64 << 10;

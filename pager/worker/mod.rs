@@ -7,6 +7,9 @@
 //! budgets the worker polls every session's uffd without blocking, so faults (of that VM and of
 //! every other) are served while a sweep runs.
 
+mod background;
+mod completions;
+
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -21,13 +24,14 @@ use uffdpager::api::SessionState;
 use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 
 use crate::busy::Busy;
-use crate::complete::{CompleteError, Completion, Progress};
+use crate::complete::Completion;
+use crate::completion_result::CompleteError;
 use crate::copy_threads::{ClaimDone, CopyThreads, Reply};
+use crate::heartbeat::Heartbeat;
 use crate::lifecycle::Change;
 use crate::registry::SessionShared;
 use crate::session::{Session, SessionError};
 use crate::thread_priority::WorkerNice;
-use crate::watchdog::Heartbeat;
 
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, reached while no fault comes in (unless the smallest is larger).
@@ -232,68 +236,13 @@ impl Worker {
             if faulted {
                 let now = Instant::now();
                 last_fault = Some(now);
-                crate::zero_scan::note_fault(now);
+                crate::memory_file::zero_scan::note_fault(now);
             }
             self.take_claims_done();
             self.step_completions(faulted);
             self.step_streams();
             self.step_prefetches();
             self.finish_due_recordings();
-        }
-    }
-
-    /// How long epoll may sleep: until the next recording is due to stop, or for ever.
-    fn record_timeout(&self) -> EpollTimeout {
-        let Some(next) = self.record_deadlines.iter().map(|d| d.0).min() else {
-            return EpollTimeout::NONE;
-        };
-        let ms = next.saturating_duration_since(Instant::now()).as_millis() + 1;
-        EpollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
-    }
-
-    /// Stops and saves the recordings whose time is up.
-    fn finish_due_recordings(&mut self) {
-        if self.record_deadlines.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let sessions = &mut self.sessions;
-        self.record_deadlines.retain(|&(at, token)| {
-            if at > now {
-                return true;
-            }
-            if let Some(s) = sessions.get_mut(&token) {
-                s.finish_recording("its recording time was up");
-            }
-            false
-        });
-    }
-
-    /// One prefetch step (the completion budget) for each session prefetching a working set,
-    /// each after its queued faults. A failed step stops that prefetch only: the faults that
-    /// follow meet the same failure and decide the session's fate.
-    fn step_prefetches(&mut self) {
-        let mut i = 0;
-        while i < self.prefetches.len() {
-            let token = self.prefetches[i];
-            self.serve_queued(token);
-            let Some(s) = self.sessions.get_mut(&token) else {
-                self.prefetches.swap_remove(i);
-                continue;
-            };
-            let going = match s.prefetch_step(self.budget) {
-                Ok(going) => going,
-                Err(e) => {
-                    warn!(session = %s.id(), version = %self.version, error = %e, "working-set prefetch stopped");
-                    false
-                }
-            };
-            if going {
-                i += 1;
-            } else {
-                self.prefetches.swap_remove(i);
-            }
-            self.serve_queued(token);
         }
     }
 
@@ -389,119 +338,6 @@ impl Worker {
         if s.has_pending() {
             self.on_uffd(token);
         }
-    }
-
-    /// One read-ahead chunk for each session streaming. A failed chunk stops its read-ahead
-    /// only: the faults that follow meet the same failure and decide the session's fate.
-    fn step_streams(&mut self) {
-        let mut i = 0;
-        while i < self.streams.len() {
-            let token = self.streams[i];
-            let Some(s) = self.sessions.get_mut(&token) else {
-                self.streams.swap_remove(i);
-                continue;
-            };
-            let going = match s.stream_step() {
-                Ok(going) => going,
-                Err(e) => {
-                    warn!(session = %s.id(), version = %self.version, error = %e, "read-ahead stopped");
-                    false
-                }
-            };
-            if going {
-                i += 1;
-            } else {
-                self.streams.swap_remove(i);
-            }
-            self.serve_queued(token);
-        }
-    }
-
-    /// Applies copy threads' answers: present pages into the session, the rest into the claim's
-    /// completion (a late answer for a completion that ended only marks pages present).
-    fn take_claims_done(&mut self) {
-        while let Ok(done) = self.claims_rx.try_recv() {
-            let token = done.token;
-            let Some(s) = self.sessions.get_mut(&token) else { continue };
-            s.mark_copied(done.region_index, &done.present, done.epoch);
-            s.publish();
-            let Some(i) =
-                self.completions.iter().position(|(t, c)| *t == token && c.id() == done.completion)
-            else {
-                continue;
-            };
-            if let Err(e) = self.completions[i].1.on_claim_done(done) {
-                let (_, c) = self.completions.swap_remove(i);
-                self.fail_completion(token, c, e);
-            }
-        }
-    }
-
-    /// One step for each completion in progress, then finish or fail those that are done.
-    ///
-    /// The step adapts: `budget` bytes while faults are coming in (a fault waits at most one
-    /// step: ~70 µs for 256 KiB), doubling up to `MAX_STEP_BYTES` while none do, so a quiet VM
-    /// graduates at bulk-copy speed with few step overheads. Once the step has grown to its
-    /// largest (no fault for ~8 MiB of steps), copy threads get claims too.
-    fn step_completions(&mut self, faulted: bool) {
-        let max = MAX_STEP_BYTES.max(self.budget);
-        self.step = if faulted { self.budget } else { (self.step * 2).min(max) };
-        let quiet = !faulted && self.step == max;
-        self.working = false;
-        let mut i = 0;
-        while i < self.completions.len() {
-            let token = self.completions[i].0;
-            let Some(s) = self.sessions.get_mut(&token) else {
-                let (_, c) = self.completions.swap_remove(i);
-                c.fail(CompleteError::SessionEnded("the session is no longer served".into()));
-                continue;
-            };
-            let helpers = match &self.copies {
-                Some(copies) if quiet => Some((copies, &self.reply, token)),
-                _ => None,
-            };
-            let step = self.completions[i].1.step(s, self.step, helpers);
-            match step {
-                Ok(progress @ (Progress::Working | Progress::AwaitingCopies)) => {
-                    self.working |= progress == Progress::Working;
-                    i += 1;
-                    self.serve_queued(token);
-                }
-                Ok(Progress::Swept) => {
-                    let (_, mut c) = self.completions.swap_remove(i);
-                    let report = c.report().clone();
-                    let (elapsed, assisted_bytes) = (c.elapsed(), c.assisted_bytes());
-                    match c.finish(s) {
-                        Ok(()) => {
-                            info!(session = %s.id(), version = %self.version, populated_bytes = report.populated_bytes,
-                                assisted_bytes, skipped_zero_bytes = report.skipped_zero_bytes, ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "session graduated");
-                            self.end(token, SessionState::Graduated, String::new());
-                        }
-                        Err(e) => self.fail_completion(token, c, e),
-                    }
-                }
-                Err(e) => {
-                    let (_, c) = self.completions.swap_remove(i);
-                    self.fail_completion(token, c, e);
-                }
-            }
-        }
-    }
-
-    fn fail_completion(&mut self, token: u64, c: Completion, e: CompleteError) {
-        if let Some(s) = self.sessions.get(&token) {
-            warn!(session = %s.id(), version = %self.version, error = %e, "completion failed; session keeps serving");
-            s.shared.set_error(e.to_string());
-            s.publish();
-            if let CompleteError::SessionEnded(reason) = &e {
-                let reason = reason.clone();
-                c.fail(e);
-                self.end(token, SessionState::Ended, reason);
-                return;
-            }
-            let _ = s.shared.change(Change::CompletionFailed);
-        }
-        c.fail(e);
     }
 
     /// Stops serving a session: out of epoll, fds closed, final state published.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::memory_file::MappedFile;
+use super::MappedFile;
 
 /// Pages classified per chunk (128 KiB): one `pread` (~40 µs here), the longest a fault waits for
 /// the scan to leave a CPU.
