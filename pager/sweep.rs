@@ -152,3 +152,86 @@ impl Sweep {
         }
     }
 }
+
+#[cfg(test)]
+// A claim of one run is a vector of one range here, not a range of pages spelled wrong.
+#[allow(clippy::single_range_in_vec_init)]
+mod tests {
+    use uffdpager::firecracker::Region;
+
+    use super::*;
+
+    const PS: u64 = 4096;
+
+    fn regions(pages: &[u64]) -> Vec<RegionPages> {
+        let mut base = 0x10_0000;
+        pages
+            .iter()
+            .map(|&n| {
+                let r = Region { base, size: n * PS, offset: base, page_size: PS };
+                base += n * PS;
+                RegionPages::new(r)
+            })
+            .collect()
+    }
+
+    fn runs(sweep: &mut Sweep, regions: &[RegionPages], budget: u64) -> Vec<(usize, Range<u64>)> {
+        std::iter::from_fn(|| sweep.next_run(regions, budget)).collect()
+    }
+
+    #[test]
+    fn the_next_runs_pass_over_present_and_discarded_pages_and_cross_regions() {
+        let mut rs = regions(&[16, 8]);
+        rs[0].mark_present(2, 4);
+        rs[0].remove(8, 10);
+        rs[1].mark_present(0, 8);
+        let mut sweep = Sweep::all_regions(ZeroTest::Holes);
+        assert_eq!(runs(&mut sweep, &rs, u64::MAX), [(0, 0..2), (0, 4..8), (0, 10..16)]);
+        assert_eq!(sweep.next_run(&rs, u64::MAX), None, "the end stays the end");
+    }
+
+    #[test]
+    fn a_run_is_at_most_the_budget_and_at_least_one_page() {
+        let rs = regions(&[10]);
+        let mut sweep = Sweep::all_regions(ZeroTest::Holes);
+        assert_eq!(runs(&mut sweep, &rs, 4 * PS), [(0, 0..4), (0, 4..8), (0, 8..10)]);
+        let mut sweep = Sweep::all_regions(ZeroTest::Holes);
+        assert_eq!(runs(&mut sweep, &rs, 1).len(), 10, "a budget under a page still moves");
+    }
+
+    #[test]
+    fn a_sweep_within_a_window_stops_at_its_end() {
+        let rs = regions(&[32]);
+        let mut sweep = Sweep::within(0, 5, 9, ZeroTest::Holes);
+        assert_eq!(sweep.position(), Some((0, 5)));
+        assert_eq!(runs(&mut sweep, &rs, u64::MAX), [(0, 5..9)]);
+        assert_eq!(sweep.position(), Some((0, 9)));
+        assert_eq!(Sweep::all_regions(ZeroTest::Holes).position(), None);
+    }
+
+    #[test]
+    fn a_claim_stays_in_one_region_within_its_budget_and_run_count() {
+        let mut rs = regions(&[16, 16]);
+        for p in (1..16).step_by(2) {
+            rs[0].mark_present(p, p + 1); // runs of one page: 0, 2, 4, ...
+        }
+        let mut sweep = Sweep::all_regions(ZeroTest::Holes);
+        let (ri, claimed) = sweep.claim(&rs, u64::MAX, 3).unwrap();
+        assert_eq!((ri, claimed), (0, vec![0..1, 2..3, 4..5]), "at most 3 runs");
+        let (ri, claimed) = sweep.claim(&rs, 2 * PS, 100).unwrap();
+        assert_eq!((ri, claimed), (0, vec![6..7, 8..9]), "at most the budget");
+        let (ri, claimed) = sweep.claim(&rs, u64::MAX, 100).unwrap();
+        assert_eq!((ri, claimed), (0, vec![10..11, 12..13, 14..15]), "never into region 1");
+        assert_eq!(sweep.claim(&rs, u64::MAX, 100), Some((1, vec![0..16])));
+        assert_eq!(sweep.claim(&rs, u64::MAX, 100), None);
+    }
+
+    #[test]
+    fn counts_add_up_what_the_caller_reports() {
+        let mut sweep = Sweep::all_regions(ZeroTest::HolesAndZeroPages);
+        sweep.count(3 * PS, 0);
+        sweep.count(0, PS);
+        assert_eq!(sweep.counts(), SweepCounts { populated_bytes: 3 * PS, skipped_zero_bytes: PS });
+        assert_eq!(sweep.zero_test(), ZeroTest::HolesAndZeroPages);
+    }
+}

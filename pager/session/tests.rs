@@ -275,3 +275,72 @@ fn no_faulting_thread_is_left_blocked_by_an_unregister_that_races_it() {
         assert!(blocked.is_empty(), "round {round}: threads {blocked:?} left in handle_userfault");
     }
 }
+
+/// REMOVE handling: a page the balloon discarded after it was served faults back in as zeros,
+/// never as the snapshot's bytes (the guest freed it; its old contents are gone).
+#[test]
+fn a_page_discarded_after_it_was_served_faults_back_in_as_zeros() {
+    let mut t = served();
+    let read = t.reader(vec![40]);
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    assert_eq!(read.recv_timeout(FROZEN).expect("served"), [snapshot_byte(40)]);
+    let balloon = t.discard(40, 1);
+    t.read_events();
+    join_within(balloon, "the balloon's madvise");
+    assert!(t.session.regions[0].removed.contains(40));
+    let again = t.reader(vec![40, 41]);
+    t.read_events();
+    assert_eq!(t.pending_pages(), [40], "the discarded page faults again");
+    t.session.serve_pending().unwrap();
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    assert_eq!(again.recv_timeout(FROZEN).expect("served"), [0, snapshot_byte(41)]);
+}
+
+/// The fill loop meeting an unread REMOVE: the copy answers EAGAIN, the loop reads the event
+/// (the balloon's `madvise` returns), re-plans from the page state, and never writes the
+/// discarded range in `Populate` mode; every other page gets the snapshot's bytes.
+#[test]
+fn a_populate_that_meets_an_unread_remove_reads_it_and_skips_the_discarded_pages() {
+    let mut t = served();
+    let balloon = t.discard(30, 4);
+    let filled = t.session.fill(0, 0, PAGES, FillMode::Populate).unwrap();
+    join_within(balloon, "the balloon's madvise");
+    assert_eq!(filled, PAGES - 4);
+    let r = &t.session.regions[0];
+    for p in 0..PAGES {
+        let discarded = (30..34).contains(&p);
+        assert_eq!(r.present().get(p), !discarded, "page {p}");
+        assert_eq!(r.removed.contains(p), discarded, "page {p}");
+        if !discarded {
+            assert_eq!(t.f.dst[usize::try_from(p * PS).unwrap()], snapshot_byte(p), "page {p}");
+        }
+    }
+    // Once unregistered, the discarded pages are the kernel's zero pages.
+    t.session.unregister_all().unwrap();
+    t.session.settle_events().unwrap();
+    assert_eq!(t.reader(vec![31, 29]).recv_timeout(FROZEN).unwrap(), [0, snapshot_byte(29)]);
+}
+
+/// The sweep's populate runs on the fill loop: a whole-VM sweep leaves nothing missing but
+/// discarded pages, and counts what it copied.
+#[test]
+fn a_sweep_populates_every_page_but_the_discarded_ones() {
+    use crate::page_copy::ZeroTest;
+    use crate::sweep::Sweep;
+    let mut t = served();
+    let balloon = t.discard(3, 2);
+    t.read_events();
+    join_within(balloon, "the balloon's madvise");
+    let mut sweep = Sweep::all_regions(ZeroTest::HolesAndZeroPages);
+    let mut steps = 0;
+    while !t.session.sweep_step(&mut sweep, 16 * PS).unwrap() {
+        steps += 1;
+        assert!(steps < 100, "the sweep never ends");
+    }
+    assert!(steps >= 3, "a budget of 16 pages takes several steps ({steps})");
+    assert_eq!(sweep.counts().populated_bytes, (PAGES - 2) * PS);
+    assert_eq!(t.session.regions[0].present_pages(), PAGES - 2);
+    assert!(!t.session.regions[0].present().get(3) && !t.session.regions[0].present().get(4));
+}
