@@ -341,16 +341,8 @@ fn silent(args: &Silent) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // A log line that cannot be written (closed pipe, full disk) is dropped, never a panic:
-        // a pager must not die of its log.
-        .log_internal_errors(false)
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    // The services' log setup (text on stderr, RUST_LOG, never a panic on a failed write).
+    uffdpager::logging::init(uffdpager::logging::LogFormat::Text);
     let cli = Cli::parse();
     let name = match cli.command {
         Cmd::MakeMemfile(_) => "make-memfile",

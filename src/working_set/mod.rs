@@ -31,9 +31,14 @@
 //! different snapshots of one size with identical first and last MiB would pass: their
 //! recording then only prefetches less useful pages, never wrong bytes (see above).
 
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Component, Path, PathBuf};
+mod file_io;
+mod run_recorder;
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub use file_io::{check_path, read, write_atomically, PathError, ReadError};
+pub use run_recorder::{PageRun, RunRecorder};
 
 use crate::firecracker::Region;
 
@@ -317,166 +322,5 @@ fn check_run(run: &FileRun, regions: &[RecordedRegion]) -> Result<(), &'static s
     Ok(())
 }
 
-/// Why a recording's path was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PathError {
-    #[error("{field} {path:?} is not an absolute path")]
-    NotAbsolute { field: &'static str, path: String },
-    #[error("{field} {path:?} contains '..'")]
-    DotDot { field: &'static str, path: String },
-    #[error("{field} {path:?}: its directory {dir} does not exist or is not a directory")]
-    NoDirectory { field: &'static str, path: String, dir: String },
-    #[error("{field} {path:?} names a directory")]
-    IsDirectory { field: &'static str, path: String },
-}
-
-/// Checks a recording's path as the memory file's is checked: absolute, no `..`, in an existing
-/// directory. `field` names the request field in messages. Blocking (one stat).
-pub fn check_path(field: &'static str, path: &str) -> Result<PathBuf, PathError> {
-    let p = Path::new(path);
-    let owned = || path.to_string();
-    if !p.is_absolute() {
-        return Err(PathError::NotAbsolute { field, path: owned() });
-    }
-    if p.components().any(|c| c == Component::ParentDir) {
-        return Err(PathError::DotDot { field, path: owned() });
-    }
-    let dir = p.parent().unwrap_or(Path::new("/"));
-    if p.file_name().is_none() || p.is_dir() {
-        return Err(PathError::IsDirectory { field, path: owned() });
-    }
-    if !dir.is_dir() {
-        return Err(PathError::NoDirectory {
-            field,
-            path: owned(),
-            dir: dir.display().to_string(),
-        });
-    }
-    Ok(p.to_path_buf())
-}
-
-/// Why reading a recording failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("reading {path}: {source}")]
-    Io { path: String, source: io::Error },
-    #[error("{path}: {source}")]
-    Format { path: String, source: FormatError },
-}
-
-/// Reads and checks a recording (at most the largest valid size is read). Blocking.
-pub fn read(path: &Path) -> Result<Recording, ReadError> {
-    let shown = || path.display().to_string();
-    let max = (HEADER_LEN + MAX_REGIONS * REGION_LEN + MAX_RUNS * RUN_LEN + 4) as u64;
-    let mut bytes = Vec::new();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
-        .map_err(|source| ReadError::Io { path: shown(), source })?;
-    Recording::decode(&bytes).map_err(|source| ReadError::Format { path: shown(), source })
-}
-
-/// Writes a recording atomically: a temporary file beside `path` (mode 0600), fsync, rename
-/// over `path`, fsync of the directory. A reader sees the old file or the new one, never part.
-/// Blocking.
-pub fn write_atomically(path: &Path, recording: &Recording) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path.file_name().ok_or_else(|| io::Error::other("no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)?;
-        f.write_all(&recording.encode())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
-/// A run of pages of one region, by page index: `[first, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageRun {
-    pub region: usize,
-    pub first: u64,
-    pub end: u64,
-}
-
-/// Collects first touches in order, coalescing a touch that continues the last run into it
-/// (a vCPU reading memory in order gives one run, not one entry per page), with a cap on
-/// entries: bounded memory however the VM behaves. Pure.
-#[derive(Debug, Clone)]
-pub struct RunRecorder {
-    runs: Vec<PageRun>,
-    cap: usize,
-    /// Touches refused because the cap was reached.
-    dropped: u64,
-}
-
-impl RunRecorder {
-    pub fn new(cap: usize) -> Self {
-        Self { runs: Vec::new(), cap, dropped: 0 }
-    }
-
-    /// Records pages `[first, end)` of `region`, touched now. Returns false when the cap
-    /// refused them.
-    pub fn push(&mut self, region: usize, first: u64, end: u64) -> bool {
-        if first >= end {
-            return true;
-        }
-        if let Some(last) = self.runs.last_mut() {
-            if last.region == region && (last.first..=last.end).contains(&first) {
-                // Continues (or lies inside) the last run.
-                last.end = last.end.max(end);
-                return true;
-            }
-        }
-        if self.runs.len() >= self.cap {
-            self.dropped += 1;
-            return false;
-        }
-        self.runs.push(PageRun { region, first, end });
-        true
-    }
-
-    pub fn runs(&self) -> &[PageRun] {
-        &self.runs
-    }
-
-    /// Whether the cap has been reached.
-    pub fn full(&self) -> bool {
-        self.runs.len() >= self.cap
-    }
-
-    pub fn dropped(&self) -> u64 {
-        self.dropped
-    }
-
-    /// The runs as memory-file runs of `regions`.
-    pub fn file_runs(&self, regions: &[Region]) -> Vec<FileRun> {
-        self.runs
-            .iter()
-            .filter_map(|r| {
-                let reg = regions.get(r.region)?;
-                Some(FileRun {
-                    offset: reg.offset + r.first * reg.page_size,
-                    len: (r.end - r.first) * reg.page_size,
-                })
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
-#[path = "working_set_tests.rs"]
 mod tests;
