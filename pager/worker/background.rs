@@ -37,57 +37,66 @@ impl Worker {
         });
     }
 
-    /// One prefetch step (the completion budget) for each session prefetching a working set,
-    /// each after its queued faults. A failed step stops that prefetch only: the faults that
-    /// follow meet the same failure and decide the session's fate.
+    /// One prefetch step (the completion budget) for each session prefetching a working set.
     pub(super) fn step_prefetches(&mut self) {
+        self.step_each(Background::Prefetch);
+    }
+
+    /// One read-ahead chunk for each session streaming.
+    pub(super) fn step_streams(&mut self) {
+        self.step_each(Background::ReadAhead);
+    }
+
+    /// One step of `work` for each session doing it, round-robin, each step after the session's
+    /// queued faults and followed by those its step read. A failed step stops that work only:
+    /// the faults that follow meet the same failure and decide the session's fate.
+    fn step_each(&mut self, work: Background) {
         let mut i = 0;
-        while i < self.prefetches.len() {
-            let token = self.prefetches[i];
+        while i < self.background(work).len() {
+            let token = self.background(work)[i];
             self.serve_queued(token);
+            let budget = self.budget;
             let Some(s) = self.sessions.get_mut(&token) else {
-                self.prefetches.swap_remove(i);
+                self.background(work).swap_remove(i);
                 continue;
             };
-            let going = match s.prefetch_step(self.budget) {
-                Ok(going) => going,
-                Err(e) => {
-                    warn!(session = %s.id(), version = %self.version, error = %e, "working-set prefetch stopped");
-                    false
-                }
+            let step = match work {
+                Background::Prefetch => s.prefetch_step(budget),
+                Background::ReadAhead => s.stream_step(),
             };
+            let going = step.unwrap_or_else(|e| {
+                warn!(session = %s.id(), version = %self.version, error = %e, "{} stopped", work.name());
+                false
+            });
             if going {
                 i += 1;
             } else {
-                self.prefetches.swap_remove(i);
+                self.background(work).swap_remove(i);
             }
             self.serve_queued(token);
         }
     }
 
-    /// One read-ahead chunk for each session streaming. A failed chunk stops its read-ahead
-    /// only: the faults that follow meet the same failure and decide the session's fate.
-    pub(super) fn step_streams(&mut self) {
-        let mut i = 0;
-        while i < self.streams.len() {
-            let token = self.streams[i];
-            let Some(s) = self.sessions.get_mut(&token) else {
-                self.streams.swap_remove(i);
-                continue;
-            };
-            let going = match s.stream_step() {
-                Ok(going) => going,
-                Err(e) => {
-                    warn!(session = %s.id(), version = %self.version, error = %e, "read-ahead stopped");
-                    false
-                }
-            };
-            if going {
-                i += 1;
-            } else {
-                self.streams.swap_remove(i);
-            }
-            self.serve_queued(token);
+    fn background(&mut self, work: Background) -> &mut Vec<u64> {
+        match work {
+            Background::Prefetch => &mut self.prefetches,
+            Background::ReadAhead => &mut self.streams,
+        }
+    }
+}
+
+/// Work a worker does a step at a time for a session, between faults.
+#[derive(Debug, Clone, Copy)]
+enum Background {
+    ReadAhead,
+    Prefetch,
+}
+
+impl Background {
+    fn name(self) -> &'static str {
+        match self {
+            Background::ReadAhead => "read-ahead",
+            Background::Prefetch => "working-set prefetch",
         }
     }
 }
