@@ -72,9 +72,9 @@ pub struct Session {
     removed_log: Option<RemovedLog>,
     /// Working sets (see `crate::working_set`): the recording in progress, the prefetch in
     /// progress, and the thread saving a finished recording.
-    pub recorder: Option<crate::working_set::Recorder>,
-    pub prefetch: Option<crate::working_set::Prefetch>,
-    pub saving: Option<std::thread::JoinHandle<()>>,
+    recorder: Option<crate::working_set::Recorder>,
+    prefetch: Option<crate::working_set::Prefetch>,
+    saving: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Session {
