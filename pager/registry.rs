@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
-use uffdpager::api::{self, SessionState};
+use uffdpager::api;
 use uffdpager::firecracker::Region;
 use uffdpager::grpc::timestamp_ms;
 
 use crate::completion_result::CompletionResult;
-use crate::lifecycle::{Change, Refused, SessionLifecycle};
+use crate::lifecycle::{Change, Phase, Refused, SessionLifecycle};
 use crate::working_set_figures::WorkingSetFigures;
 
 /// What gRPC reads of a session while a worker serves it.
@@ -72,14 +72,14 @@ impl SessionShared {
         self.regions.iter().map(|r| r.size).sum()
     }
 
-    pub fn state(&self) -> SessionState {
-        self.state.state()
+    pub fn phase(&self) -> Phase {
+        self.state.phase()
     }
 
     /// Changes the session's state (see `crate::lifecycle`); a graduation is timestamped.
-    pub fn change(&self, change: Change) -> Result<SessionState, Refused> {
+    pub fn change(&self, change: Change) -> Result<Phase, Refused> {
         let to = self.state.change(change)?;
-        if to == SessionState::Graduated {
+        if to == Phase::Graduated {
             let _ = self.graduated_at_ms.compare_exchange(
                 0,
                 uffdpager::grpc::now_ms(),
@@ -91,7 +91,7 @@ impl SessionShared {
     }
 
     pub fn is_live(&self) -> bool {
-        matches!(self.state(), SessionState::Serving | SessionState::Completing)
+        self.phase().is_live()
     }
 
     pub fn set_figures(&self, resident: u64, removed: u64, faults: u64, overlay_faults: u64) {
@@ -120,7 +120,7 @@ impl SessionShared {
         let mut s = api::Session {
             id: self.id.clone(),
             pager_version: self.version.clone(),
-            state: self.state() as i32,
+            state: self.phase().to_proto() as i32,
             outdated: false,
             memory_file: self.memory_file.clone(),
             socket_path: String::new(),

@@ -7,13 +7,13 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
-use uffdpager::api::{self, pager_server, SessionState};
+use uffdpager::api::{self, pager_server};
 use uffdpager::grpc::{grpc_timeout, timestamp};
 
 use crate::complete::Completion;
 use crate::completion_result::{CompleteError, CompletionReport, CompletionResult};
 use crate::joined_deadline::JoinedDeadline;
-use crate::lifecycle::Change;
+use crate::lifecycle::{Change, Phase};
 use crate::registry::CompletionWatch;
 use crate::worker::Command;
 use crate::Pager;
@@ -118,8 +118,8 @@ impl pager_server::Pager for PagerService {
             let mut reg = self.pager.registry.lock();
             let entry = reg.get_mut(&id).ok_or_else(|| not_found(&id))?;
             let shared = Arc::clone(&entry.shared);
-            match shared.state() {
-                SessionState::Graduated => {
+            match shared.phase() {
+                Phase::Graduated => {
                     return Ok(Response::new(api::CompleteSessionResponse {
                         session: Some(shared.to_proto()),
                         already_graduated: true,
@@ -127,7 +127,7 @@ impl pager_server::Pager for PagerService {
                         ..Default::default()
                     }));
                 }
-                SessionState::Completing => {
+                Phase::Completing => {
                     let w = entry
                         .completion
                         .clone()
@@ -137,7 +137,7 @@ impl pager_server::Pager for PagerService {
                     w.deadline.extend(deadline);
                     (w, shared)
                 }
-                SessionState::Serving => {
+                Phase::Serving => {
                     let (tx, rx) = watch::channel(None);
                     let cancel = Arc::new(AtomicBool::new(false));
                     let joined = Arc::new(JoinedDeadline::new(deadline));
@@ -166,7 +166,7 @@ impl pager_server::Pager for PagerService {
                 other => {
                     return Err(Status::failed_precondition(format!(
                         "session {id} is {}: only a serving session can graduate",
-                        other.as_str_name()
+                        other.to_proto().as_str_name()
                     )))
                 }
             }
@@ -198,7 +198,7 @@ impl pager_server::Pager for PagerService {
                 return Err(Status::failed_precondition(format!(
                     "session {} is {}: ending it would freeze its VM (force to insist)",
                     req.session_id,
-                    entry.shared.state().as_str_name()
+                    entry.shared.phase().to_proto().as_str_name()
                 )));
             }
             self.pager.workers[entry.worker]

@@ -178,10 +178,11 @@ fn a_cycle_is_found_and_a_chain_is_not() {
         cycles(&graph(&[("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")])),
         [vec!["a".to_string(), "b".into(), "c".into()]]
     );
-    let names: BTreeSet<String> =
-        ["session", "sweep", "metrics", "lost"].map(String::from).into();
-    let code = code_of(
-        "use crate::{sweep::{Sweep, X}, metrics};\n// crate::lost\nuse super::session::X;",
+    let names: BTreeSet<String> = ["session", "sweep", "metrics", "lost"].map(String::from).into();
+    let code =
+        code_of("use crate::{sweep::{Sweep, X}, metrics};\n// crate::lost\nuse super::session::X;");
+    assert_eq!(
+        named_modules(&code, &names),
+        ["metrics", "session", "sweep"].map(String::from).into()
     );
-    assert_eq!(named_modules(&code, &names), ["metrics", "session", "sweep"].map(String::from).into());
 }

@@ -2,9 +2,8 @@
 //! threads' answers applied, and the finish or failure of each.
 
 use tracing::{info, warn};
-use uffdpager::api::SessionState;
 
-use super::{Worker, MAX_STEP_BYTES};
+use super::{Release, Worker, MAX_STEP_BYTES};
 use crate::complete::{Completion, Progress};
 use crate::completion_result::CompleteError;
 use crate::lifecycle::Change;
@@ -68,7 +67,7 @@ impl Worker {
                         Ok(()) => {
                             info!(session = %s.id(), version = %self.version, populated_bytes = report.populated_bytes,
                                 assisted_bytes, skipped_zero_bytes = report.skipped_zero_bytes, ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "session graduated");
-                            self.end(token, SessionState::Graduated, String::new());
+                            self.end(token, Release::Graduated, String::new());
                         }
                         Err(e) => self.fail_completion(token, c, e),
                     }
@@ -89,7 +88,7 @@ impl Worker {
             if let CompleteError::SessionEnded(reason) = &e {
                 let reason = reason.clone();
                 c.fail(e);
-                self.end(token, SessionState::Ended, reason);
+                self.end(token, Release::Ended, reason);
                 return;
             }
             let _ = s.shared.change(Change::CompletionFailed);

@@ -20,7 +20,6 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tracing::{error, info, warn};
-use uffdpager::api::SessionState;
 use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
 
 use crate::busy::Busy;
@@ -228,7 +227,7 @@ impl Worker {
                 } else {
                     self.end(
                         token,
-                        SessionState::Ended,
+                        Release::Ended,
                         "the VMM exited (EOF on its socket, or its pidfd)".into(),
                     );
                 }
@@ -264,7 +263,7 @@ impl Worker {
                         ));
                     }
                 }
-                Command::Drop { token, reason } => self.end(token, SessionState::Ended, reason),
+                Command::Drop { token, reason } => self.end(token, Release::Ended, reason),
                 Command::GiveBack { token, reply } => {
                     let answer = match self.sessions.get(&token) {
                         Some(s) => s.give_back().map_err(|e| format!("duplicating: {e}")),
@@ -325,8 +324,8 @@ impl Worker {
     /// Ends a session whose fault serving failed.
     fn fail_session(&mut self, token: u64, e: SessionError) {
         let state = match e {
-            SessionError::Gone(_) | SessionError::VmmGone(_) => SessionState::Ended,
-            _ => SessionState::Failed,
+            SessionError::Gone(_) | SessionError::VmmGone(_) => Release::Ended,
+            _ => Release::Failed,
         };
         self.end(token, state, e.to_string());
     }
@@ -341,7 +340,7 @@ impl Worker {
     }
 
     /// Stops serving a session: out of epoll, fds closed, final state published.
-    fn end(&mut self, token: u64, state: SessionState, reason: String) {
+    fn end(&mut self, token: u64, state: Release, reason: String) {
         let Some(mut s) = self.sessions.remove(&token) else { return };
         s.finish_recording("the session ended");
         self.record_deadlines.retain(|d| d.1 != token);
@@ -352,7 +351,7 @@ impl Worker {
             c.fail(CompleteError::SessionEnded(reason.clone()));
         }
         s.publish();
-        let error = if state == SessionState::Graduated { String::new() } else { reason.clone() };
+        let error = if state == Release::Graduated { String::new() } else { reason.clone() };
         match s.take_saving() {
             // Whoever sees the session end sees its recording's outcome too: the final state is
             // published once the recording is saved (on a thread of its own, not this worker).
@@ -385,15 +384,26 @@ impl Worker {
     fn release_all(&mut self) {
         let tokens: Vec<u64> = self.sessions.keys().copied().collect();
         for t in tokens {
-            self.end(t, SessionState::Ended, "the pager shut down".into());
+            self.end(t, Release::Ended, "the pager shut down".into());
         }
     }
 }
 
-/// Publishes how a released session ended: ENDED is made here; GRADUATED was made by the
-/// completion's finish, before its callers were answered.
-fn publish_end(shared: &SessionShared, state: SessionState) {
-    if state != SessionState::Graduated {
+/// Why a worker lets go of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// Its completion finished: every page resident, every region unregistered.
+    Graduated,
+    /// Its VMM exited, an operator dropped it, or the pager shuts down.
+    Ended,
+    /// Serving it failed (the VMM's memory is still there): it ends, with the error.
+    Failed,
+}
+
+/// Publishes how a released session ended: ENDED is made here (for a failure too, with its
+/// error); GRADUATED was made by the completion's finish, before its callers were answered.
+fn publish_end(shared: &SessionShared, state: Release) {
+    if state != Release::Graduated {
         let _ = shared.change(Change::End);
     }
 }
