@@ -23,11 +23,11 @@
 //!   be retried at once. The supervisor's own state (COMPLETING) still prevents a duplicate.
 //! - Sessions in flight, COMPLETING ones, and outdated ones being graduated count as already
 //!   leaving when the ceiling works out how many more must go (see `plan`).
+//! - Disabled is a strict no-op: no stream is opened and no call made; the API still answers
+//!   and says "disabled".
 //!
 //! A crate of its own (`controller/`): it may depend on the protocol library (`uffdpager`) and
 //! on nothing else of this workspace.
-//! - Disabled is a strict no-op: no stream is opened and no call made; the API still answers
-//!   and says "disabled".
 
 mod cli;
 mod config;
