@@ -13,7 +13,7 @@ pub use uffdpager::logging::LogFormat;
 use crate::refused_vmm::RefusedVmm;
 use uffdpager::tls::TcpSecurity;
 
-use crate::startup::{parse_version_spec, VersionSpec, VersionsFileEntry};
+use crate::version_spec::{parse_version_spec, VersionSpec, VersionsFileEntry};
 
 /// The one public entry point of a host's uffd pagers: creates sessions, owns their VMM sockets,
 /// spawns and tracks pager versions, and routes each session's calls to the version serving it.
@@ -314,12 +314,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 pub use uffdpager::duration::parse_duration;
-
-/// `uffd-pager` beside the running executable.
-pub fn default_pager_binary() -> std::io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.with_file_name("uffd-pager"))
-}
 
 #[cfg(test)]
 mod tests {

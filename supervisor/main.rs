@@ -6,7 +6,8 @@
 //! (respawn, drain, stop). See `docs/DESIGN.md` and the modules below:
 //!
 //! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP);
-//!   `shutdown`: signals and the order of shutdown;
+//!   `shutdown`: signals and the order of shutdown; `metrics`: `/metrics` (counters, gauges,
+//!   the pagers' figures, from what the caller hands in);
 //! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //!   `refused_vmm`: what becomes of a VMM that will not be served;
@@ -16,7 +17,8 @@
 //!   file), `pidfd` how it is watched and
 //!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
 //!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
-//! - `startup`: the versions to start (command line, versions file); `recover`: taking over the
+//! - `version_spec`: the versions to start, as given (command line, versions file); `startup`:
+//!   starting them; `recover`: taking over the
 //!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
 //!   `vmm_fds`: a session's descriptors taken back from its VMM when no pager serves it;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
@@ -57,6 +59,7 @@ mod shutdown;
 mod startup;
 mod status;
 mod tuning;
+mod version_spec;
 mod versions;
 mod vmm_fds;
 mod working_set;
@@ -139,7 +142,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path, access.group_gid())?;
 
-    let specs = startup::version_specs(
+    let specs = version_spec::version_specs(
         &cli.pager_binary,
         cli.pager_version.as_deref(),
         cli.versions_config.as_deref(),
@@ -160,8 +163,12 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     let metrics = match cli.metrics_listen {
         Some(addr) => {
             let c = core.clone();
-            let render: uffdpager::metrics::Render =
-                Arc::new(move || Box::pin(metrics::render(c.clone())));
+            let render: uffdpager::metrics::Render = Arc::new(move || {
+                let c = c.clone();
+                Box::pin(
+                    async move { metrics::render(&c.inventory, &c.versions, &c.metrics).await },
+                )
+            });
             let (bound, task) = uffdpager::metrics::serve(addr, render, stop_rx_metrics).await?;
             info!(addr = %bound, "metrics served on /metrics");
             Some(task)
