@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::{error, info, warn};
-use uffdpager::api::{PagerVersion, VersionState};
+use tracing::{debug, error, info, warn};
+use uffdpager::api::PagerVersion;
 
 use crate::core::Core;
 use crate::metrics::exit_cause;
@@ -18,7 +18,7 @@ use crate::pagers::{Exit, PagerError, PagerPaths, PagerProcess};
 use crate::session_id;
 use crate::status::ServiceError;
 use crate::tuning::PagerTuning;
-use crate::versions::{state_name, Table, VersionEntry};
+use crate::versions::{Table, VersionEntry};
 
 /// Restarts in a row of an active version before it is declared FAILED.
 const MAX_RESTARTS: u32 = 3;
@@ -46,16 +46,11 @@ pub enum Role {
 }
 
 /// The previous active version steps down: DRAINING if it runs, or its pending respawn is
-/// cancelled.
+/// cancelled (EXITED). In any other phase there is nothing to step down from.
 fn demote(t: &mut Table, version: &str) {
     if let Some(e) = t.entries.get_mut(version) {
-        match e.state {
-            VersionState::Active => e.state = VersionState::Draining,
-            VersionState::Starting if e.process.is_none() => {
-                e.stopping = true;
-                e.state = VersionState::Exited;
-            }
-            _ => {}
+        if let Err(refused) = e.lifecycle.step_down() {
+            debug!(version, %refused, "the previous active version keeps its state");
         }
     }
 }
@@ -118,13 +113,10 @@ impl Core {
         let label = Self::resolve_label(&binary, label).await?;
         self.versions.update(|t| {
             if let Some(e) = t.entries.get(&label) {
-                if matches!(
-                    e.state,
-                    VersionState::Starting | VersionState::Active | VersionState::Draining
-                ) {
+                if e.lifecycle.is_running() {
                     return Err(ServiceError::VersionRunning {
                         version: label.clone(),
-                        state: state_name(e.state),
+                        state: e.lifecycle.name(),
                     });
                 }
             }
@@ -144,7 +136,9 @@ impl Core {
                 );
                 self.versions.update(|t| {
                     if let Some(entry) = t.entries.get_mut(&label) {
-                        entry.state = VersionState::Failed;
+                        if let Err(refused) = entry.lifecycle.fail_to_start() {
+                            warn!(version = %label, %refused, "a version that did not start");
+                        }
                         entry.error = e.to_string();
                     }
                 });
@@ -166,19 +160,22 @@ impl Core {
                     ),
                 });
             }
+            let healthy = |e: &mut VersionEntry| match role {
+                Role::Standby => e.lifecycle.stand_by(),
+                Role::Active => e.lifecycle.become_active(),
+            };
+            if let Some(refused) = t.entries.get_mut(&label).and_then(|e| healthy(e).err()) {
+                return Err(ServiceError::VersionNotRunning {
+                    version: label.clone(),
+                    why: refused.to_string(),
+                });
+            }
             if role == Role::Standby {
-                if let Some(e) = t.entries.get_mut(&label) {
-                    e.state = VersionState::Draining;
-                    e.standby = true;
-                }
                 return Ok(None);
             }
             let previous = t.active.replace(label.clone());
             if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
                 demote(t, prev);
-            }
-            if let Some(e) = t.entries.get_mut(&label) {
-                e.state = VersionState::Active;
             }
             Ok(previous)
         })?;
@@ -203,18 +200,16 @@ impl Core {
             let Some(e) = t.entries.get_mut(label) else {
                 return Err(ServiceError::VersionNotFound(label.into()));
             };
-            let running = e.usable().is_some()
-                && matches!(e.state, VersionState::Active | VersionState::Draining);
+            // Only a version whose process runs, not being stopped, ACTIVE or DRAINING.
+            let running = e.usable().is_some() && e.lifecycle.activate().is_ok();
             if !running {
                 let why = match e.error.as_str() {
-                    "" => state_name(e.state).to_string(),
-                    err => format!("{}: {err}", state_name(e.state)),
+                    "" => e.lifecycle.name().to_string(),
+                    err => format!("{}: {err}", e.lifecycle.name()),
                 };
                 return Err(ServiceError::VersionNotRunning { version: label.into(), why });
             }
-            e.state = VersionState::Active;
             e.next_stop_attempt = None;
-            e.standby = false;
             let previous = t.active.replace(label.to_string());
             if let Some(prev) = previous.as_deref().filter(|p| *p != label) {
                 demote(t, prev);
@@ -249,6 +244,9 @@ impl Core {
             PagerProcess::start(version, binary, &args, paths, self.config.ready_timeout).await?;
         self.versions.update(|t| {
             if let Some(e) = t.entries.get_mut(version) {
+                if let Err(refused) = e.lifecycle.spawned() {
+                    warn!(version, %refused, "a pager process started for a version that stopped");
+                }
                 e.process = Some(process.clone());
                 e.started_at = Some(process.started_at);
             }
@@ -297,9 +295,7 @@ impl Core {
             e.process = None;
             // Under the table's lock: no new process of this version binds these paths meanwhile.
             process.paths.remove_files();
-            if e.stopping {
-                e.stopping = false;
-                e.state = VersionState::Exited;
+            if e.lifecycle.stopped().is_ok() {
                 return ExitOutcome::Stopped;
             }
             if process.started.elapsed() >= HEALTHY_RUN {
@@ -309,16 +305,20 @@ impl Core {
             // A process that served and died is respawned as long as sessions depend on it
             // (their VMs freeze without a pager), however often, at the backoff's pace; only a
             // version nobody depends on gives up after MAX_RESTARTS.
-            if is_active && wanted && (e.restarts_in_a_row < MAX_RESTARTS || depended_on) {
+            let respawn =
+                is_active && wanted && (e.restarts_in_a_row < MAX_RESTARTS || depended_on);
+            if let Err(refused) = e.lifecycle.died(respawn) {
+                error!(version = %version, %refused, "a pager version's process died out of turn");
+                return ExitOutcome::Lost { respawn_after: None };
+            }
+            if respawn {
                 e.restarts_in_a_row += 1;
-                e.state = VersionState::Starting;
                 ExitOutcome::Lost { respawn_after: Some(backoff(e.restarts_in_a_row)) }
             } else {
                 if is_active && wanted {
                     e.error =
                         format!("{}; gave up after {MAX_RESTARTS} restarts in a row", e.error);
                 }
-                e.state = VersionState::Failed;
                 ExitOutcome::Lost { respawn_after: None }
             }
         });
@@ -351,9 +351,7 @@ impl Core {
             let binary = self.versions.read(|t| {
                 t.entries
                     .get(&version)
-                    .filter(|e| {
-                        e.state == VersionState::Starting && e.process.is_none() && !e.stopping
-                    })
+                    .filter(|e| e.lifecycle.awaits_respawn())
                     .map(|e| e.binary_path.clone())
             });
             let Some(binary) = binary.filter(|_| !self.spawns_closed()) else { return };
@@ -362,13 +360,14 @@ impl Core {
                     let state = self.versions.update(|t| {
                         let is_active = t.active.as_deref() == Some(version.as_str());
                         let e = t.entries.get_mut(&version)?;
-                        e.state =
-                            if is_active { VersionState::Active } else { VersionState::Draining };
+                        if let Err(refused) = e.lifecycle.respawned(is_active) {
+                            warn!(version = %version, %refused, "a respawned pager's version moved on");
+                        }
                         // `error` says why a version FAILED or EXITED unexpectedly; it runs again.
                         e.error.clear();
-                        Some(e.state)
+                        Some(e.lifecycle.name())
                     });
-                    let state = state.map_or("?", state_name);
+                    let state = state.unwrap_or("?");
                     info!(version = %version, pid = process.pid, state, "pager version respawned");
                     self.metrics.pager_restarts.inc(&[&version]);
                     return;
@@ -378,12 +377,14 @@ impl Core {
             error!(version = %version, error = %err, "respawning the pager version failed");
             let again = self.versions.update(|t| {
                 let e = t.entries.get_mut(&version)?;
-                if e.restarts_in_a_row < MAX_RESTARTS && !e.stopping {
+                if e.restarts_in_a_row < MAX_RESTARTS && e.lifecycle.awaits_respawn() {
                     e.restarts_in_a_row += 1;
                     e.error = err.to_string();
                     Some(backoff(e.restarts_in_a_row))
                 } else {
-                    e.state = VersionState::Failed;
+                    if let Err(refused) = e.lifecycle.give_up() {
+                        warn!(version = %version, %refused, "a respawn failed for a version that moved on");
+                    }
                     e.error = format!("{err}; gave up after {MAX_RESTARTS} restarts in a row");
                     None
                 }
@@ -402,9 +403,8 @@ impl Core {
             let mut out = Vec::new();
             for e in t.entries.values_mut() {
                 let due = e.next_stop_attempt.is_none_or(|at| at <= now);
-                let idle_kept = e.standby;
-                if e.state != VersionState::Draining || e.inflight_handoffs > 0 || !due || idle_kept
-                {
+                // A standby version is kept while idle.
+                if !e.lifecycle.drains() || e.inflight_handoffs > 0 || !due {
                     continue;
                 }
                 // Lock order: versions, then the inventory.
@@ -412,8 +412,10 @@ impl Core {
                     continue;
                 }
                 if let Some(p) = e.usable().cloned() {
-                    e.stopping = true;
-                    out.push((e.version.clone(), p));
+                    match e.lifecycle.begin_stop() {
+                        Ok(()) => out.push((e.version.clone(), p)),
+                        Err(refused) => debug!(version = %e.version, %refused, "not stopped"),
+                    }
                 }
             }
             out
@@ -435,7 +437,9 @@ impl Core {
                     );
                     core.versions.update(|t| {
                         if let Some(e) = t.entries.get_mut(&version) {
-                            e.stopping = false;
+                            if let Err(refused) = e.lifecycle.stop_refused() {
+                                debug!(version = %version, %refused, "no stop to call off");
+                            }
                             e.next_stop_attempt = Some(Instant::now() + STOP_RETRY);
                         }
                     });
@@ -458,6 +462,8 @@ enum ExitOutcome {
 
 #[cfg(test)]
 mod tests {
+    use uffdpager::api::VersionState;
+
     use super::*;
 
     #[test]
@@ -473,13 +479,16 @@ mod tests {
     fn the_previous_active_version_drains_or_its_respawn_is_cancelled() {
         let mut t = Table::default();
         let mut a = VersionEntry::new("a", "/p".into());
-        a.state = VersionState::Active;
+        a.lifecycle.become_active().unwrap();
         t.entries.insert("a".into(), a);
-        t.entries.insert("b".into(), VersionEntry::new("b", "/p".into()));
+        let mut b = VersionEntry::new("b", "/p".into());
+        b.lifecycle.become_active().unwrap();
+        b.lifecycle.died(true).unwrap();
+        t.entries.insert("b".into(), b);
         demote(&mut t, "a");
-        assert_eq!(t.entries["a"].state, VersionState::Draining);
+        assert_eq!(t.entries["a"].lifecycle.state(), VersionState::Draining);
         demote(&mut t, "b");
-        assert_eq!(t.entries["b"].state, VersionState::Exited);
-        assert!(t.entries["b"].stopping);
+        assert_eq!(t.entries["b"].lifecycle.state(), VersionState::Exited);
+        assert!(!t.entries["b"].lifecycle.awaits_respawn(), "its respawn is cancelled");
     }
 }

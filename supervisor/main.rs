@@ -8,14 +8,16 @@
 //! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP);
 //!   `shutdown`: signals and the order of shutdown; `metrics`: `/metrics` (counters, gauges,
 //!   the pagers' figures, from what the caller hands in);
-//! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
+//! - `core`: shared state and per-session OS resources; `inventory`: session records and events,
+//!   `lifecycle` a session's state and its transitions;
 //! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
 //!   `refused_vmm`: what becomes of a VMM that will not be served;
 //! - `runtime_dir`: the runtime directory's rules; `fd_limit`: descriptors and their limit;
 //! - `complete`: CompleteSession; `monitor`: polling the pagers;
 //! - `pagers`: one pager process, `pager_stderr` its log lines (`file_watch`: waiting on the log
 //!   file), `pidfd` how it is watched and
-//!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
+//!   signalled; `versions`: the version table, `version_lifecycle` a version's state and its
+//!   transitions; `deploy`: versions over time (deploy, activate,
 //!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
 //! - `version_spec`: the versions to start, as given (command line, versions file); `startup`:
 //!   starting them; `recover`: taking over the
@@ -59,6 +61,7 @@ mod shutdown;
 mod startup;
 mod status;
 mod tuning;
+mod version_lifecycle;
 mod version_spec;
 mod versions;
 mod vmm_fds;

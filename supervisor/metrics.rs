@@ -151,7 +151,9 @@ fn write_inventory(inventory: &Inventory, versions: &Versions, out: &mut Exposit
             .map(|e| {
                 (
                     e.version.clone(),
-                    state_label(e.state.as_str_name().trim_start_matches("VERSION_STATE_")),
+                    state_label(
+                        e.lifecycle.state().as_str_name().trim_start_matches("VERSION_STATE_"),
+                    ),
                 )
             })
             .collect()

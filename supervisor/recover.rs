@@ -30,9 +30,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 use uffdpager::api::pager_client::PagerClient;
-use uffdpager::api::{
-    GetInfoRequest, ListSessionsRequest, PagerInfo, Session, SessionState, VersionState,
-};
+use uffdpager::api::{GetInfoRequest, ListSessionsRequest, PagerInfo, Session, SessionState};
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 
 use crate::core::{Core, Held};
@@ -42,6 +40,7 @@ use crate::pidfd::PidFd;
 use crate::runtime_state::{self, ConnectedMeta, SessionMeta};
 use crate::session_id;
 use crate::sessions::{regions_in_file_order, show_connected};
+use crate::version_lifecycle::VersionLifecycle;
 use crate::versions::VersionEntry;
 use crate::vmm_fds::{self, VmmFdsError};
 
@@ -156,7 +155,9 @@ impl Core {
         if let Some(active) = recorded_active.filter(|a| found.versions.contains(a)) {
             self.versions.update(|t| {
                 if let Some(e) = t.entries.get_mut(&active) {
-                    e.state = VersionState::Active;
+                    if let Err(refused) = e.lifecycle.activate() {
+                        warn!(version = %active, %refused, "the recorded active version");
+                    }
                 }
                 t.active = Some(active.clone());
             });
@@ -324,7 +325,7 @@ impl Core {
             .sessions;
         self.versions.update(|t| {
             let mut entry = VersionEntry::new(version, binary_of(pid));
-            entry.state = VersionState::Draining;
+            entry.lifecycle = VersionLifecycle::taken_over();
             entry.started_at = Some(process.started_at);
             entry.process = Some(process.clone());
             t.entries.insert(version.to_string(), entry);
