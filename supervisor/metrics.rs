@@ -11,7 +11,8 @@ use tracing::debug;
 use uffdpager::api;
 use uffdpager::metrics::{labels, Exposition, HistogramValue, LabeledCounter};
 
-use crate::inventory::{state_of, Inventory};
+use crate::inventory::Inventory;
+use crate::session_record::state_of;
 use crate::versions::Versions;
 
 /// How long one pager gets to answer GetMetrics during a scrape.

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use uffdpager::api::ListSessionsRequest;
 
 use crate::core::Core;
-use crate::inventory::{is_live, state_of};
 use crate::pagers::PagerProcess;
+use crate::session_record::{is_live, state_of};
 
 /// How long the gRPC servers get to finish the calls in flight.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
