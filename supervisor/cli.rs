@@ -8,10 +8,11 @@ use std::path::Path;
 
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
+use uffdpager::config_error::{invalid, ConfigError};
 pub use uffdpager::logging::LogFormat;
+use uffdpager::tls::TcpSecurity;
 
 use crate::refused_vmm::RefusedVmm;
-use uffdpager::tls::TcpSecurity;
 
 use crate::version_spec::{parse_version_spec, VersionSpec, VersionsFileEntry};
 
@@ -149,23 +150,6 @@ pub struct Resolved {
     pub max_overlay_bytes: u64,
     pub pager_unhealthy_timeout: Duration,
     pub log_format: LogFormat,
-}
-
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("parsing the config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid { setting: &'static str, reason: String },
-    #[error("merging the flags over the config file: {0}")]
-    Merge(String),
-}
-
-fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, reason: reason.into() }
 }
 
 impl Settings {
