@@ -6,24 +6,31 @@
 //! `stopping` (its process's exit is then expected), a standby version is `Draining { standby }`,
 //! and a version that died and waits for its respawn (STARTING with no process) is `Respawning`.
 //!
-//! ```text
-//!            ┌─become_active─▶ Active ──step_down──▶ Draining ─┐ (activate: Draining ─▶ Active)
-//! Starting ──┼─stand_by──────▶ Draining{standby} ──────────────┤
-//!     ▲  │   └─fail_to_start─▶ Failed                          │
-//!     │  └─────────────── died ─▶ Respawning | Failed ◀────────┤ (died: from any running phase)
-//!  spawned                          │  │                       │
-//!     └────────── Respawning ◀──────┘  ├─give_up─▶ Failed      │
-//!                                      └─step_down─▶ Exited    │
-//! a running phase ─begin_stop─▶ the same, stopping ─stopped─▶ Exited ◀─┘
-//!                                     └─stop_refused─▶ the same, not stopping
-//! ```
+//! | transition | from | to | when |
+//! | --- | --- | --- | --- |
+//! | `spawned` | Respawning, Starting | Starting | a process is recorded |
+//! | `become_active` | Starting | Active | DeployVersion, once healthy |
+//! | `stand_by` | Starting | Draining{standby} | startup, beside the active one |
+//! | `activate` | Active, Draining (not stopping) | Active | ActivateVersion, recovery |
+//! | `respawned` | Starting | Active if still active, else Draining | a respawn ran |
+//! | `step_down` | Active; Respawning | Draining; Exited | another one became active |
+//! | `fail_to_start` | Starting | Failed | its first process did not start |
+//! | `begin_stop` | Starting, Active, Draining | the same, stopping | drained, shutdown |
+//! | `stop_refused` | stopping | the same, not stopping | the pager said no |
+//! | `stopped` | stopping | Exited | the exit asked for |
+//! | `died` | Starting, Active, Draining (not stopping) | Respawning or Failed | unasked exit |
+//! | `give_up` | Respawning | Failed | respawns failed too often in a row |
+//!
+//! Every other (transition, phase) pair is refused ([`VersionRefused`]); the table test below
+//! lists them all. The `stopping` qualifier is kept through `become_active`, `stand_by`,
+//! `respawned` and `step_down`, as the flag it replaces was.
 //!
 //! A version read back from an earlier run starts [`VersionLifecycle::taken_over`]: DRAINING
 //! (recovery then activates the one recorded as active).
 
 use uffdpager::api::VersionState;
 
-/// Where a version stands (see the module's diagram).
+/// Where a version stands (see the module's table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VersionPhase {
     /// Spawned or being spawned, not yet healthy (or respawned, not yet back in its role).
