@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use uffdpager::config_error::{invalid, ConfigError};
 use uffdpager::tls::{TcpSecurity, TlsFiles};
 
 /// Where the Controller API listens unless told otherwise.
@@ -22,21 +23,6 @@ pub const DEFAULT_OUTCOME_HISTORY: usize = 100;
 pub use uffdpager::duration::parse_duration;
 /// Most outcomes GetStatus can keep.
 const MAX_OUTCOME_HISTORY: i64 = 100_000;
-
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("parsing the config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid { setting: &'static str, reason: String },
-}
-
-fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, reason: reason.into() }
-}
 
 /// The graduation policy (DESIGN.md, "Controller policy").
 #[derive(Debug, Clone, PartialEq, Eq)]

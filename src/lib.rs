@@ -1,7 +1,7 @@
 //! uffd-pager's shared protocol library: the generated gRPC API, Firecracker's handshake and
 //! wire format, SCM_RIGHTS, the supervisor → pager handoff, userfaultfd operations and their
 //! outcomes, the removed-ranges log, page-range bookkeeping, and what the three services share
-//! (gRPC over Unix sockets, peer authentication, TLS, metrics, logging).
+//! (gRPC over Unix sockets, peer authentication, TLS, metrics, logging, configuration errors).
 //!
 //! It may depend on nothing of this workspace and on nothing test-only: the services
 //! (`pager/`, `supervisor/`, `controller/`) depend on it, and so do the simulator (`vmsim/`) and
@@ -9,6 +9,7 @@
 
 pub mod accept_backoff;
 pub mod api;
+pub mod config_error;
 pub mod duration;
 pub mod firecracker;
 pub mod grpc;

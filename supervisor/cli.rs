@@ -8,12 +8,13 @@ use std::path::Path;
 
 use clap::{Args, Parser};
 use serde::{Deserialize, Serialize};
+use uffdpager::config_error::{invalid, ConfigError};
 pub use uffdpager::logging::LogFormat;
-
-use crate::refused_vmm::RefusedVmm;
 use uffdpager::tls::TcpSecurity;
 
-use crate::startup::{parse_version_spec, VersionSpec, VersionsFileEntry};
+use crate::refused_vmm::RefusedVmm;
+
+use crate::version_spec::{parse_version_spec, VersionSpec, VersionsFileEntry};
 
 /// The one public entry point of a host's uffd pagers: creates sessions, owns their VMM sockets,
 /// spawns and tracks pager versions, and routes each session's calls to the version serving it.
@@ -149,23 +150,6 @@ pub struct Resolved {
     pub max_overlay_bytes: u64,
     pub pager_unhealthy_timeout: Duration,
     pub log_format: LogFormat,
-}
-
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("parsing the config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid { setting: &'static str, reason: String },
-    #[error("merging the flags over the config file: {0}")]
-    Merge(String),
-}
-
-fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { setting, reason: reason.into() }
 }
 
 impl Settings {
@@ -314,12 +298,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 pub use uffdpager::duration::parse_duration;
-
-/// `uffd-pager` beside the running executable.
-pub fn default_pager_binary() -> std::io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    Ok(exe.with_file_name("uffd-pager"))
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,11 +16,11 @@ use uffdpager::api::{
 };
 
 use crate::core::Core;
-use crate::inventory::{is_terminal, Record};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::monitor::merge_live;
 use crate::pagers::PagerProcess;
-use crate::sessions::state_name;
+use crate::session_record::{is_terminal, Record};
+use crate::session_view::state_name;
 use crate::status::ServiceError;
 
 /// Most of the deadline kept back for the answer's way back.

@@ -1,9 +1,10 @@
 use std::collections::BTreeMap;
 
 use tokio::sync::broadcast::error::TryRecvError;
+use uffdpager::api::SessionState;
 
 use super::*;
-use crate::lifecycle::Finish;
+use crate::lifecycle::{Finish, Lifecycle};
 
 fn pending(id: &str) -> Session {
     Session { id: id.into(), state: SessionState::Pending as i32, ..Default::default() }

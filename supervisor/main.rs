@@ -5,20 +5,30 @@
 //! version that owns the session, streams the inventory, and keeps pager versions running
 //! (respawn, drain, stop). See `docs/DESIGN.md` and the modules below:
 //!
-//! - `cli`: command line; `api_access`: who may call (Unix-socket callers, TLS on TCP);
-//!   `shutdown`: signals and the order of shutdown;
-//! - `core`: shared state and per-session OS resources; `inventory`: session records and events;
-//! - `sessions`, `session_socket`, `memory_file`, `session_id`: creating and connecting sessions;
+//! - `cli`: command line, `version_spec` the versions it names (flags, versions file);
+//!   `api_access`: who may call (Unix-socket callers, TLS on TCP); `shutdown`: signals and the
+//!   order of shutdown; `metrics`: `/metrics` (counters, gauges, the pagers' figures);
+//! - `core`: shared state and per-session OS resources; `inventory`: the session records and
+//!   their events, `session_record` one record, `lifecycle` a session's state and transitions;
+//! - `sessions`: creating, looking up and deleting sessions; `session_connect`: a VMM's first
+//!   connection (handshake, handoff); `session_view`: how a session is shown;
+//!   `session_socket`, `memory_file`, `session_id`, `working_set`: what creating one checks;
 //!   `refused_vmm`: what becomes of a VMM that will not be served;
 //! - `runtime_dir`: the runtime directory's rules; `fd_limit`: descriptors and their limit;
-//! - `complete`: CompleteSession; `monitor`: polling the pagers;
-//! - `pagers`: one pager process, `pager_stderr` its log lines (`file_watch`: waiting on the log
-//!   file), `pidfd` how it is watched and
-//!   signalled; `versions`: the version table; `deploy`: versions over time (deploy, activate,
-//!   respawn, drain); `readopt`: the sessions of a pager that died go to another one;
-//! - `startup`: the versions to start (command line, versions file); `recover`: taking over the
-//!   pagers of an earlier run; `runtime_state`: what is recorded for that in the runtime dir;
-//!   `vmm_fds`: a session's descriptors taken back from its VMM when no pager serves it;
+//! - `complete`: CompleteSession; `monitor`: polling the pagers; `pager_health`: replacing a
+//!   pager that says it cannot serve;
+//! - `pagers`: one pager process, `pager_paths` its files, `pager_ready` waiting for its health,
+//!   `pager_stop` stopping it, `pager_exit` how it ended, `pager_stderr` its log lines
+//!   (`file_watch`: waiting on the log file), `pidfd` how it is watched and signalled,
+//!   `process_group` what is left of it, `pager_binary` its binary's checks, `tuning` its flags;
+//! - `versions`: the version table, `version_lifecycle` a version's state and transitions;
+//!   `deploy`: deploy and activate; `version_process`: a version's process spawned, its exit
+//!   handled, respawned; `drained`: stopping DRAINING versions that serve nothing; `readopt`:
+//!   the sessions of a pager that died go to another one;
+//! - `startup`: starting the versions; `recover`: taking over the pagers of an earlier run,
+//!   `recover_sessions` their sessions; `runtime_state`: what is recorded for that in the
+//!   runtime dir; `vmm_fds`: a session's descriptors taken back from its VMM when no pager
+//!   serves it;
 //! - `service`: the gRPC service; `status`: errors → gRPC codes.
 //!
 //! A crate of its own (`supervisor/`): it may depend on the protocol library (`uffdpager`) and
@@ -31,6 +41,7 @@ mod cli;
 mod complete;
 mod core;
 mod deploy;
+mod drained;
 mod fd_limit;
 mod file_watch;
 mod inventory;
@@ -39,24 +50,35 @@ mod memory_file;
 mod metrics;
 mod monitor;
 mod pager_binary;
+mod pager_exit;
 mod pager_health;
+mod pager_paths;
+mod pager_ready;
 mod pager_stderr;
+mod pager_stop;
 mod pagers;
 mod pidfd;
 mod process_group;
 mod readopt;
 mod recover;
+mod recover_sessions;
 mod refused_vmm;
 mod runtime_dir;
 mod runtime_state;
 mod service;
+mod session_connect;
 mod session_id;
+mod session_record;
 mod session_socket;
+mod session_view;
 mod sessions;
 mod shutdown;
 mod startup;
 mod status;
 mod tuning;
+mod version_lifecycle;
+mod version_process;
+mod version_spec;
 mod versions;
 mod vmm_fds;
 mod working_set;
@@ -139,7 +161,7 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     let uds_path = config.runtime_dir.join("supervisor.sock");
     prepare_runtime_dir(&config, &uds_path, access.group_gid())?;
 
-    let specs = startup::version_specs(
+    let specs = version_spec::version_specs(
         &cli.pager_binary,
         cli.pager_version.as_deref(),
         cli.versions_config.as_deref(),
@@ -160,8 +182,12 @@ async fn run(cli: Resolved) -> anyhow::Result<()> {
     let metrics = match cli.metrics_listen {
         Some(addr) => {
             let c = core.clone();
-            let render: uffdpager::metrics::Render =
-                Arc::new(move || Box::pin(metrics::render(c.clone())));
+            let render: uffdpager::metrics::Render = Arc::new(move || {
+                let c = c.clone();
+                Box::pin(
+                    async move { metrics::render(&c.inventory, &c.versions, &c.metrics).await },
+                )
+            });
             let (bound, task) = uffdpager::metrics::serve(addr, render, stop_rx_metrics).await?;
             info!(addr = %bound, "metrics served on /metrics");
             Some(task)

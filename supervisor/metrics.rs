@@ -11,8 +11,9 @@ use tracing::debug;
 use uffdpager::api;
 use uffdpager::metrics::{labels, Exposition, HistogramValue, LabeledCounter};
 
-use crate::core::Core;
-use crate::inventory::state_of;
+use crate::inventory::Inventory;
+use crate::session_record::state_of;
+use crate::versions::Versions;
 
 /// How long one pager gets to answer GetMetrics during a scrape.
 const PAGER_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -57,11 +58,16 @@ fn state_label(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
-/// One scrape's exposition.
-pub async fn render(core: Arc<Core>) -> String {
+/// One scrape's exposition, from the inventory, the version table and the counters (the
+/// supervisor's shared state hands them in; this module does not know it).
+pub async fn render(
+    inventory: &Inventory,
+    versions: &Versions,
+    counters: &SupervisorMetrics,
+) -> String {
     let mut out = Exposition::default();
-    write_inventory(&core, &mut out);
-    write_counters(&core.metrics, &mut out);
+    write_inventory(inventory, versions, &mut out);
+    write_counters(counters, &mut out);
     if let Some(bytes) = host_available_memory() {
         out.gauge(
             "uffd_host_available_memory_bytes",
@@ -70,7 +76,7 @@ pub async fn render(core: Arc<Core>) -> String {
             i64::try_from(bytes).unwrap_or(i64::MAX),
         );
     }
-    let pagers: Vec<(String, Arc<crate::pagers::PagerProcess>)> = core.versions.read(|t| {
+    let pagers: Vec<(String, Arc<crate::pagers::PagerProcess>)> = versions.read(|t| {
         t.entries
             .values()
             .filter_map(|e| e.process.clone().map(|p| (e.version.clone(), p)))
@@ -128,8 +134,8 @@ where
     out
 }
 
-fn write_inventory(core: &Core, out: &mut Exposition) {
-    let (sessions, active) = core.inventory.list();
+fn write_inventory(inventory: &Inventory, versions: &Versions, out: &mut Exposition) {
+    let (sessions, active) = inventory.list();
     let mut by: std::collections::BTreeMap<(String, String), i64> = Default::default();
     for s in &sessions {
         let state = state_label(state_of(s).as_str_name().trim_start_matches("SESSION_STATE_"));
@@ -140,13 +146,15 @@ fn write_inventory(core: &Core, out: &mut Exposition) {
     for ((state, version), n) in by {
         out.gauge("uffd_sessions", SESSIONS, labels([("state", &state), ("version", &version)]), n);
     }
-    let versions: Vec<(String, String)> = core.versions.read(|t| {
+    let versions: Vec<(String, String)> = versions.read(|t| {
         t.entries
             .values()
             .map(|e| {
                 (
                     e.version.clone(),
-                    state_label(e.state.as_str_name().trim_start_matches("VERSION_STATE_")),
+                    state_label(
+                        e.lifecycle.state().as_str_name().trim_start_matches("VERSION_STATE_"),
+                    ),
                 )
             })
             .collect()

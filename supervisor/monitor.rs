@@ -13,10 +13,10 @@ use tracing::{debug, info, warn};
 use uffdpager::api::{ListSessionsRequest, Session};
 
 use crate::core::Core;
-use crate::inventory::{is_live, is_terminal, state_of, Record};
 use crate::lifecycle::{Finish, Phase};
 use crate::pagers::PagerProcess;
-use crate::sessions::state_name;
+use crate::session_record::{is_live, is_terminal, state_of, Record};
+use crate::session_view::state_name;
 
 /// Merges a pager's view of a session into its record (pure). Counters, error and graduation
 /// time come from the pager; so does a terminal state. A COMPLETING record with a completion in

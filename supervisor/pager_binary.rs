@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use crate::pagers::PagerError;
+use crate::pager_exit::PagerError;
 
 /// The owner and mode of a file or directory: what the trust checks read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,8 @@
-//! One pager process: started, watched until healthy, its log (stderr, written to a file)
-//! forwarded line by line (the last lines kept for error messages), reaped when it exits,
-//! stopped gracefully on request. A pager found running by a restarted supervisor (not its
-//! child) is watched and signalled through a pidfd instead (`pidfd.rs`, `recover.rs`).
+//! One pager process: started, watched until healthy (`pager_ready.rs`), its log (stderr,
+//! written to a file) forwarded line by line (the last lines kept for error messages), reaped
+//! when it exits, stopped gracefully on request (`pager_stop.rs`). A pager found running by a
+//! restarted supervisor (not its child) is watched and signalled through a pidfd instead
+//! (`pidfd.rs`, `recover.rs`).
 //!
 //! Children are started in their own process group with `kill_on_drop(false)`: a Ctrl-C to the
 //! supervisor's terminal or the supervisor's own exit must not take the pagers down with it, since
@@ -9,9 +10,8 @@
 //! of its group is stopped too (`process_group.rs`): a failed deploy or a stopped version leaves
 //! no process behind.
 
-use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,91 +22,16 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 use tracing::{debug, info, warn};
 use uffdpager::api::pager_client::PagerClient;
-use uffdpager::api::ShutdownRequest;
 
+use crate::pager_exit::{Exit, PagerError};
+use crate::pager_paths::PagerPaths;
 use crate::pager_stderr::{follow_log, LastWords, LogSource};
 use crate::pidfd::PidFd;
 
-/// Pause between two health checks while a pager starts.
-const READY_POLL: Duration = Duration::from_millis(50);
 /// Deadline of one call made while starting or stopping a pager.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where a pager version lives under `DIR/pagers/<version>/`.
-#[derive(Debug, Clone)]
-pub struct PagerPaths {
-    pub dir: PathBuf,
-    pub grpc_socket: PathBuf,
-    pub handoff_socket: PathBuf,
-    pub pid_file: PathBuf,
-    /// The pager's stderr (see `pager_stderr.rs`); kept after it exits.
-    pub log_file: PathBuf,
-}
-
-impl PagerPaths {
-    pub fn new(pagers_dir: &Path, version: &str) -> Self {
-        let dir = pagers_dir.join(version);
-        Self {
-            grpc_socket: dir.join("grpc.sock"),
-            handoff_socket: dir.join("handoff.sock"),
-            pid_file: dir.join("pid"),
-            log_file: dir.join("pager.log"),
-            dir,
-        }
-    }
-
-    /// Removes the sockets and the pid file (and the directory once empty: the log stays for
-    /// post-mortems).
-    pub fn remove_files(&self) {
-        for p in [&self.grpc_socket, &self.handoff_socket, &self.pid_file] {
-            let _ = std::fs::remove_file(p);
-        }
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// How a pager ended, and its last lines on stderr.
-#[derive(Debug, Clone)]
-pub struct Exit {
-    pub status: String,
-    pub last_words: Vec<String>,
-}
-
-impl fmt::Display for Exit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.status)?;
-        if !self.last_words.is_empty() {
-            write!(f, "; its last words: {}", self.last_words.join(" | "))?;
-        }
-        Ok(())
-    }
-}
-
-/// Why a pager could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum PagerError {
-    #[error("pager binary {path}: {reason}")]
-    Binary { path: String, reason: String },
-    #[error("`{binary} --print-version` failed: {reason}")]
-    Probe { binary: String, reason: String },
-    #[error("preparing {path}: {source}")]
-    Prepare { path: String, source: io::Error },
-    #[error("starting {binary}: {source}")]
-    Spawn { binary: String, source: io::Error },
-    #[error("pager version {version} is not started: the supervisor is shutting down")]
-    ShuttingDown { version: String },
-    #[error("pager version {version} exited before it was ready: {exit}")]
-    Exited { version: String, exit: Exit },
-    #[error(
-        "pager version {version} was not healthy within {timeout:?} (last check: {last}){words}"
-    )]
-    NotReady { version: String, timeout: Duration, last: String, words: String },
-}
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A running (or exited) pager child.
 #[derive(Debug)]
@@ -332,97 +257,18 @@ impl PagerProcess {
         Exit { status: "unknown exit (its waiter stopped)".into(), last_words: self.last_words() }
     }
 
+    /// Its exit as it is taken in (None until then), to wait on.
+    pub fn exit_changes(&self) -> watch::Receiver<Option<Exit>> {
+        self.exit.clone()
+    }
+
     /// Its last lines on stderr.
     pub fn last_words(&self) -> Vec<String> {
         self.last_words.get()
     }
 
-    async fn wait_ready(&self, timeout: Duration) -> Result<(), PagerError> {
-        let deadline = Instant::now() + timeout;
-        let mut exit = self.exit.clone();
-        loop {
-            if let Some(exit) = self.exit() {
-                return Err(PagerError::Exited { version: self.version.clone(), exit });
-            }
-            // A fresh channel per attempt: the socket appears only once the pager has bound it.
-            let mut health =
-                HealthClient::new(uffdpager::grpc::uds_channel(&self.paths.grpc_socket));
-            let mut req = tonic::Request::new(HealthCheckRequest { service: String::new() });
-            req.set_timeout(CALL_TIMEOUT.min(deadline.saturating_duration_since(Instant::now())));
-            let last = match health.check(req).await {
-                Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
-                Ok(r) => format!("health status {:?}", r.get_ref().status()),
-                Err(s) => s.message().to_string(),
-            };
-            if Instant::now() >= deadline {
-                let words = self.last_words();
-                let words = if words.is_empty() {
-                    String::new()
-                } else {
-                    format!("; its last words: {}", words.join(" | "))
-                };
-                return Err(PagerError::NotReady {
-                    version: self.version.clone(),
-                    timeout,
-                    last,
-                    words,
-                });
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(READY_POLL) => {}
-                _ = exit.changed() => {}
-            }
-        }
-    }
-
-    /// Asks the pager to exit (Pager/Shutdown), then SIGTERM after `grace`, then SIGKILL after
-    /// `grace` again; waits until it is reaped. A pager that refuses because it still serves
-    /// sessions is left running: the refusal comes back as `Err` with its reason.
-    pub async fn stop(&self, grace: Duration) -> Result<Exit, String> {
-        if let Some(exit) = self.exit() {
-            return Ok(exit);
-        }
-        let mut req = tonic::Request::new(ShutdownRequest { force: false });
-        req.set_timeout(CALL_TIMEOUT);
-        match self.client().shutdown(req).await {
-            Ok(r) if r.get_ref().sessions_left > 0 => {
-                return Err(format!("it still serves {} sessions", r.get_ref().sessions_left));
-            }
-            Ok(_) => {}
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                return Err(s.message().to_string());
-            }
-            Err(s) => {
-                warn!(
-                    version = %self.version,
-                    pid = self.pid,
-                    error = %s.message(),
-                    "Shutdown call failed; signalling the pager instead",
-                );
-            }
-        }
-        for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-            if let Ok(exit) = tokio::time::timeout(grace, self.wait_exit()).await {
-                return Ok(exit);
-            }
-            warn!(
-                version = %self.version,
-                pid = self.pid,
-                %signal,
-                "pager still running; signalling it",
-            );
-            self.signal(signal);
-        }
-        Ok(self.wait_exit().await)
-    }
-
-    /// SIGKILL, then wait until reaped.
-    pub async fn kill(&self) -> Exit {
-        self.signal(Signal::SIGKILL);
-        self.wait_exit().await
-    }
-
-    fn signal(&self, signal: Signal) {
+    /// Sends `signal`, through its pidfd if it has one; never once it has been reaped.
+    pub fn signal(&self, signal: Signal) {
         // Once it has exited, the pid may belong to another process: never signal it then.
         if self.reaped.load(Ordering::SeqCst) {
             return;
@@ -457,14 +303,6 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-
-    #[test]
-    fn an_exit_reads_with_its_last_words() {
-        let e = Exit { status: "exit status: 3".into(), last_words: vec!["a".into(), "b".into()] };
-        assert_eq!(e.to_string(), "exit status: 3; its last words: a | b");
-        let quiet = Exit { status: "signal: 9 (SIGKILL)".into(), last_words: vec![] };
-        assert_eq!(quiet.to_string(), "signal: 9 (SIGKILL)");
-    }
 
     #[tokio::test]
     async fn a_child_that_dies_at_once_is_reported_with_its_last_words() {

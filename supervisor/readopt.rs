@@ -31,9 +31,9 @@ use tracing::{error, info, instrument, warn};
 use uffdpager::handoff::{self, HandoffRequest, SessionFds};
 
 use crate::core::Core;
-use crate::inventory::{is_held, is_live};
 use crate::lifecycle::{Lifecycle, Phase};
-use crate::pagers::Exit;
+use crate::pager_exit::Exit;
+use crate::session_record::{is_held, is_live};
 use crate::versions::HandoffGuard;
 
 /// Handoffs tried per session in one re-adoption, a pause between them (see [`next_step`]).

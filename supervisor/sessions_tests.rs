@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tonic::Code;
-use uffdpager::api::{CreateSessionRequest, GetSessionRequest, VersionState};
+use uffdpager::api::{CreateSessionRequest, GetSessionRequest};
 
 use super::*;
 use crate::core::Config;
@@ -153,7 +153,7 @@ async fn a_valid_handshake_with_no_running_pager_orphans_the_session_naming_the_
 async fn new_sessions_are_refused_while_the_active_version_has_failed() {
     let d = tempfile::tempdir().unwrap();
     let core = core(d.path());
-    core.versions.update(|t| t.entries.get_mut("v1").unwrap().state = VersionState::Failed);
+    core.versions.update(|t| t.entries.get_mut("v1").unwrap().lifecycle.fail_to_start()).unwrap();
     let err = create(&core, "vm-1", &memfile(d.path())).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(core.inventory.get("vm-1").is_none());

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use uffdpager::api::ListSessionsRequest;
 
 use crate::core::Core;
-use crate::inventory::{is_live, state_of};
 use crate::pagers::PagerProcess;
+use crate::session_record::{is_live, state_of};
 
 /// How long the gRPC servers get to finish the calls in flight.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -107,10 +107,7 @@ pub async fn stop_idle_pagers(core: &Arc<Core>) {
         }
         // Only with no handoff under way (a session being handed over is not yet in its count).
         let claimed = core.versions.update(|t| match t.entries.get_mut(&version) {
-            Some(e) if e.inflight_handoffs == 0 && !e.stopping => {
-                e.stopping = true;
-                true
-            }
+            Some(e) if e.inflight_handoffs == 0 => e.lifecycle.begin_stop().is_ok(),
             _ => false,
         });
         if !claimed {
@@ -129,7 +126,8 @@ pub async fn stop_idle_pagers(core: &Arc<Core>) {
                 Err(reason) => {
                     core.versions.update(|t| {
                         if let Some(e) = t.entries.get_mut(&version) {
-                            e.stopping = false;
+                            // Already EXITED or FAILED (it died meanwhile): nothing to call off.
+                            let _ = e.lifecycle.stop_refused();
                         }
                     });
                     warn!(

@@ -7,7 +7,7 @@
 use tonic::{Code, Status};
 
 use crate::memory_file::MemoryFileError;
-use crate::pagers::PagerError;
+use crate::pager_exit::PagerError;
 use crate::session_id::NameError;
 
 /// Why a Supervisor call failed.

@@ -15,17 +15,19 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use uffdpager::api::{PagerVersion, VersionState};
+use uffdpager::api::PagerVersion;
 
 use crate::pagers::PagerProcess;
 use crate::status::ServiceError;
+use crate::version_lifecycle::VersionLifecycle;
 
 /// One version's entry.
 #[derive(Debug)]
 pub struct VersionEntry {
     pub version: String,
     pub binary_path: PathBuf,
-    pub state: VersionState,
+    /// Its state and transitions (`version_lifecycle.rs`).
+    pub lifecycle: VersionLifecycle,
     pub error: String,
     pub started_at: Option<SystemTime>,
     /// The running process, if any.
@@ -34,13 +36,8 @@ pub struct VersionEntry {
     pub inflight_handoffs: u32,
     /// Unexpected exits since it last ran long enough to count as healthy.
     pub restarts_in_a_row: u32,
-    /// A stop was asked for: its exit is expected.
-    pub stopping: bool,
     /// No drain stop is tried before this (after a pager refused one).
     pub next_stop_attempt: Option<Instant>,
-    /// Started at startup beside the active version, as a roll-back target: DRAINING, but kept
-    /// running while idle until it is first made active.
-    pub standby: bool,
     /// Flags passed to each process of this version.
     pub tuning: crate::tuning::PagerTuning,
 }
@@ -50,22 +47,20 @@ impl VersionEntry {
         Self {
             version: version.to_string(),
             binary_path,
-            state: VersionState::Starting,
+            lifecycle: VersionLifecycle::new(),
             error: String::new(),
             started_at: None,
             process: None,
             inflight_handoffs: 0,
             restarts_in_a_row: 0,
-            stopping: false,
             next_stop_attempt: None,
-            standby: false,
             tuning: Default::default(),
         }
     }
 
     /// Running and not being stopped: sessions may be routed to it.
     pub fn usable(&self) -> Option<&Arc<PagerProcess>> {
-        self.process.as_ref().filter(|p| !self.stopping && p.exit().is_none())
+        self.process.as_ref().filter(|p| !self.lifecycle.is_stopping() && p.exit().is_none())
     }
 
     fn to_proto(&self, session_count: u32) -> PagerVersion {
@@ -73,7 +68,7 @@ impl VersionEntry {
             version: self.version.clone(),
             binary_path: self.binary_path.display().to_string(),
             pid: self.process.as_ref().map_or(0, |p| p.pid),
-            state: self.state as i32,
+            state: self.lifecycle.state() as i32,
             session_count,
             started_at: self.started_at.map(uffdpager::grpc::timestamp),
             error: self.error.clone(),
@@ -92,8 +87,8 @@ impl Table {
     fn describe(&self, version: &str) -> String {
         match self.entries.get(version) {
             None => "unknown".into(),
-            Some(e) if e.error.is_empty() => state_name(e.state).into(),
-            Some(e) => format!("{}: {}", state_name(e.state), e.error),
+            Some(e) if e.error.is_empty() => e.lifecycle.name().into(),
+            Some(e) => format!("{}: {}", e.lifecycle.name(), e.error),
         }
     }
 }
@@ -178,8 +173,8 @@ impl Versions {
         let Some(active) = t.active.as_deref() else {
             return Err(ServiceError::NoActiveVersion);
         };
-        match t.entries.get(active).map(|e| e.state) {
-            Some(VersionState::Active | VersionState::Starting) => Ok(()),
+        match t.entries.get(active).map(|e| e.lifecycle) {
+            Some(l) if l.is_active() || l.is_starting() => Ok(()),
             _ => Err(ServiceError::OwnerUnavailable {
                 version: active.to_string(),
                 why: t.describe(active),
@@ -209,17 +204,15 @@ impl Versions {
                         e.inflight_handoffs += 1;
                         return Ok(self.guard(e.version.clone(), p));
                     }
-                    let dying = e.state == VersionState::Active
+                    let dying = e.lifecycle.is_active()
                         && e.process.as_ref().is_some_and(|p| p.exit().is_some());
-                    starting = (e.state == VersionState::Starting || dying) && !e.stopping;
+                    starting = (e.lifecycle.is_starting() || dying) && !e.lifecycle.is_stopping();
                 }
                 if !starting || expired {
                     let fallback = t
                         .entries
                         .values_mut()
-                        .filter(|e| {
-                            matches!(e.state, VersionState::Active | VersionState::Draining)
-                        })
+                        .filter(|e| e.lifecycle.takes_sessions())
                         .filter(|e| e.usable().is_some())
                         .max_by_key(|e| e.started_at);
                     if let Some(e) = fallback {
@@ -247,9 +240,7 @@ impl Versions {
 
     /// Some version runs that could take a session (ACTIVE or DRAINING, not being stopped).
     pub fn any_usable(&self) -> bool {
-        self.lock().entries.values().any(|e| {
-            matches!(e.state, VersionState::Active | VersionState::Draining) && e.usable().is_some()
-        })
+        self.lock().entries.values().any(|e| e.lifecycle.takes_sessions() && e.usable().is_some())
     }
 
     fn guard(&self, version: String, process: Arc<PagerProcess>) -> HandoffGuard {
@@ -272,18 +263,6 @@ impl Drop for HandoffGuard {
                 e.inflight_handoffs = e.inflight_handoffs.saturating_sub(1);
             }
         });
-    }
-}
-
-/// The name of a state as the API spells it (for messages).
-pub fn state_name(state: VersionState) -> &'static str {
-    match state {
-        VersionState::Unspecified => "UNSPECIFIED",
-        VersionState::Starting => "STARTING",
-        VersionState::Active => "ACTIVE",
-        VersionState::Draining => "DRAINING",
-        VersionState::Exited => "EXITED",
-        VersionState::Failed => "FAILED",
     }
 }
 
@@ -320,7 +299,7 @@ mod tests {
             t.active = Some("v1".into());
         });
         assert!(v.check_can_serve().is_ok(), "a starting version will serve them");
-        v.update(|t| t.entries.get_mut("v1").unwrap().state = VersionState::Failed);
+        v.update(|t| t.entries.get_mut("v1").unwrap().lifecycle.fail_to_start()).unwrap();
         assert!(matches!(v.check_can_serve(), Err(ServiceError::OwnerUnavailable { .. })));
     }
 
@@ -329,7 +308,7 @@ mod tests {
         let v = Versions::default();
         v.update(|t| {
             let mut e = VersionEntry::new("v1", "/bin/pager".into());
-            e.state = VersionState::Failed;
+            e.lifecycle.fail_to_start().unwrap();
             e.error = "exited 4 times in a row".into();
             t.entries.insert("v1".into(), e);
             t.active = Some("v1".into());
@@ -349,7 +328,7 @@ mod tests {
         let err = v.begin_handoff(Duration::from_secs(30)).await.unwrap_err().to_string();
         assert!(started.elapsed() >= Duration::from_secs(30), "waited for the respawn");
         assert!(err.contains("v1") && err.contains("no other version runs"), "{err}");
-        v.update(|t| t.entries.get_mut("v1").unwrap().state = VersionState::Failed);
+        v.update(|t| t.entries.get_mut("v1").unwrap().lifecycle.fail_to_start()).unwrap();
         let started = Instant::now();
         assert!(v.begin_handoff(Duration::from_secs(30)).await.is_err());
         assert_eq!(started.elapsed(), Duration::ZERO, "a FAILED version is not waited for");
@@ -360,17 +339,18 @@ mod tests {
         let v = Versions::default();
         v.update(|t| {
             let mut old = VersionEntry::new("v1", "/bin/p1".into());
-            old.state = VersionState::Draining;
+            old.lifecycle.become_active().unwrap();
+            old.lifecycle.step_down().unwrap();
             t.entries.insert("v1".into(), old);
             let mut new = VersionEntry::new("v2", "/bin/p2".into());
-            new.state = VersionState::Active;
+            new.lifecycle.become_active().unwrap();
             t.entries.insert("v2".into(), new);
             t.active = Some("v2".into());
         });
         let (list, active) = v.list(|name| if name == "v1" { 3 } else { 0 });
         assert_eq!(active, "v2");
         assert_eq!(list.len(), 2);
-        assert_eq!(list[0].state, VersionState::Draining as i32);
+        assert_eq!(list[0].state, uffdpager::api::VersionState::Draining as i32);
         assert_eq!(list[0].session_count, 3);
         assert_eq!(list[1].binary_path, "/bin/p2");
         assert!(matches!(v.owner("v1"), Err(ServiceError::OwnerUnavailable { .. })));
