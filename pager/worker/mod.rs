@@ -9,18 +9,18 @@
 
 mod background;
 mod completions;
+mod handle;
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
 use tracing::{error, info, warn};
-use uffdpager::handoff::{HandoffRequest, SessionFds, VmmFd};
+use uffdpager::handoff::VmmFd;
 
 use crate::busy::Busy;
 use crate::complete::Completion;
@@ -32,109 +32,12 @@ use crate::registry::SessionShared;
 use crate::session::{Session, SessionError};
 use crate::thread_priority::WorkerNice;
 
+pub use handle::{Command, WorkerHandle};
+
+/// The epoll token of the worker's eventfd (a session's tokens are `token << 1` and `| 1`).
 const WAKE: u64 = u64::MAX;
 /// The largest completion step, reached while no fault comes in (unless the smallest is larger).
 const MAX_STEP_BYTES: u64 = 8 << 20;
-
-/// Work for a worker thread.
-#[derive(Debug)]
-pub enum Command {
-    /// Start serving a session; answer once its fds are in the epoll set.
-    Add { token: u64, session: Box<Session>, adopt: bool, reply: Sender<Result<(), String>> },
-    /// Start graduating a session.
-    Complete { token: u64, completion: Box<Completion> },
-    /// Stop serving a session and release it (operator's forced end).
-    Drop { token: u64, reason: String },
-    /// Duplicates of a session's descriptors, for a restarted supervisor.
-    GiveBack { token: u64, reply: Sender<Result<(HandoffRequest, SessionFds), String>> },
-    /// Release every session and exit the thread.
-    Shutdown,
-}
-
-/// The gRPC side's handle on one worker thread.
-#[derive(Debug)]
-pub struct WorkerHandle {
-    tx: Sender<Command>,
-    wake: Arc<EventFd>,
-    heartbeat: Arc<Heartbeat>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl WorkerHandle {
-    /// Starts a worker thread. `budget` is the completion step in bytes; `copies`, if any, take
-    /// claims of completions while their VM is quiet.
-    pub fn spawn(
-        index: usize,
-        version: String,
-        budget: u64,
-        spin: Duration,
-        copies: Option<CopyThreads>,
-    ) -> std::io::Result<Self> {
-        let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(wake.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE))?;
-        let (tx, rx) = mpsc::channel();
-        let (claims_tx, claims_rx) = mpsc::channel();
-        let reply = Reply { tx: claims_tx, wake: Arc::clone(&wake) };
-        let worker_wake = Arc::clone(&wake);
-        let heartbeat = Arc::new(Heartbeat::default());
-        let beats = Arc::clone(&heartbeat);
-        let thread =
-            std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
-                Worker {
-                    epoll,
-                    wake: worker_wake,
-                    rx,
-                    sessions: HashMap::new(),
-                    completions: Vec::new(),
-                    working: false,
-                    copies,
-                    reply,
-                    claims_rx,
-                    streams: Vec::new(),
-                    prefetches: Vec::new(),
-                    record_deadlines: Vec::new(),
-                    version,
-                    budget,
-                    step: budget,
-                    spin,
-                    heartbeat: beats,
-                }
-                .run()
-            })?;
-        Ok(Self { tx, wake, heartbeat, thread: Some(thread) })
-    }
-
-    /// The worker's count of loop turns, for the watchdog.
-    pub fn heartbeat(&self) -> &Heartbeat {
-        &self.heartbeat
-    }
-
-    /// Wakes the worker so that it turns once (the watchdog's poke; harmless if it is busy).
-    pub fn poke(&self) {
-        let _ = self.wake.write(1);
-    }
-
-    pub fn send(&self, command: Command) -> Result<(), String> {
-        self.tx.send(command).map_err(|_| "fault worker has stopped".to_string())?;
-        self.wake.write(1).map_err(|e| format!("waking fault worker: {e}"))?;
-        Ok(())
-    }
-
-    /// Stops the thread and waits for it.
-    pub fn shutdown(&mut self) {
-        let _ = self.send(Command::Shutdown);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
 
 struct Worker {
     epoll: Epoll,
