@@ -21,12 +21,11 @@ use std::sync::{Arc, Mutex};
 use nix::sys::eventfd::EventFd;
 use tracing::warn;
 use uffdpager::firecracker::Region;
-use uffdpager::uffd_ops::FillOutcome;
 use userfaultfd::Uffd;
 
 use crate::memory_file::MappedFile;
 use crate::overlay::SessionOverlays;
-use crate::page_copy::{PageSource, ZeroTest};
+use crate::page_copy::{PageSource, Stop, ZeroTest};
 use crate::remove_gate::RemoveGate;
 use crate::session_error::SessionError;
 
@@ -175,7 +174,11 @@ fn copy_run(claim: &Claim, run: Range<u64>, done: &mut ClaimDone) -> Result<(), 
     Ok(())
 }
 
-/// Copies pages `[first, end)` from the memory file, [`COPY_CALL_BYTES`] per call under the gate.
+/// Copies pages `[first, end)` with the one copy loop ([`PageSource::copy_run`]),
+/// [`COPY_CALL_BYTES`] per call, each under the gate and only while the claim still holds (its
+/// completion goes on, and nothing was discarded since it was planned). `Err(page)` where it
+/// stopped: a REMOVE in flight is the worker's to read (it sweeps the rest then); a page found
+/// present was filled by the worker for a fault, which woke its waiter.
 fn copy_data(
     claim: &Claim,
     source: &PageSource<'_>,
@@ -186,54 +189,50 @@ fn copy_data(
     let ps = r.page_size;
     let call_pages = (COPY_CALL_BYTES / ps).max(1);
     let mut p = pages.start;
-    while p < pages.end {
-        let call_end = (p + call_pages).min(pages.end);
-        let (end, result) = {
-            let _held = claim.gate.lock();
-            if claim.stop.load(Ordering::Acquire) || claim.gate.epoch() != claim.epoch {
-                return Err(p);
-            }
-            source.copy_pages(&claim.uffd, claim.region_index, &r, p, call_end)
+    loop {
+        let enter = || {
+            let held = claim.gate.lock();
+            let holds = !claim.stop.load(Ordering::Acquire) && claim.gate.epoch() == claim.epoch;
+            holds.then_some(held)
         };
-        let (addr, len) = (r.base + p * ps, (end - p) * ps);
-        match result {
-            Ok(FillOutcome::Done) => {
-                mark(done, p..end);
-                done.populated_bytes += (end - p) * ps;
-                p = end;
+        let copied = |c: Range<u64>| {
+            done.populated_bytes += (c.end - c.start) * ps;
+            mark(done, c);
+        };
+        let stopped = source.copy_run(
+            &claim.uffd,
+            claim.region_index,
+            &r,
+            p..pages.end,
+            call_pages,
+            enter,
+            copied,
+        );
+        let (at, stop) = match stopped {
+            Ok(()) => return Ok(()),
+            Err(stopped) => stopped,
+        };
+        match stop {
+            Stop::Exists => {
+                mark(done, at..at + 1);
+                p = at + 1;
             }
-            Ok(FillOutcome::Partial(bytes)) if bytes >= ps => {
-                // Stopped part-way (at a present page, or an `EAGAIN`): the next call says which.
-                let copied = bytes / ps;
-                mark(done, p..p + copied);
-                done.populated_bytes += copied * ps;
-                p += copied;
-            }
-            Ok(FillOutcome::Partial(_)) => {
-                // A REMOVE is queued and unread: the worker reads it, then sweeps the rest.
-                return Err(p);
-            }
-            Ok(FillOutcome::Exists) => {
-                // The worker served a fault here meanwhile (and woke its waiter).
-                mark(done, p..p + 1);
-                p += 1;
-            }
-            Ok(FillOutcome::Gone(errno)) => {
+            Stop::Refused | Stop::Again => return Err(at),
+            Stop::Gone(errno) => {
                 done.error = Some(SessionError::Gone(errno));
-                return Err(p);
+                return Err(at);
             }
-            Ok(FillOutcome::NoMapping) => {
+            Stop::NoMapping { addr, len } => {
                 // Not proof that the VMM is gone: the completion fails, the session serves on.
                 done.error = Some(SessionError::NoMapping { op: "UFFDIO_COPY", addr, len });
-                return Err(p);
+                return Err(at);
             }
-            Err(errno) => {
+            Stop::Failed { addr, len, errno } => {
                 done.error = Some(SessionError::Fill { addr, len, errno });
-                return Err(p);
+                return Err(at);
             }
         }
     }
-    Ok(())
 }
 
 /// Adds `pages` to the present runs, merging with the last one when they touch.
@@ -261,7 +260,7 @@ mod tests {
 
     use super::*;
     use crate::memory_file::MemoryFiles;
-    use uffdpager::uffd_ops;
+    use uffdpager::uffd_ops::{self, FillOutcome};
 
     const PAGES: u64 = 64;
     const PS: u64 = 4096;

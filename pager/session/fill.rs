@@ -9,12 +9,20 @@ use std::time::Instant;
 
 use nix::errno::Errno;
 use tracing::debug;
-use uffdpager::firecracker::PAGE_4K;
+use uffdpager::firecracker::{Region, PAGE_4K};
 use uffdpager::uffd_ops::{self, FillOutcome};
 
 use super::{FillMode, Session, SessionError};
-use crate::page_copy::PageSource;
+use crate::page_copy::{PageSource, Stop};
 use crate::sweep::Sweep;
+
+/// What one fill has waited out so far: since when fills answer `EAGAIN` with no event to read,
+/// and how many `ENOENT`s events were read for.
+#[derive(Debug, Default)]
+struct Retries {
+    eagain_since: Option<Instant>,
+    no_mapping: u32,
+}
 
 impl Session {
     pub(super) fn wake(&self, addr: u64, len: u64) -> Result<(), SessionError> {
@@ -40,9 +48,8 @@ impl Session {
         mode: FillMode,
     ) -> Result<u64, SessionError> {
         let mut p = first;
+        let mut retries = Retries::default();
         let mut filled = 0;
-        let mut eagain_since: Option<Instant> = None;
-        let mut no_mapping_tries = 0;
         while p < end {
             let r = &self.regions[ri];
             if r.present().get(p) {
@@ -69,13 +76,12 @@ impl Session {
                 run_end = p + 1; // zeros for hugepages are copied one page at a time
             }
             let addr = r.region.base + p * ps;
-            let result = if !zero {
-                // This session's overlay, or the memory file (up to the next edge between them).
-                let source = PageSource { file: &self.file, overlays: &self.overlays };
-                let (copied_end, result) = source.copy_pages(&self.uffd, ri, &r.region, p, run_end);
-                run_end = copied_end;
-                result
-            } else if ps == PAGE_4K {
+            if !zero {
+                let region = r.region;
+                p = self.fill_data(ri, &region, p..run_end, &mut filled, &mut retries)?;
+                continue;
+            }
+            let result = if ps == PAGE_4K {
                 uffd_ops::zeropage(&self.uffd, addr, (run_end - p) * ps, true)
             } else {
                 uffd_ops::copy(&self.uffd, self.zero.bytes(ps), addr, true)
@@ -86,13 +92,13 @@ impl Session {
                 FillOutcome::Done => {
                     filled += self.regions[ri].mark_present(p, run_end);
                     p = run_end;
-                    eagain_since = None;
+                    retries.eagain_since = None;
                 }
                 FillOutcome::Partial(bytes) => {
                     let done = bytes / ps;
                     filled += self.regions[ri].mark_present(p, p + done);
                     p += done;
-                    self.await_events(&mut eagain_since)?;
+                    self.await_events(&mut retries.eagain_since)?;
                 }
                 FillOutcome::Exists => {
                     self.regions[ri].mark_present(p, p + 1);
@@ -104,20 +110,84 @@ impl Session {
                     // ENOENT is no proof that the VMM is gone. An UNMAP or REMOVE read now
                     // explains it (the loop plans the range again, twice at most); then proof
                     // is asked of the VMM's stream (EOF) before giving up on the range.
-                    no_mapping_tries += 1;
-                    if no_mapping_tries <= 2 {
+                    retries.no_mapping += 1;
+                    if retries.no_mapping <= 2 {
                         self.drain_events()?;
                         continue;
                     }
                     if let Some(why) = self.vmm_gone() {
                         return Err(SessionError::VmmGone(why));
                     }
-                    let op = if zero && ps == PAGE_4K { "UFFDIO_ZEROPAGE" } else { "UFFDIO_COPY" };
+                    let op = if ps == PAGE_4K { "UFFDIO_ZEROPAGE" } else { "UFFDIO_COPY" };
                     return Err(SessionError::NoMapping { op, addr, len });
                 }
             }
         }
         Ok(filled)
+    }
+
+    /// The data part of [`Session::fill`]: copies the missing, not discarded pages `pages` of
+    /// region `ri` from its overlay or the memory file with the one copy loop
+    /// ([`PageSource::copy_run`]), counting what it made present in `filled`; returns the page to
+    /// go on from. Where the loop stops: `EEXIST` wakes the page's waiters; `EAGAIN` reads the
+    /// events in flight (the caller then plans the rest again from the page state); `ENOENT`
+    /// reads events twice before it asks the VMM's stream for proof that the VMM is gone.
+    fn fill_data(
+        &mut self,
+        ri: usize,
+        region: &Region,
+        pages: Range<u64>,
+        filled: &mut u64,
+        retries: &mut Retries,
+    ) -> Result<u64, SessionError> {
+        let ps = region.page_size;
+        let start = pages.start;
+        let source = PageSource { file: &self.file, overlays: &self.overlays };
+        let regions = &mut self.regions;
+        let stopped = source.copy_run(
+            &self.uffd,
+            ri,
+            region,
+            pages.clone(),
+            u64::MAX,
+            || Some(()),
+            |c| {
+                *filled += regions[ri].mark_present(c.start, c.end);
+            },
+        );
+        let Err((at, stop)) = stopped else {
+            retries.eagain_since = None;
+            return Ok(pages.end);
+        };
+        if at > start {
+            retries.eagain_since = None;
+        }
+        match stop {
+            Stop::Exists => {
+                self.regions[ri].mark_present(at, at + 1);
+                self.wake(region.base + at * ps, ps)?;
+                Ok(at + 1)
+            }
+            Stop::Again => {
+                self.await_events(&mut retries.eagain_since)?;
+                Ok(at)
+            }
+            // `enter` above never refuses: plan again from here.
+            Stop::Refused => Ok(at),
+            Stop::Gone(e) => Err(SessionError::Gone(e)),
+            Stop::NoMapping { addr, len } => {
+                retries.no_mapping += 1;
+                if retries.no_mapping <= 2 {
+                    self.drain_events()?;
+                    return Ok(at);
+                }
+                if let Some(why) = self.vmm_gone() {
+                    return Err(SessionError::VmmGone(why));
+                }
+                Err(SessionError::NoMapping { op: "UFFDIO_COPY", addr, len })
+            }
+            Stop::Failed { addr, len, errno } => Err(SessionError::Fill { addr, len, errno }),
+        }
     }
 
     /// Marks pages a copy thread made present, for a claim planned under gate epoch `epoch`.
