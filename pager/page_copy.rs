@@ -103,6 +103,8 @@ impl PageSource<'_> {
     /// copies part of its range goes on from there (the next call says why it stopped). Returns
     /// where and why it stopped, if before the end; what to do then (wait out `EAGAIN` by reading
     /// events, wake an `EEXIST` page's waiters, or hand the rest back) is the caller's.
+    // The target (uffd, region), the pages and call size, and the caller's two hooks: each one
+    // is something the two callers differ in.
     #[allow(clippy::too_many_arguments)]
     pub fn copy_run<G>(
         &self,
