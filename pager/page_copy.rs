@@ -1,14 +1,16 @@
-//! The two steps every bulk copy of guest pages is made of, whoever makes it (a fault's fill, the
-//! sweep of read-ahead and graduation, a copy thread's claim):
+//! What every bulk copy of guest pages is made of, whoever makes it (a fault's fill, the sweep of
+//! read-ahead and graduation, a copy thread's claim):
 //!
-//! * [`zero_parts`]: which parts of a run of missing pages hold data to copy, and which read as
-//!   zero and are left missing (file holes, known from the file's extents; and, if asked, data
-//!   pages of zeros). An overlay page is always data.
-//! * [`copy_pages`]: one `UFFDIO_COPY` from the session's overlay or the memory file, up to the
-//!   next edge between the two.
+//! * [`PageSource::zero_parts`]: which parts of a run of missing pages hold data to copy, and
+//!   which read as zero and are left missing (file holes, known from the file's extents; and, if
+//!   asked, data pages of zeros). An overlay page is always data.
+//! * [`PageSource::copy_run`]: the copy loop, `UFFDIO_COPY`s from the session's overlay or the
+//!   memory file (split at each edge between the two) until the pages are present or a call
+//!   says why not ([`Stop`]).
 //!
-//! What a caller does with the outcome (wait out an `EAGAIN` by reading events, or hand the rest
-//! back to the worker that can) is its own: see `Session::fill` and `crate::copy_threads`.
+//! What a caller does where the loop stopped (wait out an `EAGAIN` by reading events, or hand
+//! the rest back to the worker that can) is its own: see `Session::fill` and
+//! `crate::copy_threads`.
 
 use std::ops::Range;
 
@@ -64,7 +66,7 @@ impl PageSource<'_> {
     /// One `UFFDIO_COPY` (waking the range's waiters) of pages `[first, end)` of region `ri`, or
     /// of the part up to the next edge between overlay and memory file. Returns the end page of
     /// the part copied and the kernel's answer.
-    pub fn copy_pages(
+    fn copy_pages(
         &self,
         uffd: &Uffd,
         ri: usize,

@@ -101,25 +101,13 @@ impl Session {
                     self.await_events(&mut retries.eagain_since)?;
                 }
                 FillOutcome::Exists => {
-                    self.regions[ri].mark_present(p, p + 1);
-                    self.wake(addr, ps)?;
+                    self.found_present(ri, p)?;
                     p += 1;
                 }
                 FillOutcome::Gone(e) => return Err(SessionError::Gone(e)),
                 FillOutcome::NoMapping => {
-                    // ENOENT is no proof that the VMM is gone. An UNMAP or REMOVE read now
-                    // explains it (the loop plans the range again, twice at most); then proof
-                    // is asked of the VMM's stream (EOF) before giving up on the range.
-                    retries.no_mapping += 1;
-                    if retries.no_mapping <= 2 {
-                        self.drain_events()?;
-                        continue;
-                    }
-                    if let Some(why) = self.vmm_gone() {
-                        return Err(SessionError::VmmGone(why));
-                    }
                     let op = if ps == PAGE_4K { "UFFDIO_ZEROPAGE" } else { "UFFDIO_COPY" };
-                    return Err(SessionError::NoMapping { op, addr, len });
+                    self.explain_no_mapping(&mut retries, op, addr, len)?;
                 }
             }
         }
@@ -131,7 +119,7 @@ impl Session {
     /// ([`PageSource::copy_run`]), counting what it made present in `filled`; returns the page to
     /// go on from. Where the loop stops: `EEXIST` wakes the page's waiters; `EAGAIN` reads the
     /// events in flight (the caller then plans the rest again from the page state); `ENOENT`
-    /// reads events twice before it asks the VMM's stream for proof that the VMM is gone.
+    /// is explained or fails ([`Session::explain_no_mapping`]).
     fn fill_data(
         &mut self,
         ri: usize,
@@ -140,7 +128,6 @@ impl Session {
         filled: &mut u64,
         retries: &mut Retries,
     ) -> Result<u64, SessionError> {
-        let ps = region.page_size;
         let start = pages.start;
         let source = PageSource { file: &self.file, overlays: &self.overlays };
         let regions = &mut self.regions;
@@ -164,8 +151,7 @@ impl Session {
         }
         match stop {
             Stop::Exists => {
-                self.regions[ri].mark_present(at, at + 1);
-                self.wake(region.base + at * ps, ps)?;
+                self.found_present(ri, at)?;
                 Ok(at + 1)
             }
             Stop::Again => {
@@ -176,18 +162,41 @@ impl Session {
             Stop::Refused => Ok(at),
             Stop::Gone(e) => Err(SessionError::Gone(e)),
             Stop::NoMapping { addr, len } => {
-                retries.no_mapping += 1;
-                if retries.no_mapping <= 2 {
-                    self.drain_events()?;
-                    return Ok(at);
-                }
-                if let Some(why) = self.vmm_gone() {
-                    return Err(SessionError::VmmGone(why));
-                }
-                Err(SessionError::NoMapping { op: "UFFDIO_COPY", addr, len })
+                self.explain_no_mapping(retries, "UFFDIO_COPY", addr, len)?;
+                Ok(at)
             }
             Stop::Failed { addr, len, errno } => Err(SessionError::Fill { addr, len, errno }),
         }
+    }
+
+    /// `EEXIST` at page `page` of region `ri`: the page is present already, and the call that
+    /// found it woke nobody, so its waiters are woken here.
+    fn found_present(&mut self, ri: usize, page: u64) -> Result<(), SessionError> {
+        let r = &mut self.regions[ri];
+        r.mark_present(page, page + 1);
+        let (addr, ps) = (r.region.base + page * r.region.page_size, r.region.page_size);
+        self.wake(addr, ps)
+    }
+
+    /// `ENOENT` from `op` at `addr` is no proof that the VMM is gone. An UNMAP or REMOVE read now
+    /// explains it: `Ok` lets the fill plan the range again, twice at most. Then proof is asked
+    /// of the VMM's stream (EOF) before the range is given up on.
+    fn explain_no_mapping(
+        &mut self,
+        retries: &mut Retries,
+        op: &'static str,
+        addr: u64,
+        len: u64,
+    ) -> Result<(), SessionError> {
+        retries.no_mapping += 1;
+        if retries.no_mapping <= 2 {
+            self.drain_events()?;
+            return Ok(());
+        }
+        if let Some(why) = self.vmm_gone() {
+            return Err(SessionError::VmmGone(why));
+        }
+        Err(SessionError::NoMapping { op, addr, len })
     }
 
     /// Marks pages a copy thread made present, for a claim planned under gate epoch `epoch`.
