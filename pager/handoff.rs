@@ -156,7 +156,8 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
         Arc::clone(&pager.zero),
         request.faults,
     )
-    .with_overlays(overlays);
+    .with_overlays(overlays)
+    .with_fault_around(pager.fault_around_pages);
     session.start_recording(request.record_working_set.as_deref(), request.adopt, pager.record);
     session.start_prefetch(prefetch);
     let token = pager.registry.next_token();

@@ -94,6 +94,12 @@ struct Cli {
     /// Microseconds a fault worker keeps polling after a fault before it sleeps (0: never).
     #[arg(long, default_value_t = 50)]
     fault_spin_us: u64,
+    /// KiB served around a random fault while a fault worker is contended for (faults of more
+    /// than one VM in one round): the rest of the aligned block holding the faulting page is
+    /// copied after the round's faults, so a vCPU that touches near its last touch does not
+    /// fault again. A power of two, 4 to 2048; 4 serves the page alone.
+    #[arg(long, default_value_t = 64)]
+    fault_around_kib: u64,
     /// Threads that help graduate quiet VMs by copying beside the fault workers (0: none).
     /// Default: one fewer than the CPUs this process may use, at most 4.
     #[arg(long)]
@@ -125,6 +131,8 @@ pub struct Pager {
     pub memory_files: MemoryFiles,
     pub workers: Vec<WorkerHandle>,
     pub zero: Arc<ZeroSource>,
+    /// 4 KiB pages of the block served around a random fault under contention (1: none).
+    pub fault_around_pages: u64,
     /// How sessions asked to record their working set record it.
     pub record: RecordSettings,
     /// Set to true to stop the process (Shutdown RPC).
@@ -142,6 +150,11 @@ fn main() -> anyhow::Result<()> {
     let handoff_socket = cli.handoff_socket.clone().context("--handoff-socket is required")?;
     anyhow::ensure!(cli.fault_threads > 0, "--fault-threads must be at least 1");
     anyhow::ensure!(cli.complete_step_bytes >= 4096, "--complete-step-bytes must be at least 4096");
+    anyhow::ensure!(
+        cli.fault_around_kib.is_power_of_two() && (4..=2048).contains(&cli.fault_around_kib),
+        "--fault-around-kib must be a power of two from 4 to 2048, not {}",
+        cli.fault_around_kib
+    );
 
     let copy_threads = cli.copy_threads.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1)).min(4)
@@ -171,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             .context("starting the zero scan thread")?,
         workers,
         zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
+        fault_around_pages: cli.fault_around_kib / 4,
         record: RecordSettings {
             record_for: Duration::from_secs(cli.record_working_set_secs),
             max_runs: cli.record_working_set_max_runs.min(uffdpager::working_set::MAX_RUNS),

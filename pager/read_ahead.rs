@@ -23,6 +23,8 @@ pub const MAX_WINDOW_PAGES: u64 = 8192;
 pub enum Plan {
     /// The faulting page alone.
     OnePage,
+    /// A random fault: the aligned block of pages that holds it (see [`ReadAhead::around`]).
+    Around { block: Range<u64> },
     /// `now` at once (it starts at the faulting page), then `stream` in the background.
     Sequential { now: Range<u64>, stream: Range<u64> },
 }
@@ -37,28 +39,50 @@ pub struct ReadAhead {
     /// Whether the last plan streamed a window (ending at `frontier`).
     streamed: bool,
     window: u64,
+    /// Pages served for a random fault: the aligned block of this many that holds it (1: the
+    /// page alone).
+    around: u64,
 }
 
 impl Default for ReadAhead {
     fn default() -> Self {
-        Self { region: usize::MAX, last_fault: 0, frontier: 0, streamed: false, window: 0 }
+        Self::new(1)
     }
 }
 
 impl ReadAhead {
+    /// Read-ahead that serves a random fault with the aligned block of `around` pages holding
+    /// it (at least the page alone).
+    pub fn new(around: u64) -> Self {
+        Self {
+            region: usize::MAX,
+            last_fault: 0,
+            frontier: 0,
+            streamed: false,
+            window: 0,
+            around: around.max(1),
+        }
+    }
+
     /// Plans the serving of a fault at `page` of region `region` (`region_pages` long), which is
     /// neither present nor discarded.
     pub fn on_fault(&mut self, region: usize, page: u64, region_pages: u64) -> Plan {
         let sequential = self.region == region && page > self.last_fault && page <= self.frontier;
         if !sequential {
+            let around = self.around;
+            let block = (page - page % around)..(page - page % around + around).min(region_pages);
             *self = Self {
                 region,
                 last_fault: page,
-                frontier: page + 1,
+                frontier: block.end.max(page + 1),
                 streamed: false,
                 window: FIRST_WINDOW_PAGES,
+                around,
             };
-            return Plan::OnePage;
+            if around == 1 {
+                return Plan::OnePage;
+            }
+            return Plan::Around { block };
         }
         if self.streamed && page >= self.frontier {
             // The vCPU read the whole window before faulting: give it a larger one.
@@ -85,6 +109,21 @@ mod tests {
             ra.on_fault(0, 101, 100_000),
             Plan::Sequential { now: 101..117, stream: 117..101 + FIRST_WINDOW_PAGES }
         );
+    }
+
+    #[test]
+    fn a_random_fault_gets_its_aligned_block_clipped_to_the_region_and_its_end_is_sequential() {
+        let mut ra = ReadAhead::new(16);
+        assert_eq!(ra.on_fault(0, 100, 100_000), Plan::Around { block: 96..112 });
+        // The next fault past the block continues in order: a stream, not another block.
+        assert!(matches!(ra.on_fault(0, 112, 100_000), Plan::Sequential { .. }));
+        assert_eq!(ra.on_fault(0, 5000, 100_000), Plan::Around { block: 4992..5008 });
+        // A region's tail block ends with the region.
+        let mut ra = ReadAhead::new(16);
+        assert_eq!(ra.on_fault(1, 99, 100), Plan::Around { block: 96..100 });
+        // One page around is the page alone.
+        assert_eq!(ReadAhead::new(1).on_fault(0, 100, 1000), Plan::OnePage);
+        assert_eq!(ReadAhead::new(0).on_fault(0, 100, 1000), Plan::OnePage);
     }
 
     #[test]

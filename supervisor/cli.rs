@@ -102,7 +102,7 @@ pub struct Settings {
     /// A TOML file listing the pager versions to start, instead of --pager-binary:
     /// `[[versions]]` tables with `binary_path`, optional `version`, `active = true` on one,
     /// and the pager's tuning (`fault_threads`, `copy_threads`, `complete_step_bytes`,
-    /// `fault_spin_us`).
+    /// `fault_spin_us`, `fault_around_kib`).
     #[arg(long, value_name = "FILE")]
     pub versions_config: Option<PathBuf>,
 
@@ -458,7 +458,13 @@ mod tests {
                 "deploy/supervisor.example.toml does not document `{id}`"
             );
         }
-        for key in ["fault_threads", "copy_threads", "complete_step_bytes", "fault_spin_us"] {
+        for key in [
+            "fault_threads",
+            "copy_threads",
+            "complete_step_bytes",
+            "fault_spin_us",
+            "fault_around_kib",
+        ] {
             assert!(text.contains(&format!("{key} =")), "[[versions]] key {key} undocumented");
         }
         let r = Settings::load(&path).unwrap().resolve().unwrap();

@@ -16,6 +16,8 @@ pub struct PagerTuning {
     pub complete_step_bytes: Option<u64>,
     /// `--fault-spin-us`: microseconds a fault worker polls after a fault.
     pub fault_spin_us: Option<u64>,
+    /// `--fault-around-kib`: KiB served around a random fault while a worker is contended for.
+    pub fault_around_kib: Option<u64>,
     /// `--record-working-set-secs`: seconds a session asked to record its working set records.
     pub record_working_set_secs: Option<u64>,
     /// `--record-working-set-max-runs`: most runs of pages a working-set recording holds.
@@ -36,6 +38,7 @@ impl PagerTuning {
         push("--copy-threads", self.copy_threads.map(u64::from));
         push("--complete-step-bytes", self.complete_step_bytes);
         push("--fault-spin-us", self.fault_spin_us);
+        push("--fault-around-kib", self.fault_around_kib);
         push("--record-working-set-secs", self.record_working_set_secs);
         push("--record-working-set-max-runs", self.record_working_set_max_runs);
         args
@@ -54,5 +57,7 @@ mod tests {
         assert_eq!(t.args(), ["--fault-threads", "3", "--fault-spin-us", "0"]);
         let t = PagerTuning { record_working_set_secs: Some(5), ..Default::default() };
         assert_eq!(t.args(), ["--record-working-set-secs", "5"]);
+        let t = PagerTuning { fault_around_kib: Some(4), ..Default::default() };
+        assert_eq!(t.args(), ["--fault-around-kib", "4"]);
     }
 }

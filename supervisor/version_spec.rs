@@ -91,6 +91,8 @@ pub struct VersionsFileEntry {
     pub complete_step_bytes: Option<u64>,
     /// `uffd-pager --fault-spin-us`.
     pub fault_spin_us: Option<u64>,
+    /// `uffd-pager --fault-around-kib`.
+    pub fault_around_kib: Option<u64>,
     /// `uffd-pager --record-working-set-secs`.
     pub record_working_set_secs: Option<u64>,
     /// `uffd-pager --record-working-set-max-runs`.
@@ -108,6 +110,7 @@ impl VersionsFileEntry {
                 copy_threads: self.copy_threads,
                 complete_step_bytes: self.complete_step_bytes,
                 fault_spin_us: self.fault_spin_us,
+                fault_around_kib: self.fault_around_kib,
                 record_working_set_secs: self.record_working_set_secs,
                 record_working_set_max_runs: self.record_working_set_max_runs,
             },

@@ -238,3 +238,58 @@ async fn wait_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Fault-around under contention (issue 15): two VMs faulting at once on one fault worker get
+/// the aligned blocks around their random faults, byte for byte; the same run with
+/// `--fault-around-kib 4` makes only the pages they touch resident.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_faulting_at_once_on_one_worker_get_the_blocks_around_their_faults() {
+    const TOUCHES: u64 = 3000;
+    for (kib, around) in [(64, true), (4, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pager = dir.path().join("pager");
+        std::fs::write(
+            &pager,
+            format!(
+                "#!/bin/sh\nexec '{}' \"$@\" --fault-threads 1 --fault-around-kib {kib}\n",
+                testkit::binary("uffd-pager").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&pager, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let opts = testkit::SupervisorOptions { pager_binary: Some(pager), ..Default::default() };
+        let env = Env::start_with(opts).await;
+        let mem = env.memfile("mem", 64 * MIB, 0.0, 0.0);
+        let mut vms =
+            [env.restore("a", &mem, &["64M@0"]).await, env.restore("b", &mem, &["64M@0"]).await];
+        tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                for (i, vm) in vms.iter_mut().enumerate() {
+                    scope.spawn(move || {
+                        let r = vm.verified(&format!("read-random {TOUCHES} {i}"), common::STEP);
+                        let r = r.expect("the random reads are served");
+                        assert!(r["pages_verified"].as_u64().unwrap() >= TOUCHES, "{r}");
+                    });
+                }
+            });
+        });
+        let (mut resident, mut faults) = (0, 0);
+        for id in ["a", "b"] {
+            let s = wait_until(&env, id, |s| s.resident_bytes >= TOUCHES * 4096).await;
+            resident += s.resident_bytes;
+            faults += s.faults;
+        }
+        let per_fault = resident as f64 / (faults * 4096) as f64;
+        eprintln!("fault-around {kib} KiB: {per_fault:.2} pages resident per fault ({faults} faults)");
+        if around {
+            assert!(per_fault > 1.5, "{per_fault:.2} pages resident per fault with fault-around");
+        } else {
+            assert!(per_fault < 1.1, "{per_fault:.2} pages resident per fault without it");
+        }
+        for vm in &mut vms {
+            let all = vm_cmd(vm, "verify").await;
+            assert_eq!(all["pages_verified"].as_u64().unwrap(), 64 * MIB / 4096, "{all}");
+        }
+    }
+}

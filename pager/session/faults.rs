@@ -14,6 +14,9 @@ use crate::sweep::Sweep;
 /// it is copied, and waits for the whole ioctl), later ones double up to 1 MiB.
 const FIRST_STREAM_CHUNK: u64 = 64 << 10;
 const MAX_STREAM_CHUNK: u64 = 1 << 20;
+/// Blocks around random faults kept for [`Session::fill_around`] (more in one round are not
+/// worth a longer wait for the next round's faults).
+const MAX_AROUND_BLOCKS: usize = 64;
 
 /// Read-ahead in progress: a sweep over the window, and the size of its next chunk.
 #[derive(Debug)]
@@ -93,6 +96,15 @@ impl Session {
                 self.record_touch(ri, page, page + 1);
                 Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps)
             }
+            Plan::Around { block } => {
+                // The page alone now (its vCPU waits for nothing else); the rest of its block
+                // after this round's faults, if the worker finds itself contended for.
+                self.record_touch(ri, page, page + 1);
+                if self.around.len() < MAX_AROUND_BLOCKS {
+                    self.around.push((ri, block));
+                }
+                Ok(self.fill(ri, page, page + 1, FillMode::OnFault)? * ps)
+            }
             Plan::Sequential { now, stream } => {
                 self.record_touch(ri, now.start, now.end);
                 // `Populate` past the faulting page: present and discarded pages are
@@ -111,6 +123,43 @@ impl Session {
                 Ok(filled * ps)
             }
         }
+    }
+
+    /// Copies the rest of the blocks around the random faults served since the last call
+    /// (present and discarded pages are passed over, as for read-ahead): fewer faults for a
+    /// vCPU that touches near where it touched, at the price of pages it may never touch.
+    pub fn fill_around(&mut self) -> Result<(), SessionError> {
+        let mut blocks = std::mem::take(&mut self.around);
+        let mut result = Ok(());
+        let mut bytes = 0;
+        for (ri, block) in blocks.drain(..) {
+            if self.unregistered {
+                break;
+            }
+            match self.fill(ri, block.start, block.end, FillMode::Populate) {
+                Ok(pages) => bytes += pages * self.regions[ri].region.page_size,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        metrics::add(&METRICS.read_ahead_bytes, bytes);
+        // Blocks of faults served while these were filled (an EAGAIN read them) come next.
+        if self.around.is_empty() {
+            self.around = blocks;
+        }
+        result
+    }
+
+    /// Forgets the blocks around the faults served since the last call.
+    pub fn skip_around(&mut self) {
+        self.around.clear();
+    }
+
+    /// Whether blocks around served faults wait for [`Session::fill_around`].
+    pub fn has_around(&self) -> bool {
+        !self.around.is_empty()
     }
 
     /// Whether read-ahead is in progress.

@@ -60,6 +60,8 @@ pub struct Session {
     /// Whether faults come in order, and the background read-ahead it started.
     read_ahead: ReadAhead,
     stream: Option<faults::Stream>,
+    /// Blocks around random faults served this round, for `fill_around`.
+    around: Vec<(usize, std::ops::Range<u64>)>,
     faults: u64,
     /// Faults served from an overlay.
     overlay_faults: u64,
@@ -116,6 +118,7 @@ impl Session {
             events: vec![0; events::EVENT_BATCH * MSG_WORDS],
             read_ahead: ReadAhead::default(),
             stream: None,
+            around: Vec::new(),
             faults,
             overlay_faults: 0,
             unexpected_events: 0,
@@ -155,6 +158,13 @@ impl Session {
         let (count, bytes) = overlays.figures();
         self.shared.set_overlays(count, bytes);
         self.overlays = Arc::new(overlays);
+        self
+    }
+
+    /// Serves random faults with the aligned block of `pages` 4 KiB pages around them when the
+    /// worker is contended for (see `Session::fill_around`); 1: the page alone.
+    pub fn with_fault_around(mut self, pages: u64) -> Self {
+        self.read_ahead = ReadAhead::new(pages);
         self
     }
 

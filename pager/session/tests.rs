@@ -170,6 +170,63 @@ fn a_random_fault_gets_the_snapshot_page_and_the_next_page_a_block() {
     assert_eq!(t.f.dst[usize::try_from(12 * PS).unwrap()], snapshot_byte(12));
 }
 
+/// Fault-around: the faulting page is served alone (its vCPU is woken), and the rest of its
+/// aligned block follows only when the worker asks for it (`fill_around`, under contention);
+/// `skip_around` leaves the neighbours to fault.
+#[test]
+fn a_random_fault_serves_its_page_then_fills_its_block_only_when_asked() {
+    let mut t = served();
+    t.session = t.session.with_fault_around(16);
+    let read = t.reader(vec![21]);
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    assert_eq!(read.recv_timeout(FROZEN).expect("the reader is served"), [snapshot_byte(21)]);
+    assert_eq!(t.session.regions[0].present_pages(), 1, "the page alone before fill_around");
+    assert!(t.session.has_around());
+    t.session.fill_around().unwrap();
+    assert!(!t.session.has_around());
+    // The aligned block 16..32, every page with its snapshot bytes, nothing outside it.
+    for p in 0..PAGES {
+        assert_eq!(t.session.regions[0].present().get(p), (16..32).contains(&p), "page {p}");
+    }
+    for p in 16..32 {
+        assert_eq!(t.f.dst[usize::try_from(p * PS).unwrap()], snapshot_byte(p), "page {p}");
+    }
+    // A fault far away whose block is skipped: its page alone is added.
+    let read = t.reader(vec![50]);
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    read.recv_timeout(FROZEN).expect("the reader is served");
+    t.session.skip_around();
+    t.session.fill_around().unwrap();
+    assert_eq!(t.session.regions[0].present_pages(), 17, "page 50 alone was added");
+}
+
+/// Fault-around never writes a discarded range: a page the balloon discarded in the block stays
+/// missing (it faults back as zeros), the rest of the block is filled.
+#[test]
+fn fault_around_passes_over_discarded_pages() {
+    let mut t = served();
+    t.session = t.session.with_fault_around(16);
+    let balloon = t.discard(36, 2);
+    t.read_events();
+    join_within(balloon, "the balloon's madvise");
+    assert!(t.session.regions[0].removed.contains(36));
+    let read = t.reader(vec![40]);
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    read.recv_timeout(FROZEN).expect("the reader is served");
+    t.session.fill_around().unwrap();
+    for p in 32..48 {
+        let discarded = p == 36 || p == 37;
+        assert_eq!(t.session.regions[0].present().get(p), !discarded, "page {p}");
+    }
+    let read = t.reader(vec![36, 35]);
+    t.read_events();
+    t.session.serve_pending().unwrap();
+    assert_eq!(read.recv_timeout(FROZEN).expect("served"), [0, snapshot_byte(35)]);
+}
+
 /// The freeze issue 12 item 2 found: a sequential fault's block is filled with `Populate`
 /// (discarded pages skipped), and a REMOVE of the faulting page read while the block is copied
 /// (the copy says EAGAIN) left its thread waiting for ever. It must read zeros.

@@ -4,10 +4,10 @@
 
 use std::time::Instant;
 
-use nix::sys::epoll::EpollTimeout;
+use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use tracing::warn;
 
-use super::Worker;
+use super::{Worker, WAKE};
 
 impl Worker {
     /// How long epoll may sleep: until the next recording is due to stop, or for ever.
@@ -35,6 +35,54 @@ impl Worker {
             }
             false
         });
+    }
+
+    /// After a round's faults, the blocks around them. When faults of more than one session
+    /// came in the round, the worker is contended for: every fault is a vCPU that sleeps, waits
+    /// behind others' and is woken again, so each fault saved is worth far more than the copy
+    /// of a page the vCPU may never touch, and the rest of each fault's block is filled. A lone
+    /// faulting VM gets its pages one at a time: its next fault is served at once, not behind
+    /// a block.
+    pub(super) fn fill_around_blocks(&mut self) {
+        if self.around.is_empty() {
+            return;
+        }
+        let tokens = std::mem::take(&mut self.around);
+        let contended = tokens.len() > 1;
+        for &token in &tokens {
+            let Some(s) = self.sessions.get_mut(&token) else { continue };
+            if !contended {
+                s.skip_around();
+                continue;
+            }
+            // A failed fill stops this work only, as for read-ahead: the faults that follow
+            // meet the same failure and decide the session's fate.
+            if let Err(e) = s.fill_around() {
+                warn!(session = %s.id(), version = %self.version, error = %e, "filling around faults stopped");
+            }
+            self.serve_queued(token);
+            // Faults that came in meanwhile go before the next session's blocks.
+            self.serve_ready_faults();
+        }
+        // Sessions whose queued faults were served just now wait for the next round.
+        if self.around.is_empty() {
+            self.around = tokens;
+            self.around.clear();
+        }
+    }
+
+    /// Serves the faults of every session whose uffd is readable now, without waiting. Other
+    /// events (commands, a VMM's exit) stay ready for the loop's next wait (epoll is
+    /// level-triggered).
+    fn serve_ready_faults(&mut self) {
+        let mut events = [EpollEvent::empty(); 64];
+        let Ok(n) = self.epoll.wait(&mut events, EpollTimeout::ZERO) else { return };
+        for ev in &events[..n] {
+            let data = ev.data();
+            if data != WAKE && data & 1 == 0 {
+                self.on_uffd(data >> 1);
+            }
+        }
     }
 
     /// One prefetch step (the completion budget) for each session prefetching a working set.

@@ -73,6 +73,7 @@ impl WorkerHandle {
                     reply,
                     claims_rx,
                     streams: Vec::new(),
+                    around: Vec::new(),
                     prefetches: Vec::new(),
                     record_deadlines: Vec::new(),
                     version,

@@ -55,6 +55,9 @@ struct Worker {
     claims_rx: Receiver<ClaimDone>,
     /// Sessions with read-ahead in progress, served round-robin one chunk at a time.
     streams: Vec<u64>,
+    /// Sessions whose faults this round left blocks around them to fill (see
+    /// `Worker::fill_around_blocks`).
+    around: Vec<u64>,
     /// Sessions prefetching a working set, served round-robin one budget at a time.
     prefetches: Vec<u64>,
     /// When each session recording its working set stops recording.
@@ -140,6 +143,7 @@ impl Worker {
                 last_fault = Some(now);
                 crate::memory_file::zero_scan::note_fault(now);
             }
+            self.fill_around_blocks();
             self.take_claims_done();
             self.step_completions(faulted);
             self.step_streams();
@@ -218,6 +222,9 @@ impl Worker {
             Ok(()) => {
                 if s.streaming() && !self.streams.contains(&token) {
                     self.streams.push(token);
+                }
+                if s.has_around() && !self.around.contains(&token) {
+                    self.around.push(token);
                 }
             }
             Err(e) => self.fail_session(token, e),
