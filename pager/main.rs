@@ -97,8 +97,9 @@ struct Cli {
     /// KiB served around a random fault while a fault worker is contended for (faults of more
     /// than one VM in one round): the rest of the aligned block holding the faulting page is
     /// copied after the round's faults, so a vCPU that touches near its last touch does not
-    /// fault again. A power of two, 4 to 2048; 4 serves the page alone.
-    #[arg(long, default_value_t = 64)]
+    /// fault again. A power of two, 4 to 2048; 4 (the default) serves the page alone. It makes
+    /// memory resident that the guest did not touch (see BENCHMARKS.md for when 64 pays).
+    #[arg(long, default_value_t = 4)]
     fault_around_kib: u64,
     /// Threads that help graduate quiet VMs by copying beside the fault workers (0: none).
     /// Default: one fewer than the CPUs this process may use, at most 4.

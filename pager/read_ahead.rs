@@ -23,7 +23,7 @@ pub const MAX_WINDOW_PAGES: u64 = 8192;
 pub enum Plan {
     /// The faulting page alone.
     OnePage,
-    /// A random fault: the aligned block of pages that holds it (see [`ReadAhead::around`]).
+    /// A random fault: the aligned block of pages that holds it (see [`ReadAhead::new`]).
     Around { block: Range<u64> },
     /// `now` at once (it starts at the faulting page), then `stream` in the background.
     Sequential { now: Range<u64>, stream: Range<u64> },

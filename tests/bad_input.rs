@@ -159,3 +159,39 @@ async fn unknown_sessions_and_bad_memory_files_get_codes_a_client_can_act_on() {
     let generated = c.create_session(create(mem.to_str().unwrap(), "")).await.unwrap().into_inner();
     assert!(!generated.id.is_empty());
 }
+
+/// A pager tuning flag out of range stops the pager at start with a message naming the flag
+/// and the value, before it binds anything.
+#[test]
+fn a_fault_around_size_that_is_no_power_of_two_stops_the_pager_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["48", "2", "4096"] {
+        let mut child = std::process::Command::new(testkit::binary("uffd-pager"))
+            .arg("--grpc-socket")
+            .arg(dir.path().join("pager.sock"))
+            .arg("--handoff-socket")
+            .arg(dir.path().join("handoff.sock"))
+            .args(["--fault-around-kib", bad])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A pager that took the value would serve until stopped.
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = child.kill();
+                panic!("--fault-around-kib {bad} was taken: the pager is serving");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "--fault-around-kib {bad} was taken");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--fault-around-kib must be a power of two from 4 to 2048")
+                && stderr.contains(bad),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("pager.sock").exists(), "it bound its socket");
+    }
+}

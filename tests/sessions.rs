@@ -281,7 +281,9 @@ async fn two_vms_faulting_at_once_on_one_worker_get_the_blocks_around_their_faul
             faults += s.faults;
         }
         let per_fault = resident as f64 / (faults * 4096) as f64;
-        eprintln!("fault-around {kib} KiB: {per_fault:.2} pages resident per fault ({faults} faults)");
+        eprintln!(
+            "fault-around {kib} KiB: {per_fault:.2} pages resident per fault ({faults} faults)"
+        );
         if around {
             assert!(per_fault > 1.5, "{per_fault:.2} pages resident per fault with fault-around");
         } else {
