@@ -101,6 +101,12 @@ struct Cli {
     /// memory resident that the guest did not touch (see BENCHMARKS.md for when 64 pays).
     #[arg(long, default_value_t = 4)]
     fault_around_kib: u64,
+    /// Seconds a memory file stays mapped after its last session ended, its pages in the
+    /// pager's page tables and its zero pages known, for the next session restored from the
+    /// same snapshot (0: let go at once). At most 16 such files are kept, the longest idle go
+    /// first; a file changed since (length, modification or change time) is mapped afresh.
+    #[arg(long, env = "UFFD_PAGER_MEMORY_FILE_LINGER_SECS", default_value_t = 30)]
+    memory_file_linger_secs: u64,
     /// Threads that help graduate quiet VMs by copying beside the fault workers (0: none).
     /// Default: one fewer than the CPUs this process may use, at most 4.
     #[arg(long)]
@@ -181,8 +187,10 @@ fn main() -> anyhow::Result<()> {
         started_at: SystemTime::now(),
         handoff_socket: handoff_socket.clone(),
         registry: Registry::default(),
-        memory_files: MemoryFiles::with_background_scan()
-            .context("starting the zero scan thread")?,
+        memory_files: MemoryFiles::with_background_scan(Duration::from_secs(
+            cli.memory_file_linger_secs,
+        ))
+        .context("starting the zero scan thread")?,
         workers,
         zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
         fault_around_pages: cli.fault_around_kib / 4,
@@ -224,6 +232,14 @@ fn main() -> anyhow::Result<()> {
         let service = service::PagerService { pager: Arc::clone(&pager) };
         let watchdog = watchdog::Watchdog { limit: cli.stall_timeout };
         tokio::spawn(watchdog.run(Arc::clone(&pager), health.clone()));
+        let files = Arc::clone(&pager);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(files.memory_files.sweep_every());
+            loop {
+                every.tick().await;
+                files.memory_files.sweep(std::time::Instant::now());
+            }
+        });
         let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         info!(version = %version, pid = std::process::id(), grpc = %grpc_socket.display(),

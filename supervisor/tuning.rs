@@ -18,6 +18,8 @@ pub struct PagerTuning {
     pub fault_spin_us: Option<u64>,
     /// `--fault-around-kib`: KiB served around a random fault while a worker is contended for.
     pub fault_around_kib: Option<u64>,
+    /// `--memory-file-linger-secs`: seconds a memory file stays mapped after its last session.
+    pub memory_file_linger_secs: Option<u64>,
     /// `--record-working-set-secs`: seconds a session asked to record its working set records.
     pub record_working_set_secs: Option<u64>,
     /// `--record-working-set-max-runs`: most runs of pages a working-set recording holds.
@@ -39,6 +41,7 @@ impl PagerTuning {
         push("--complete-step-bytes", self.complete_step_bytes);
         push("--fault-spin-us", self.fault_spin_us);
         push("--fault-around-kib", self.fault_around_kib);
+        push("--memory-file-linger-secs", self.memory_file_linger_secs);
         push("--record-working-set-secs", self.record_working_set_secs);
         push("--record-working-set-max-runs", self.record_working_set_max_runs);
         args

@@ -93,6 +93,8 @@ pub struct VersionsFileEntry {
     pub fault_spin_us: Option<u64>,
     /// `uffd-pager --fault-around-kib`.
     pub fault_around_kib: Option<u64>,
+    /// `uffd-pager --memory-file-linger-secs`.
+    pub memory_file_linger_secs: Option<u64>,
     /// `uffd-pager --record-working-set-secs`.
     pub record_working_set_secs: Option<u64>,
     /// `uffd-pager --record-working-set-max-runs`.
@@ -111,6 +113,7 @@ impl VersionsFileEntry {
                 complete_step_bytes: self.complete_step_bytes,
                 fault_spin_us: self.fault_spin_us,
                 fault_around_kib: self.fault_around_kib,
+                memory_file_linger_secs: self.memory_file_linger_secs,
                 record_working_set_secs: self.record_working_set_secs,
                 record_working_set_max_runs: self.record_working_set_max_runs,
             },

@@ -193,6 +193,86 @@ async fn when_the_vmm_exits_the_session_ends_and_the_pager_lets_go_of_it() {
     assert_eq!(supervisor_fds, 0, "the supervisor dropped its duplicate uffd");
 }
 
+/// A memory file stays mapped for `--memory-file-linger-secs` after its last session ended, and
+/// the next VM restored from it is served from that mapping; then the pager lets go of it. A
+/// file rewritten in place meanwhile is mapped afresh: a graduation after the rewrite copies
+/// the pages that were zero before (a stale zero map would leave them zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_file_lingers_after_its_last_session_and_one_rewritten_is_mapped_afresh() {
+    const LINGER_S: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let pager =
+        common::pager_with_flags(dir.path(), &format!("--memory-file-linger-secs {LINGER_S}"));
+    let env = Env::start_with(testkit::SupervisorOptions {
+        pager_binary: Some(pager),
+        ..Default::default()
+    })
+    .await;
+    let mem = env.memfile("mem", 16 * MIB, 0.5, 0.0);
+    let pid = env.pager_pid();
+    let fds_before = fd_count(pid);
+    let mappings = || {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        maps.lines().filter(|l| l.ends_with(mem.to_str().unwrap())).count()
+    };
+    let graduate = |id: &'static str| {
+        let mut client = env.client();
+        async move {
+            let done = client
+                .complete_session(CompleteSessionRequest { session_id: id.into() })
+                .await
+                .expect("CompleteSession")
+                .into_inner();
+            assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated);
+            done
+        }
+    };
+    let wait_for = |what: &'static str, want: (usize, usize)| async move {
+        let deadline = std::time::Instant::now() + common::STEP;
+        while (fd_count(pid), mappings()) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}",
+                (fd_count(pid), mappings())
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // The first VM graduates (the pager learns the file's zero pages) and exits.
+    let mut vm = env.restore("first", &mem, &[]).await;
+    let done = graduate("first").await;
+    assert!(done.skipped_zero_bytes >= 4 * MIB, "half the file is zero: {done:?}");
+    vm_cmd(&mut vm, "verify").await;
+    tokio::task::block_in_place(|| vm.exit()).unwrap();
+    wait_for("lingering: the file's descriptor and one mapping", (fds_before + 1, 1)).await;
+
+    // The next VM is served from the same mapping.
+    let mut vm = env.restore("second", &mem, &[]).await;
+    assert_eq!(mappings(), 1, "one mapping of the file, the lingering one");
+    vm_cmd(&mut vm, "read-random 500").await;
+    tokio::task::block_in_place(|| vm.exit()).unwrap();
+    env.wait_state("second", SessionState::Ended).await;
+
+    // Rewritten in place (same inode, same length): no page is zero now.
+    let again = env.memfile("mem", 16 * MIB, 0.0, 0.0);
+    assert_eq!(again, mem);
+    let mut vm = env.restore("third", &mem, &[]).await;
+    let done = graduate("third").await;
+    assert_eq!(done.skipped_zero_bytes, 0, "the old zero map was used: {done:?}");
+    let all = vm_cmd(&mut vm, "verify").await;
+    assert_eq!(all["pages_verified"].as_u64().unwrap(), 16 * MIB / 4096, "{all}");
+    tokio::task::block_in_place(|| vm.exit()).unwrap();
+
+    let ended = std::time::Instant::now();
+    wait_for("let go after the linger", (fds_before, 0)).await;
+    let after = ended.elapsed();
+    assert!(
+        after >= Duration::from_secs(LINGER_S - 1),
+        "let go after {after:?}, before its linger"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hugepage_vm_is_served_and_graduates_correctly() {
     // The VM's 12 hugepages (24 MiB), and 4 of slack.
@@ -247,17 +327,8 @@ async fn two_vms_faulting_at_once_on_one_worker_get_the_blocks_around_their_faul
     const TOUCHES: u64 = 3000;
     for (kib, around) in [(64, true), (4, false)] {
         let dir = tempfile::tempdir().unwrap();
-        let pager = dir.path().join("pager");
-        std::fs::write(
-            &pager,
-            format!(
-                "#!/bin/sh\nexec '{}' \"$@\" --fault-threads 1 --fault-around-kib {kib}\n",
-                testkit::binary("uffd-pager").display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&pager, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        let flags = format!("--fault-threads 1 --fault-around-kib {kib}");
+        let pager = common::pager_with_flags(dir.path(), &flags);
         let opts = testkit::SupervisorOptions { pager_binary: Some(pager), ..Default::default() };
         let env = Env::start_with(opts).await;
         let mem = env.memfile("mem", 64 * MIB, 0.0, 0.0);

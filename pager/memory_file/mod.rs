@@ -1,13 +1,15 @@
 //! Memory files, mapped once per file and shared by every session restored from it, so that the
 //! kernel's page cache is the one cache across VMs and the pager's own memory does not grow with
-//! the number of sessions.
+//! the number of sessions. A file whose last session ended stays mapped for a while (`linger`)
+//! for the next session restored from it.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
 use uffdpager::pages::{flag_runs, PageBitmap};
@@ -16,6 +18,10 @@ use uffdpager::pages::{flag_runs, PageBitmap};
 #[deny(unsafe_code)]
 pub mod zero_scan;
 
+pub mod linger;
+
+use linger::Stamp;
+use tracing::info;
 use zero_scan::ZeroScanner;
 
 /// Runs shorter than this are not worth a [`MappedFile::map_ahead`] call.
@@ -26,7 +32,8 @@ const MAP_AHEAD_MIN_BYTES: u64 = 64 << 10;
 pub struct MappedFile {
     file: File,
     map: Mmap,
-    key: (u64, u64),
+    /// The file as it was when mapped.
+    stamp: Stamp,
     /// Which 4 KiB pages of the file hold only zeros, learned once and shared by every session
     /// restored from this file; made at the first bulk populate.
     zero_map: Mutex<Option<ZeroMap>>,
@@ -236,34 +243,51 @@ impl ZeroMap {
     }
 }
 
-/// The open memory files, keyed by (device, inode).
+/// The mapped memory files, keyed by (device, inode): those sessions hold, and those none has
+/// held for less than the linger.
 #[derive(Debug, Default)]
 pub struct MemoryFiles {
-    open: Mutex<HashMap<(u64, u64), Weak<MappedFile>>>,
+    open: Mutex<HashMap<(u64, u64), Held>>,
+    /// How long a file no session holds stays mapped (zero: until the next [`Self::sweep`]).
+    linger: Duration,
     /// Learns each new file's zero pages in the background (none: only on demand).
     scanner: Option<ZeroScanner>,
 }
 
+/// A mapped file in the table, and since when no session has held it.
+#[derive(Debug)]
+struct Held {
+    file: Arc<MappedFile>,
+    idle_since: Option<Instant>,
+}
+
 impl MemoryFiles {
-    /// The table, with the background zero scan's thread started (a fixed thread from the
-    /// pager's start, like the fault workers).
-    pub fn with_background_scan() -> io::Result<Self> {
-        Ok(Self { open: Mutex::default(), scanner: Some(ZeroScanner::start()?) })
+    /// The table, files kept `linger` after their last session, with the background zero
+    /// scan's thread started (a fixed thread from the pager's start, like the fault workers).
+    pub fn with_background_scan(linger: Duration) -> io::Result<Self> {
+        Ok(Self { open: Mutex::default(), linger, scanner: Some(ZeroScanner::start()?) })
     }
 
-    /// The shared mapping of the file behind `fd` (mapping it if no session holds it yet).
+    /// The shared mapping of the file behind `fd`: the one mapped already if the file is
+    /// unchanged since (length, modification and change times), else a new one.
     pub fn open(&self, fd: OwnedFd) -> io::Result<Arc<MappedFile>> {
         let file = File::from(fd);
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
         }
-        let key = (meta.dev(), meta.ino());
+        let (key, stamp) = ((meta.dev(), meta.ino()), Stamp::of(&meta));
         let mut open = self.open.lock().expect("memory file table");
-        open.retain(|_, w| w.strong_count() > 0);
-        if let Some(existing) = open.get(&key).and_then(Weak::upgrade) {
-            if existing.mapped_len() == meta.len() {
-                return Ok(existing);
+        if let Some(held) = open.get_mut(&key) {
+            if held.file.stamp == stamp && held.file.mapped_len() == meta.len() {
+                if held.idle_since.take().is_some() {
+                    info!(
+                        dev = key.0,
+                        inode = key.1,
+                        "memory file mapped still: served from the earlier mapping"
+                    );
+                }
+                return Ok(Arc::clone(&held.file));
             }
         }
         // SAFETY: the mapping is read-only and shared with the page cache. Another process could
@@ -271,22 +295,49 @@ impl MemoryFiles {
         // UFFDIO_COPY (the kernel turns that into EFAULT) and `crate::guarded_read` (which turns
         // the SIGBUS into an error).
         let map = unsafe { Mmap::map(&file)? };
-        let mapped = Arc::new(MappedFile { file, map, key, zero_map: Mutex::new(None) });
-        open.insert(mapped.key, Arc::downgrade(&mapped));
+        let mapped = Arc::new(MappedFile { file, map, stamp, zero_map: Mutex::new(None) });
+        // A file changed since its earlier mapping: its sessions keep that one, new ones get this.
+        open.insert(key, Held { file: Arc::clone(&mapped), idle_since: None });
         if let Some(scanner) = &self.scanner {
             scanner.enqueue(Arc::downgrade(&mapped));
         }
         Ok(mapped)
     }
 
-    /// Number of files currently mapped.
+    /// Notes which files no session holds any more, and lets go of those idle for the linger
+    /// (or beyond [`linger::MAX_IDLE_FILES`]). Called periodically (`Self::sweep_every`).
+    pub fn sweep(&self, now: Instant) {
+        let mut open = self.open.lock().expect("memory file table");
+        let mut idle = Vec::new();
+        for (key, held) in open.iter_mut() {
+            if Arc::strong_count(&held.file) > 1 {
+                held.idle_since = None;
+            } else {
+                idle.push((*key, *held.idle_since.get_or_insert(now)));
+            }
+        }
+        for key in linger::release(&idle, now, self.linger, linger::MAX_IDLE_FILES) {
+            open.remove(&key);
+            if !self.linger.is_zero() {
+                info!(
+                    dev = key.0,
+                    inode = key.1,
+                    linger_s = self.linger.as_secs_f64(),
+                    "memory file let go: no session restored from it since its last ended"
+                );
+            }
+        }
+    }
+
+    /// How often [`Self::sweep`] should run: a file is let go between one and two periods
+    /// after its linger.
+    pub fn sweep_every(&self) -> Duration {
+        (self.linger / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+
+    /// Number of files currently mapped (held by sessions or lingering).
     pub fn count(&self) -> usize {
-        self.open
-            .lock()
-            .expect("memory file table")
-            .values()
-            .filter(|w| w.strong_count() > 0)
-            .count()
+        self.open.lock().expect("memory file table").len()
     }
 }
 
@@ -305,7 +356,35 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(files.count(), 1);
         drop((a, b));
-        assert_eq!(files.count(), 0);
+        files.sweep(Instant::now());
+        assert_eq!(files.count(), 0, "no linger: let go at the sweep after the last session");
+    }
+
+    #[test]
+    fn a_file_whose_sessions_ended_lingers_and_a_rewritten_one_is_mapped_afresh() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let linger = Duration::from_secs(30);
+        let files = MemoryFiles { linger, ..MemoryFiles::default() };
+        let a = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        let weak = Arc::downgrade(&a);
+        drop(a);
+        let t0 = Instant::now();
+        files.sweep(t0);
+        assert_eq!(files.count(), 1, "idle, within its linger");
+        let b = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        assert!(weak.upgrade().is_some_and(|w| Arc::ptr_eq(&w, &b)), "the same mapping again");
+
+        std::thread::sleep(Duration::from_millis(20));
+        f.as_file().write_all_at(&[8u8; 4096], 0).unwrap();
+        let c = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        assert!(!Arc::ptr_eq(&b, &c), "rewritten in place: mapped afresh");
+        assert_eq!(&c.bytes()[..4], &[8, 8, 8, 8]);
+        drop((b, c));
+        files.sweep(t0 + linger / 2);
+        assert_eq!(files.count(), 1);
+        files.sweep(t0 + linger * 2);
+        assert_eq!(files.count(), 0, "let go once idle for its linger");
     }
 
     #[test]

@@ -16,6 +16,10 @@ use uffdpager::api::{CreateSessionRequest, GetSessionRequest, Session, SessionSt
 use vmsim::memfile::{write_memory_file, MemoryFileSpec};
 
 pub const STEP: Duration = Duration::from_secs(60);
+/// The tests' pagers let go of a memory file 1 s after its last session (the default is 30 s),
+/// so that the checks that a pager holds nothing once its VMs are gone need not wait out the
+/// default; `tests/sessions.rs` checks the linger itself with the flag.
+const PAGER_LINGER: (&str, &str) = ("UFFD_PAGER_MEMORY_FILE_LINGER_SECS", "1");
 pub const MIB: u64 = 1 << 20;
 
 pub struct Env {
@@ -55,8 +59,10 @@ impl Env {
     ) -> Self {
         opts.pager_binary.get_or_insert_with(|| testkit::binary("uffd-pager"));
         opts.show_logs = true;
+        let env: Vec<(&str, &str)> =
+            [PAGER_LINGER].into_iter().chain(env.iter().copied()).collect();
         let sup =
-            SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, env)
+            SupervisorProcess::start_with_env(supervisor, &dir.path().join("run"), &opts, &env)
                 .await
                 .expect("supervisor starts");
         Self { dir, sup: Some(sup) }
@@ -189,6 +195,17 @@ impl Drop for Env {
 }
 
 /// Number of open fds of a process.
+/// A pager of this build run with `flags` added: a script in `dir` to give the supervisor as
+/// its `--pager-binary`.
+pub fn pager_with_flags(dir: &Path, flags: &str) -> PathBuf {
+    let pager = dir.join("pager");
+    let script =
+        format!("#!/bin/sh\nexec '{}' \"$@\" {flags}\n", testkit::binary("uffd-pager").display());
+    std::fs::write(&pager, script).unwrap();
+    std::fs::set_permissions(&pager, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    pager
+}
+
 pub fn fd_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }

@@ -281,6 +281,7 @@ fn latest(f: &Figures, g: Group) -> String {
         Group::WorkingSet => &[
             "ws_on_demand_ms",
             "ws_prefetch_ms",
+            "ws_prefetch_fresh_ms",
             "ws_file_ms",
             "ws_differs_ms",
             "ws_on_demand_faults",

@@ -108,6 +108,7 @@ pub const ROWS: &[Row] = &[
     row("ws_after_prefetch_ms", Some("ws_file_ms"), None, "the replay begun once the prefetch is done"),
     row("ws_file_ms", None, None, "ceiling: the same read through a MAP_PRIVATE mapping of the memory file (Firecracker's File backend)"),
     row("ws_prefetch_vs_file_ms", Some("ws_file_ms"), Some(Target::RatioAtMost(1.5)), "ws_prefetch_ms again, against the file-backed mapping"),
+    row("ws_prefetch_fresh_ms", Some("ws_file_ms"), None, "the prefetched replay once the pager has let go of the memory file (mapped afresh; page cache warm), against the file mapping"),
     row("ws_on_demand_faults", None, None, "faults of the on-demand replay"),
     row("ws_prefetch_faults", Some("ws_on_demand_faults"), Some(Target::RatioAtMost(0.1)), "faults of the prefetched replay (>= 90% fewer)"),
     row("ws_differs_ms", Some("ws_on_demand_ms"), Some(Target::RatioAtMost(1.05)), "another random 25% (not the recording's), restored with the prefetch"),

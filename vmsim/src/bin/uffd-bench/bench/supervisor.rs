@@ -27,6 +27,13 @@ pub struct Binaries {
     pub show_logs: bool,
 }
 
+/// The pagers let go of a memory file 1 s after its last session (their default is 30 s), so
+/// that the cold-file figures can drop the file from the page cache (pages a process maps
+/// cannot be dropped) without waiting out the default. Every other figure restores its next VM
+/// within a second of the last, so it measures what the default gives. A pager build without
+/// the setting ignores it.
+const LINGER: (&str, &str) = ("UFFD_PAGER_MEMORY_FILE_LINGER_SECS", "1");
+
 /// A running supervisor and its pagers: all killed on drop, so an early error leaves nothing
 /// behind.
 #[derive(Debug)]
@@ -43,9 +50,10 @@ impl Project {
             args: Vec::new(),
             show_logs: bins.show_logs,
         };
-        let sup = SupervisorProcess::start(&bins.supervisor, runtime_dir, &opts)
-            .await
-            .with_context(|| format!("starting {}", bins.supervisor.display()))?;
+        let sup =
+            SupervisorProcess::start_with_env(&bins.supervisor, runtime_dir, &opts, &[LINGER])
+                .await
+                .with_context(|| format!("starting {}", bins.supervisor.display()))?;
         let client = sup.client();
         Ok(Self { sup: Some(sup), runtime_dir: runtime_dir.to_path_buf(), client })
     }

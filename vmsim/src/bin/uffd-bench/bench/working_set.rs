@@ -14,8 +14,13 @@
 //!   [`OTHER_SEED`]): a workload the recording does not describe, against `ws_on_demand_ms`;
 //! - `ws_prefetch_done_ms` / `ws_after_prefetch_ms`: from the restore until the prefetch is
 //!   done, and the replay begun only then (a VM that computes between touches);
+//! - `ws_prefetch_fresh_ms`: the prefetched replay once the pager has let go of the memory file
+//!   (page cache still warm): the pager maps the file afresh, as for a snapshot not restored
+//!   within its linger (`--memory-file-linger-secs`), where `ws_prefetch_ms` finds the mapping
+//!   the on-demand replay just left;
 //! - `ws_cold_on_demand_ms` / `ws_cold_prefetch_ms`: the first two with the memory file dropped
-//!   from the page cache before each (`posix_fadvise DONTNEED` once no session maps it).
+//!   from the page cache before each (`posix_fadvise DONTNEED` once no session maps it and the
+//!   pager has let go of it).
 //!
 //! Every page read is verified against the memory file (the file-backed reader compares it too).
 
@@ -161,11 +166,33 @@ fn file_backed(file: &Path, size: u64, seed: u64) -> anyhow::Result<f64> {
     Ok(ms)
 }
 
-/// Drops the memory file from the page cache, again until at most 2% of it stays (a pager
-/// thread may still hold the file mapped for a moment after its last session ended: the zero
-/// scan, the read-ahead of a prefetch), for at most a second. Returns the share left.
+/// How long the pager may keep a memory file mapped after its last session: its linger
+/// ([`super::supervisor`] sets 1 s) and the sweep that lets go of it.
+const LET_GO_WITHIN: Duration = Duration::from_secs(5);
+
+/// Waits until the pager maps `file` no more (it lets go of a file its linger after the last
+/// session ended).
+async fn wait_let_go(p: &Project, file: &Path) -> anyhow::Result<()> {
+    let pid = p.pager_pid().await?;
+    let name = file.display().to_string();
+    let deadline = Instant::now() + LET_GO_WITHIN;
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        if !maps.lines().any(|l| l.ends_with(&name)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the pager still maps {name} {LET_GO_WITHIN:?} after its last session");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Drops the memory file from the page cache, again until at most 2% of it stays (pages the
+/// pager maps cannot be dropped: it lets go of the file its linger after the last session
+/// ended), for at most [`LET_GO_WITHIN`]. Returns the share left.
 async fn drop_from_page_cache(file: &Path) -> anyhow::Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let deadline = Instant::now() + LET_GO_WITHIN;
     loop {
         testkit::pagecache::evict(file).context("evicting the memory file")?;
         let cached = testkit::pagecache::residency(file)?.fraction();
@@ -215,6 +242,12 @@ pub async fn rep(
 
     let (path, s) = (file.to_path_buf(), size);
     f.add("ws_file_ms", tokio::task::spawn_blocking(move || file_backed(&path, s, SEED)).await??);
+
+    wait_let_go(p, file).await?;
+    let id = format!("bench-ws-fresh-{rep}");
+    let vm = restore(p, &id, file, size, None, Some(ws)).await?;
+    let (ms, _) = replay(p, &id, vm, SEED).await?;
+    f.add("ws_prefetch_fresh_ms", ms);
 
     let id = format!("bench-ws-differs-{rep}");
     let vm = restore(p, &id, file, size, None, Some(ws)).await?;
