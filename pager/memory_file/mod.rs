@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,29 @@ pub struct MappedFile {
     /// Which 4 KiB pages of the file hold only zeros, learned once and shared by every session
     /// restored from this file; made at the first bulk populate.
     zero_map: Mutex<Option<ZeroMap>>,
+    /// No session holds the file (it lingers): the background scan stops at its next chunk.
+    idle: AtomicBool,
+    /// The background scan stopped because the file was idle; a session taking the file again
+    /// queues the scan again (see [`MappedFile::park_scan`]).
+    scan_parked: AtomicBool,
 }
 
 impl MappedFile {
+    /// Whether the background scan stops here, the file being idle (a lingering file is not
+    /// read in the background: nobody may restore from it again). The scan marks itself parked
+    /// first, then looks again: a session taking the file meanwhile takes the parked mark back
+    /// and queues the scan anew, or the scan takes it back and goes on; never both, never none.
+    pub fn park_scan(&self) -> bool {
+        if !self.idle.load(Ordering::Acquire) {
+            return false;
+        }
+        self.scan_parked.store(true, Ordering::Release);
+        if self.idle.load(Ordering::Acquire) {
+            return true;
+        }
+        !self.scan_parked.swap(false, Ordering::AcqRel)
+    }
+
     /// The file's bytes as mapped at open time.
     pub fn bytes(&self) -> &[u8] {
         &self.map
@@ -280,6 +301,12 @@ impl MemoryFiles {
         let mut open = self.open.lock().expect("memory file table");
         if let Some(held) = open.get_mut(&key) {
             if held.file.stamp == stamp && held.file.mapped_len() == meta.len() {
+                held.file.idle.store(false, Ordering::Release);
+                if held.file.scan_parked.swap(false, Ordering::AcqRel) {
+                    if let Some(scanner) = &self.scanner {
+                        scanner.enqueue(Arc::downgrade(&held.file));
+                    }
+                }
                 if held.idle_since.take().is_some() {
                     info!(
                         dev = key.0,
@@ -295,7 +322,14 @@ impl MemoryFiles {
         // UFFDIO_COPY (the kernel turns that into EFAULT) and `crate::guarded_read` (which turns
         // the SIGBUS into an error).
         let map = unsafe { Mmap::map(&file)? };
-        let mapped = Arc::new(MappedFile { file, map, stamp, zero_map: Mutex::new(None) });
+        let mapped = Arc::new(MappedFile {
+            file,
+            map,
+            stamp,
+            zero_map: Mutex::new(None),
+            idle: AtomicBool::new(false),
+            scan_parked: AtomicBool::new(false),
+        });
         // A file changed since its earlier mapping: its sessions keep that one, new ones get this.
         open.insert(key, Held { file: Arc::clone(&mapped), idle_since: None });
         if let Some(scanner) = &self.scanner {
@@ -313,6 +347,7 @@ impl MemoryFiles {
             if Arc::strong_count(&held.file) > 1 {
                 held.idle_since = None;
             } else {
+                held.file.idle.store(true, Ordering::Release);
                 idle.push((*key, *held.idle_since.get_or_insert(now)));
             }
         }
@@ -372,8 +407,13 @@ mod tests {
         let t0 = Instant::now();
         files.sweep(t0);
         assert_eq!(files.count(), 1, "idle, within its linger");
+        let idle = weak.upgrade().unwrap();
+        assert!(idle.park_scan(), "no background reading of a file no session holds");
+        drop(idle);
         let b = files.open(File::open(f.path()).unwrap().into()).unwrap();
         assert!(weak.upgrade().is_some_and(|w| Arc::ptr_eq(&w, &b)), "the same mapping again");
+        assert!(!b.scan_parked.load(Ordering::Acquire), "taken again: the scan is queued anew");
+        assert!(!b.park_scan(), "held by a session: the scan goes on");
 
         std::thread::sleep(Duration::from_millis(20));
         f.as_file().write_all_at(&[8u8; 4096], 0).unwrap();

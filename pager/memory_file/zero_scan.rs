@@ -8,7 +8,8 @@
 //!
 //! It runs only when a CPU would otherwise idle (`SCHED_IDLE`) and its reads wait behind every
 //! other I/O (`IOPRIO_CLASS_IDLE`). A file is scanned in chunks, holding the file only for the
-//! chunk, so a file whose sessions all end is released mid-scan.
+//! chunk, so a file whose sessions all end is released mid-scan; one that lingers (no session
+//! holds it) is not read on: the scan parks, and goes on when a session takes the file again.
 //!
 //! It also pauses while faults come in ([`QUIET`] after the last fault any worker served), and
 //! reads 128 KiB per call: `SCHED_IDLE` alone did not keep it off the faults' way. On this
@@ -96,6 +97,10 @@ fn scan(file: &Weak<MappedFile>) {
             std::thread::sleep(left);
         }
         let Some(f) = file.upgrade() else { return };
+        if f.park_scan() {
+            debug!(page, "memory file zero scan parked: no session holds the file");
+            return;
+        }
         let pages = f.mapped_len().div_ceil(4096);
         if page >= pages {
             debug!(pages, "memory file zero scan finished");
