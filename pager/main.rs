@@ -104,7 +104,8 @@ struct Cli {
     /// Seconds a memory file stays mapped after its last session ended, its pages in the
     /// pager's page tables and its zero pages known, for the next session restored from the
     /// same snapshot (0: let go at once). At most 16 such files are kept, the longest idle go
-    /// first; a file changed since (length, modification or change time) is mapped afresh.
+    /// first, a deleted one at once; a file changed since (length, modification or change
+    /// time) is mapped afresh.
     #[arg(long, env = "UFFD_PAGER_MEMORY_FILE_LINGER_SECS", default_value_t = 30)]
     memory_file_linger_secs: u64,
     /// Threads that help graduate quiet VMs by copying beside the fault workers (0: none).

@@ -61,6 +61,11 @@ impl MappedFile {
         !self.scan_parked.swap(false, Ordering::AcqRel)
     }
 
+    /// Whether the file has been deleted (no name links to it any more).
+    fn unlinked(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.nlink() == 0)
+    }
+
     /// The file's bytes as mapped at open time.
     pub fn bytes(&self) -> &[u8] {
         &self.map
@@ -342,16 +347,20 @@ impl MemoryFiles {
     /// (or beyond [`linger::MAX_IDLE_FILES`]). Called periodically (`Self::sweep_every`).
     pub fn sweep(&self, now: Instant) {
         let mut open = self.open.lock().expect("memory file table");
-        let mut idle = Vec::new();
+        let (mut idle, mut deleted) = (Vec::new(), Vec::new());
         for (key, held) in open.iter_mut() {
             if Arc::strong_count(&held.file) > 1 {
                 held.idle_since = None;
+            } else if held.file.unlinked() {
+                // A snapshot deleted meanwhile: its disk space is freed once no fd holds it.
+                deleted.push(*key);
             } else {
                 held.file.idle.store(true, Ordering::Release);
                 idle.push((*key, *held.idle_since.get_or_insert(now)));
             }
         }
-        for key in linger::release(&idle, now, self.linger, linger::MAX_IDLE_FILES) {
+        let release = linger::release(&idle, now, self.linger, linger::MAX_IDLE_FILES);
+        for key in deleted.into_iter().chain(release) {
             open.remove(&key);
             if !self.linger.is_zero() {
                 info!(
@@ -425,6 +434,19 @@ mod tests {
         assert_eq!(files.count(), 1);
         files.sweep(t0 + linger * 2);
         assert_eq!(files.count(), 0, "let go once idle for its linger");
+    }
+
+    #[test]
+    fn a_deleted_file_is_let_go_at_once_whatever_its_linger() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let files = MemoryFiles { linger: Duration::from_secs(30), ..MemoryFiles::default() };
+        drop(files.open(File::open(f.path()).unwrap().into()).unwrap());
+        files.sweep(Instant::now());
+        assert_eq!(files.count(), 1, "lingering");
+        f.close().unwrap();
+        files.sweep(Instant::now());
+        assert_eq!(files.count(), 0, "deleted: its space is freed now, not in 30 s");
     }
 
     #[test]
