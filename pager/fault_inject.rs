@@ -7,6 +7,9 @@
 //!   range anywhere: the window `uffdpager::removed_log` closes. The marker file makes it fire
 //!   once per test, however many pager processes inherit the variable.
 //!
+//! - `UFFD_PAGER_DELAY_WORKING_SET_SAVE_MS=N`: each working-set save waits N ms before it
+//!   writes, so that a test sees a session finish before its recording is saved.
+//!
 //! Nothing sets these in a normal deployment; a pager started without them never looks again.
 
 use std::path::PathBuf;
@@ -30,5 +33,18 @@ pub fn after_remove_read() {
         );
         // SIGKILL, as `kill -9` would: no unwinding, no cleanup, nothing written after the read.
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The variable of [`before_working_set_save`].
+pub const DELAY_WORKING_SET_SAVE_MS: &str = "UFFD_PAGER_DELAY_WORKING_SET_SAVE_MS";
+
+/// Called by a working-set save thread before it writes.
+pub fn before_working_set_save() {
+    static DELAY: OnceLock<Option<u64>> = OnceLock::new();
+    let delay = DELAY
+        .get_or_init(|| std::env::var(DELAY_WORKING_SET_SAVE_MS).ok().and_then(|v| v.parse().ok()));
+    if let Some(ms) = *delay {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

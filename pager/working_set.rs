@@ -93,6 +93,7 @@ impl Recorder {
         why: &'static str,
     ) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new().name("ws-save".into()).spawn(move || {
+            crate::fault_inject::before_working_set_save();
             let rec = self;
             let ws = &shared.working_set;
             let regions = &shared.regions;

@@ -43,6 +43,13 @@ pub fn merge_live(r: &mut Record, live: &Session) {
     let _ = r.step(|l| l.pager_reports(state_of(live)));
 }
 
+/// What a finished record still takes from its pager's tombstone: the outcome of a working-set
+/// recording, saved on a thread of its own after the session ended (a graduation answers its
+/// caller before the save is done). Nothing else of a finished record changes (pure).
+pub fn merge_tombstone(r: &mut Record, live: &Session) {
+    crate::working_set::merge_live(&mut r.session, live);
+}
+
 /// How a pager's view of a session was taken in.
 #[derive(Debug, PartialEq, Eq)]
 enum Merged {
@@ -69,6 +76,7 @@ impl Core {
                 return Merged::NotOwner;
             }
             if is_terminal(r.state()) {
+                merge_tombstone(r, live);
                 return Merged::AlreadyFinished { completions: r.completions() };
             }
             merge_live(r, live);
@@ -120,7 +128,9 @@ impl Core {
         let mut seen = HashSet::with_capacity(listed.len());
         for live in &listed {
             seen.insert(live.id.clone());
-            let tombstone = is_terminal(state_of(live));
+            // A tombstone is forgotten once its recording's outcome is known, not before.
+            let tombstone =
+                is_terminal(state_of(live)) && crate::working_set::recording_settled(live);
             match self.apply(version, live) {
                 Some((Merged::Live, _)) => {}
                 // The pager's tombstone is released once no completion waits on it.
@@ -297,6 +307,21 @@ mod tests {
             merge_live(&mut r, &l);
             assert_eq!(r.state(), st);
         }
+    }
+
+    #[test]
+    fn a_recording_saved_after_graduation_reaches_the_finished_record() {
+        use uffdpager::api::WorkingSetState;
+        let mut r = record(SessionState::Graduated, 0);
+        r.session.record_state = WorkingSetState::Running as i32;
+        let mut l = live(SessionState::Graduated);
+        l.record_state = WorkingSetState::Done as i32;
+        l.record_reason = "saved to /ws (graduation began)".into();
+        merge_tombstone(&mut r, &l);
+        assert_eq!(r.session.record_state(), WorkingSetState::Done);
+        assert_eq!(r.session.record_reason, "saved to /ws (graduation began)");
+        assert_eq!(r.state(), SessionState::Graduated);
+        assert_eq!(r.session.resident_bytes, 0, "only the recording's outcome is taken");
     }
 
     #[test]

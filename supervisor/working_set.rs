@@ -92,6 +92,13 @@ pub fn merge_live(s: &mut Session, live: &Session) {
     }
 }
 
+/// Whether the pager knows how the session's recording ended (saved, failed, skipped) or it
+/// recorded nothing: a finished session whose recording is still being saved is not forgotten
+/// until then, or its outcome would be lost (pure).
+pub fn recording_settled(live: &Session) -> bool {
+    live.record_state() != WorkingSetState::Running
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -99,6 +106,21 @@ mod tests {
     use uffdpager::working_set::{FileRun, RecordedRegion, Recording};
 
     use super::*;
+
+    #[test]
+    fn a_recording_still_being_saved_is_not_settled() {
+        let mut live = Session::default();
+        assert!(recording_settled(&live), "nothing recorded");
+        for (state, settled) in [
+            (WorkingSetState::Running, false),
+            (WorkingSetState::Done, true),
+            (WorkingSetState::Failed, true),
+            (WorkingSetState::Skipped, true),
+        ] {
+            live.record_state = state as i32;
+            assert_eq!(recording_settled(&live), settled, "{state:?}");
+        }
+    }
 
     fn memory_file(dir: &std::path::Path, name: &str, byte: u8) -> (String, std::fs::File) {
         let path = dir.join(name);

@@ -93,6 +93,32 @@ fn recording_of(mem: &Path, runs: impl IntoIterator<Item = (u64, u64)>) -> Recor
     }
 }
 
+/// A graduation answers its caller before the recording it ends is saved (the save runs on a
+/// thread of its own): the supervisor takes the outcome from the pager's tombstone afterwards,
+/// and does not forget the tombstone before (here the save is held back 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_saved_after_its_graduation_answered_is_still_reported_done() {
+    let env = Env::start_with_env(
+        testkit::SupervisorOptions::default(),
+        &[("UFFD_PAGER_DELAY_WORKING_SET_SAVE_MS", "500")],
+    )
+    .await;
+    let mem = env.memfile("mem", 16 * MIB, 0.1, 0.1);
+    let ws = env.dir.path().join("ws.bin");
+    let mut vm = restore(&env, "late", &mem, Some(&ws), None).await;
+    vm_cmd(&mut vm, "read-random 0.25 3").await;
+    env.graduate("late").await;
+    let s = env.get("late").await;
+    assert_eq!(s.state(), SessionState::Graduated);
+    assert_eq!(s.record_state(), WorkingSetState::Running, "the save is held back: {s:?}");
+    let s = wait_for(&env, "late", "saved its recording", |s| {
+        s.record_state() == WorkingSetState::Done
+    })
+    .await;
+    assert!(s.record_reason.contains("graduation began"), "{}", s.record_reason);
+    assert!(working_set::read(&ws).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_random_quarter_replays_after_prefetch_byte_for_byte_with_90_percent_fewer_faults(
 ) {
