@@ -43,6 +43,18 @@ pub struct MappedFile {
     /// The background scan stopped because the file was idle; a session taking the file again
     /// queues the scan again (see [`MappedFile::park_scan`]).
     scan_parked: AtomicBool,
+    /// The background scan holds the file for a chunk (that hold is not a session's).
+    scan_holds: AtomicBool,
+}
+
+/// The background scan's hold on a file for one chunk ([`MappedFile::scan_hold`]).
+#[derive(Debug)]
+pub struct ScanHold<'a>(&'a MappedFile);
+
+impl Drop for ScanHold<'_> {
+    fn drop(&mut self) {
+        self.0.scan_holds.store(false, Ordering::Release);
+    }
 }
 
 impl MappedFile {
@@ -59,6 +71,21 @@ impl MappedFile {
             return true;
         }
         !self.scan_parked.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks the scan's hold of this file until the guard drops, so that [`MemoryFiles::sweep`]
+    /// does not take it for a session's: a scan starved of CPU (it runs at idle priority) would
+    /// otherwise keep a file no session holds from ever being seen idle.
+    pub fn scan_hold(&self) -> ScanHold<'_> {
+        self.scan_holds.store(true, Ordering::Release);
+        ScanHold(self)
+    }
+
+    /// Holders of the file other than the table and the background scan: its sessions (and
+    /// what they lent it to), given the `Arc`'s strong count.
+    fn session_holds(&self, strong: usize) -> usize {
+        let scan = usize::from(self.scan_holds.load(Ordering::Acquire));
+        strong.saturating_sub(1 + scan)
     }
 
     /// Whether the file has been deleted (no name links to it any more).
@@ -334,6 +361,7 @@ impl MemoryFiles {
             zero_map: Mutex::new(None),
             idle: AtomicBool::new(false),
             scan_parked: AtomicBool::new(false),
+            scan_holds: AtomicBool::new(false),
         });
         // A file changed since its earlier mapping: its sessions keep that one, new ones get this.
         open.insert(key, Held { file: Arc::clone(&mapped), idle_since: None });
@@ -349,7 +377,7 @@ impl MemoryFiles {
         let mut open = self.open.lock().expect("memory file table");
         let (mut idle, mut deleted) = (Vec::new(), Vec::new());
         for (key, held) in open.iter_mut() {
-            if Arc::strong_count(&held.file) > 1 {
+            if held.file.session_holds(Arc::strong_count(&held.file)) > 0 {
                 held.idle_since = None;
             } else if held.file.unlinked() {
                 // A snapshot deleted meanwhile: its disk space is freed once no fd holds it.
@@ -434,6 +462,22 @@ mod tests {
         assert_eq!(files.count(), 1);
         files.sweep(t0 + linger * 2);
         assert_eq!(files.count(), 0, "let go once idle for its linger");
+    }
+
+    #[test]
+    fn the_background_scans_hold_is_not_a_sessions() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let files = MemoryFiles { linger: Duration::from_secs(30), ..MemoryFiles::default() };
+        let scan = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        let hold = scan.scan_hold();
+        files.sweep(Instant::now());
+        assert!(scan.park_scan(), "only the scan holds it: idle, and the scan parks");
+        drop(hold);
+        let session = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        let _hold = scan.scan_hold();
+        files.sweep(Instant::now());
+        assert!(!session.park_scan(), "a session holds it beside the scan");
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn scan(file: &Weak<MappedFile>) {
             std::thread::sleep(left);
         }
         let Some(f) = file.upgrade() else { return };
+        let _hold = f.scan_hold();
         if f.park_scan() {
             debug!(page, "memory file zero scan parked: no session holds the file");
             return;
