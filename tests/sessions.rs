@@ -211,45 +211,30 @@ async fn a_memory_file_lingers_after_its_last_session_and_one_rewritten_is_mappe
     let mem = env.memfile("mem", 16 * MIB, 0.5, 0.0);
     let pid = env.pager_pid();
     let fds_before = fd_count(pid);
-    let mappings = || {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-        maps.lines().filter(|l| l.ends_with(mem.to_str().unwrap())).count()
+    // The pager's descriptors, and its descriptors and mappings of the memory file.
+    let held = || {
+        let h = common::holdings(pid, &[&mem]);
+        (h.fds, h.file_fds, h.file_maps)
     };
-    let graduate = |id: &'static str| {
-        let mut client = env.client();
-        async move {
-            let done = client
-                .complete_session(CompleteSessionRequest { session_id: id.into() })
-                .await
-                .expect("CompleteSession")
-                .into_inner();
-            assert_eq!(done.session.as_ref().unwrap().state(), SessionState::Graduated);
-            done
-        }
-    };
-    let wait_for = |what: &'static str, want: (usize, usize)| async move {
+    let wait_for = |what: &'static str, want: (usize, usize, usize)| async move {
         let deadline = std::time::Instant::now() + common::STEP;
-        while (fd_count(pid), mappings()) != want {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{what}: {:?}",
-                (fd_count(pid), mappings())
-            );
+        while held() != want {
+            assert!(std::time::Instant::now() < deadline, "{what}: {:?}", held());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
 
     // The first VM graduates (the pager learns the file's zero pages) and exits.
     let mut vm = env.restore("first", &mem, &[]).await;
-    let done = graduate("first").await;
+    let done = env.graduate("first").await;
     assert!(done.skipped_zero_bytes >= 4 * MIB, "half the file is zero: {done:?}");
     vm_cmd(&mut vm, "verify").await;
     tokio::task::block_in_place(|| vm.exit()).unwrap();
-    wait_for("lingering: the file's descriptor and one mapping", (fds_before + 1, 1)).await;
+    wait_for("lingering: the file's descriptor and one mapping", (fds_before + 1, 1, 1)).await;
 
     // The next VM is served from the same mapping.
     let mut vm = env.restore("second", &mem, &[]).await;
-    assert_eq!(mappings(), 1, "one mapping of the file, the lingering one");
+    assert_eq!(held().2, 1, "one mapping of the file, the lingering one");
     vm_cmd(&mut vm, "read-random 500").await;
     tokio::task::block_in_place(|| vm.exit()).unwrap();
     env.wait_state("second", SessionState::Ended).await;
@@ -258,14 +243,14 @@ async fn a_memory_file_lingers_after_its_last_session_and_one_rewritten_is_mappe
     let again = env.memfile("mem", 16 * MIB, 0.0, 0.0);
     assert_eq!(again, mem);
     let mut vm = env.restore("third", &mem, &[]).await;
-    let done = graduate("third").await;
+    let done = env.graduate("third").await;
     assert_eq!(done.skipped_zero_bytes, 0, "the old zero map was used: {done:?}");
     let all = vm_cmd(&mut vm, "verify").await;
     assert_eq!(all["pages_verified"].as_u64().unwrap(), 16 * MIB / 4096, "{all}");
     tokio::task::block_in_place(|| vm.exit()).unwrap();
 
     let ended = std::time::Instant::now();
-    wait_for("let go after the linger", (fds_before, 0)).await;
+    wait_for("let go after the linger", (fds_before, 0, 0)).await;
     let after = ended.elapsed();
     assert!(
         after >= Duration::from_secs(LINGER_S - 1),

@@ -174,15 +174,16 @@ const LET_GO_WITHIN: Duration = Duration::from_secs(5);
 /// session ended).
 async fn wait_let_go(p: &Project, file: &Path) -> anyhow::Result<()> {
     let pid = p.pager_pid().await?;
-    let name = file.display().to_string();
     let deadline = Instant::now() + LET_GO_WITHIN;
     loop {
-        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-        if !maps.lines().any(|l| l.ends_with(&name)) {
+        if testkit::procfs::holdings(pid, &[file])?.file_maps == 0 {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the pager still maps {name} {LET_GO_WITHIN:?} after its last session");
+            bail!(
+                "the pager still maps {} {LET_GO_WITHIN:?} after its last session",
+                file.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
