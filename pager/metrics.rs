@@ -158,6 +158,19 @@ pub struct PagerMetrics {
     pub completion_duration: Histogram<12>,
     /// Guest memory of the sessions graduated.
     pub graduated_bytes: AtomicU64,
+    /// Sessions served from the mapping of a lingering memory file.
+    pub memory_file_reuses: AtomicU64,
+}
+
+/// The memory files mapped at one moment (see `crate::memory_file::MemoryFiles::figures`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryFileFigures {
+    /// Files some session is restored from.
+    pub in_use: u64,
+    /// Files no session holds, kept mapped for the next restore.
+    pub lingering: u64,
+    /// Length of the lingering files' mappings.
+    pub lingering_bytes: u64,
 }
 
 /// The process's figures.
@@ -173,6 +186,7 @@ pub static METRICS: PagerMetrics = PagerMetrics {
     completions: [const { AtomicU64::new(0) }; 5],
     completion_duration: Histogram::new(COMPLETION_BOUNDS_NS),
     graduated_bytes: AtomicU64::new(0),
+    memory_file_reuses: AtomicU64::new(0),
 };
 
 /// Adds `n` to a counter.
@@ -194,8 +208,8 @@ impl PagerMetrics {
         add(&self.graduated_bytes, total_bytes);
     }
 
-    /// Everything, for GetMetrics.
-    pub fn snapshot(&self) -> api::PagerMetrics {
+    /// Everything, for GetMetrics, with the memory files mapped now.
+    pub fn snapshot(&self, files: MemoryFileFigures) -> api::PagerMetrics {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let completions: HashMap<String, u64> = Outcome::ALL
             .iter()
@@ -215,6 +229,10 @@ impl PagerMetrics {
             completions,
             completion_duration_seconds: Some(self.completion_duration.snapshot()),
             graduated_bytes: load(&self.graduated_bytes),
+            memory_files_in_use: files.in_use,
+            memory_files_lingering: files.lingering,
+            memory_file_lingering_bytes: files.lingering_bytes,
+            memory_file_reuses: load(&self.memory_file_reuses),
         }
     }
 }
@@ -260,7 +278,7 @@ mod tests {
     #[test]
     fn every_outcome_is_reported_even_at_zero() {
         METRICS.completion_ended(Outcome::Cancelled);
-        let s = METRICS.snapshot();
+        let s = METRICS.snapshot(MemoryFileFigures::default());
         assert_eq!(s.completions.len(), Outcome::ALL.len());
         assert!(s.completions["cancelled"] >= 1);
     }

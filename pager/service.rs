@@ -217,7 +217,8 @@ impl pager_server::Pager for PagerService {
         &self,
         _: Request<api::GetMetricsRequest>,
     ) -> Result<Response<api::PagerMetrics>, Status> {
-        Ok(Response::new(crate::metrics::METRICS.snapshot()))
+        let files = self.pager.memory_files.figures();
+        Ok(Response::new(crate::metrics::METRICS.snapshot(files)))
     }
 
     async fn shutdown(

@@ -291,6 +291,28 @@ fn write_pager(out: &mut Exposition, version: &str, m: &api::PagerMetrics) {
         v(),
         m.graduated_bytes,
     );
+    for (state, files) in
+        [("in_use", m.memory_files_in_use), ("lingering", m.memory_files_lingering)]
+    {
+        out.gauge(
+            "uffd_pager_memory_files",
+            "Memory files the pager has mapped, by state (in_use: some session is restored from it; lingering: none is, kept mapped for the next restore).",
+            labels([("version", version), ("state", state)]),
+            i64::try_from(files).unwrap_or(i64::MAX),
+        );
+    }
+    out.gauge(
+        "uffd_pager_memory_file_lingering_bytes",
+        "Length of the lingering memory files' mappings (their page cache pages stay reclaimable).",
+        v(),
+        i64::try_from(m.memory_file_lingering_bytes).unwrap_or(i64::MAX),
+    );
+    out.counter(
+        "uffd_pager_memory_file_reuses",
+        "Sessions served from the mapping of a lingering memory file (no new mapping, no new zero scan).",
+        v(),
+        m.memory_file_reuses,
+    );
 }
 
 /// The host's available memory: `MemAvailable` of `/proc/meminfo`.
@@ -324,6 +346,10 @@ mod tests {
             }),
             completion_bytes: 4096,
             completions: [("graduated".to_string(), 1)].into_iter().collect(),
+            memory_files_in_use: 2,
+            memory_files_lingering: 1,
+            memory_file_lingering_bytes: 1 << 20,
+            memory_file_reuses: 3,
             ..Default::default()
         };
         write_pager(&mut out, "v1", &m);
@@ -345,5 +371,13 @@ mod tests {
             text.contains("uffd_pager_completions_total{version=\"v1\",outcome=\"graduated\"} 1\n"),
             "{text}"
         );
+        for sample in [
+            "uffd_pager_memory_files{version=\"v1\",state=\"in_use\"} 2\n",
+            "uffd_pager_memory_files{version=\"v1\",state=\"lingering\"} 1\n",
+            "uffd_pager_memory_file_lingering_bytes{version=\"v1\"} 1048576\n",
+            "uffd_pager_memory_file_reuses_total{version=\"v1\"} 3\n",
+        ] {
+            assert!(text.contains(sample), "{sample} in {text}");
+        }
     }
 }

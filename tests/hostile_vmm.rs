@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::hostile_vmm::HostileVmm;
@@ -20,23 +20,10 @@ use uffdpager::api::{CompleteSessionRequest, DeleteSessionRequest, GetInfoReques
 /// How long a healthy VM's command may take while a hostile one does its worst.
 const CANARY_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The gRPC socket of the one pager process running.
-fn pager_socket(env: &Env) -> PathBuf {
-    let dir = env.run_dir().join("pagers");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("pagers dir")
-        .flatten()
-        .map(|e| e.path().join("grpc.sock"))
-        .filter(|p| p.exists())
-        .collect();
-    assert_eq!(found.len(), 1, "one pager expected: {found:?}");
-    found.pop().unwrap()
-}
-
 /// Healthy VMs, one per fault worker of the pager (each new session goes to the least loaded
 /// worker, so every worker serves one).
 async fn canaries(env: &Env, mem: &Path) -> Vec<VmProcess> {
-    let mut pager = PagerClient::new(uffdpager::grpc::uds_channel(&pager_socket(env)));
+    let mut pager = PagerClient::new(uffdpager::grpc::uds_channel(&env.pager_socket()));
     let info = pager.get_info(GetInfoRequest {}).await.expect("GetInfo").into_inner();
     assert!(info.fault_threads >= 1, "{info:?}");
     let mut vms = Vec::new();
@@ -176,7 +163,7 @@ async fn a_fault_worker_that_stops_turning_gets_its_pager_replaced_and_its_vms_g
     let mut vms = canaries(&env, &mem).await;
     canaries_verify(&mut vms, 1, CANARY_DEADLINE).await;
     let pager = env.pager_pid();
-    let socket = pager_socket(&env);
+    let socket = env.pager_socket();
 
     let stopped = tokio::task::block_in_place(|| stop_fault_threads(pager));
     eprintln!("stopped fault threads {stopped:?} of pager {pager}");

@@ -231,10 +231,19 @@ async fn a_memory_file_lingers_after_its_last_session_and_one_rewritten_is_mappe
     vm_cmd(&mut vm, "verify").await;
     tokio::task::block_in_place(|| vm.exit()).unwrap();
     wait_for("lingering: the file's descriptor and one mapping", (fds_before + 1, 1, 1)).await;
+    // What an operator sees of it (the pager's GetMetrics, which the supervisor exports).
+    let files = |m: &uffdpager::api::PagerMetrics| {
+        (m.memory_files_in_use, m.memory_files_lingering, m.memory_file_lingering_bytes)
+    };
+    let m = env.pager_metrics().await;
+    assert_eq!(files(&m), (0, 1, 16 * MIB), "{m:?}");
+    assert_eq!(m.memory_file_reuses, 0, "{m:?}");
 
     // The next VM is served from the same mapping.
     let mut vm = env.restore("second", &mem, &[]).await;
     assert_eq!(held().2, 1, "one mapping of the file, the lingering one");
+    let m = env.pager_metrics().await;
+    assert_eq!((files(&m), m.memory_file_reuses), ((1, 0, 0), 1), "{m:?}");
     vm_cmd(&mut vm, "read-random 500").await;
     tokio::task::block_in_place(|| vm.exit()).unwrap();
     env.wait_state("second", SessionState::Ended).await;
@@ -252,6 +261,9 @@ async fn a_memory_file_lingers_after_its_last_session_and_one_rewritten_is_mappe
     let ended = std::time::Instant::now();
     wait_for("let go after the linger", (fds_before, 0, 0)).await;
     let after = ended.elapsed();
+    let m = env.pager_metrics().await;
+    assert_eq!(files(&m), (0, 0, 0), "{m:?}");
+    assert_eq!(m.memory_file_reuses, 1, "the rewritten file was mapped afresh: {m:?}");
     assert!(
         after >= Duration::from_secs(LINGER_S - 1),
         "let go after {after:?}, before its linger"

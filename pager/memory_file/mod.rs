@@ -23,6 +23,8 @@ pub mod linger;
 
 use linger::Stamp;
 use tracing::info;
+
+use crate::metrics::{self, MemoryFileFigures, METRICS};
 use zero_scan::ZeroScanner;
 
 /// Runs shorter than this are not worth a [`MappedFile::map_ahead`] call.
@@ -333,13 +335,16 @@ impl MemoryFiles {
         let mut open = self.open.lock().expect("memory file table");
         if let Some(held) = open.get_mut(&key) {
             if held.file.stamp == stamp && held.file.mapped_len() == meta.len() {
+                let lingering = held.file.session_holds(Arc::strong_count(&held.file)) == 0;
+                held.idle_since = None;
                 held.file.idle.store(false, Ordering::Release);
                 if held.file.scan_parked.swap(false, Ordering::AcqRel) {
                     if let Some(scanner) = &self.scanner {
                         scanner.enqueue(Arc::downgrade(&held.file));
                     }
                 }
-                if held.idle_since.take().is_some() {
+                if lingering {
+                    metrics::add(&METRICS.memory_file_reuses, 1);
                     info!(
                         dev = key.0,
                         inode = key.1,
@@ -411,6 +416,21 @@ impl MemoryFiles {
     pub fn count(&self) -> usize {
         self.open.lock().expect("memory file table").len()
     }
+
+    /// The files mapped now: in use by sessions, and lingering (with their mappings' length).
+    pub fn figures(&self) -> MemoryFileFigures {
+        let open = self.open.lock().expect("memory file table");
+        let mut figures = MemoryFileFigures::default();
+        for held in open.values() {
+            if held.file.session_holds(Arc::strong_count(&held.file)) > 0 {
+                figures.in_use += 1;
+            } else {
+                figures.lingering += 1;
+                figures.lingering_bytes += held.file.mapped_len();
+            }
+        }
+        figures
+    }
 }
 
 #[cfg(test)]
@@ -462,6 +482,34 @@ mod tests {
         assert_eq!(files.count(), 1);
         files.sweep(t0 + linger * 2);
         assert_eq!(files.count(), 0, "let go once idle for its linger");
+    }
+
+    #[test]
+    fn the_figures_tell_files_in_use_from_lingering_ones_and_count_reuses() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        g.write_all(&[7u8; 3 * 4096]).unwrap();
+        let files = MemoryFiles { linger: Duration::from_secs(30), ..MemoryFiles::default() };
+        let a = files.open(File::open(f.path()).unwrap().into()).unwrap();
+        let b = files.open(File::open(g.path()).unwrap().into()).unwrap();
+        let shared = files.open(File::open(g.path()).unwrap().into()).unwrap();
+        let in_use = MemoryFileFigures { in_use: 2, lingering: 0, lingering_bytes: 0 };
+        assert_eq!(files.figures(), in_use, "a file two sessions share counts once");
+        drop((b, shared));
+        let idle = MemoryFileFigures { in_use: 1, lingering: 1, lingering_bytes: 3 * 4096 };
+        assert_eq!(files.figures(), idle, "lingering before any sweep saw it");
+        // The scan holds its own reference while it reads a chunk.
+        let scanning = Arc::clone(&a);
+        let scan = scanning.scan_hold();
+        let reuses = METRICS.memory_file_reuses.load(Ordering::Relaxed);
+        let again = files.open(File::open(g.path()).unwrap().into()).unwrap();
+        assert!(METRICS.memory_file_reuses.load(Ordering::Relaxed) > reuses, "a reuse counted");
+        assert_eq!(files.figures(), in_use);
+        drop((a, again));
+        let lingering = MemoryFileFigures { in_use: 0, lingering: 2, lingering_bytes: 5 * 4096 };
+        assert_eq!(files.figures(), lingering, "the scan's hold is not a session's");
+        drop(scan);
     }
 
     #[test]

@@ -170,6 +170,29 @@ impl Env {
         }
     }
 
+    /// The gRPC socket of the one pager process running.
+    pub fn pager_socket(&self) -> PathBuf {
+        let dir = self.run_dir().join("pagers");
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("pagers dir")
+            .flatten()
+            .map(|e| e.path().join("grpc.sock"))
+            .filter(|p| p.exists())
+            .collect();
+        assert_eq!(found.len(), 1, "one pager expected: {found:?}");
+        found.pop().unwrap()
+    }
+
+    /// The one pager's GetMetrics, asked on its own socket.
+    pub async fn pager_metrics(&self) -> uffdpager::api::PagerMetrics {
+        let channel = uffdpager::grpc::uds_channel(&self.pager_socket());
+        uffdpager::api::pager_client::PagerClient::new(channel)
+            .get_metrics(uffdpager::api::GetMetricsRequest {})
+            .await
+            .expect("the pager's GetMetrics")
+            .into_inner()
+    }
+
     /// Pid of the one pager child.
     pub fn pager_pid(&self) -> i32 {
         let pids = testkit::pager_pids(&self.run_dir());
