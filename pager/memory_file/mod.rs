@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
@@ -303,6 +303,9 @@ impl ZeroMap {
 #[derive(Debug, Default)]
 pub struct MemoryFiles {
     open: Mutex<HashMap<(u64, u64), Held>>,
+    /// Mappings of files rewritten since, which sessions restored before the rewrite still hold
+    /// (the table maps the file afresh for new sessions); gone with their last session.
+    superseded: Mutex<Vec<Weak<MappedFile>>>,
     /// How long a file no session holds stays mapped (zero: until the next [`Self::sweep`]).
     linger: Duration,
     /// Learns each new file's zero pages in the background (none: only on demand).
@@ -320,7 +323,7 @@ impl MemoryFiles {
     /// The table, files kept `linger` after their last session, with the background zero
     /// scan's thread started (a fixed thread from the pager's start, like the fault workers).
     pub fn with_background_scan(linger: Duration) -> io::Result<Self> {
-        Ok(Self { open: Mutex::default(), linger, scanner: Some(ZeroScanner::start()?) })
+        Ok(Self { linger, scanner: Some(ZeroScanner::start()?), ..Self::default() })
     }
 
     /// The shared mapping of the file behind `fd`: the one mapped already if the file is
@@ -369,7 +372,13 @@ impl MemoryFiles {
             scan_holds: AtomicBool::new(false),
         });
         // A file changed since its earlier mapping: its sessions keep that one, new ones get this.
-        open.insert(key, Held { file: Arc::clone(&mapped), idle_since: None });
+        if let Some(old) = open.insert(key, Held { file: Arc::clone(&mapped), idle_since: None }) {
+            if old.file.session_holds(Arc::strong_count(&old.file)) > 0 {
+                let mut superseded = self.superseded.lock().expect("superseded memory files");
+                superseded.retain(|w| w.strong_count() > 0);
+                superseded.push(Arc::downgrade(&old.file));
+            }
+        }
         if let Some(scanner) = &self.scanner {
             scanner.enqueue(Arc::downgrade(&mapped));
         }
@@ -392,6 +401,7 @@ impl MemoryFiles {
                 idle.push((*key, *held.idle_since.get_or_insert(now)));
             }
         }
+        self.superseded.lock().expect("superseded memory files").retain(|w| w.strong_count() > 0);
         let release = linger::release(&idle, now, self.linger, linger::MAX_IDLE_FILES);
         for key in deleted.into_iter().chain(release) {
             open.remove(&key);
@@ -412,9 +422,21 @@ impl MemoryFiles {
         (self.linger / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 
-    /// Number of files currently mapped (held by sessions or lingering).
+    /// Number of files currently mapped (held by sessions or lingering), a rewritten file's
+    /// earlier mapping that sessions still hold included.
     pub fn count(&self) -> usize {
-        self.open.lock().expect("memory file table").len()
+        let open = self.open.lock().expect("memory file table").len();
+        open + self.superseded_in_use()
+    }
+
+    /// The mappings of rewritten files that sessions still hold.
+    fn superseded_in_use(&self) -> usize {
+        let superseded = self.superseded.lock().expect("superseded memory files");
+        superseded
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|f| f.session_holds(Arc::strong_count(f)) > 0) // this upgrade in the table's stead
+            .count()
     }
 
     /// The files mapped now: in use by sessions, and lingering (with their mappings' length).
@@ -429,6 +451,8 @@ impl MemoryFiles {
                 figures.lingering_bytes += held.file.mapped_len();
             }
         }
+        drop(open);
+        figures.in_use += self.superseded_in_use() as u64;
         figures
     }
 }
@@ -477,8 +501,16 @@ mod tests {
         let c = files.open(File::open(f.path()).unwrap().into()).unwrap();
         assert!(!Arc::ptr_eq(&b, &c), "rewritten in place: mapped afresh");
         assert_eq!(&c.bytes()[..4], &[8, 8, 8, 8]);
-        drop((b, c));
+        let both = MemoryFileFigures { in_use: 2, lingering: 0, lingering_bytes: 0 };
+        assert_eq!(files.figures(), both, "the earlier mapping, still held, is counted too");
+        assert_eq!(files.count(), 2);
+        drop(c);
+        let old_held = MemoryFileFigures { in_use: 1, lingering: 1, lingering_bytes: 8192 };
+        assert_eq!(files.figures(), old_held);
+        drop(b);
         files.sweep(t0 + linger / 2);
+        let lingering = MemoryFileFigures { in_use: 0, lingering: 1, lingering_bytes: 8192 };
+        assert_eq!(files.figures(), lingering, "the earlier mapping gone with its last session");
         assert_eq!(files.count(), 1);
         files.sweep(t0 + linger * 2);
         assert_eq!(files.count(), 0, "let go once idle for its linger");
