@@ -126,10 +126,11 @@ impl Guest {
 pub struct Vm {
     pub(crate) guest: Arc<Guest>,
     regions: Vec<Region>,
-    /// Kept for the VM's life, as Firecracker keeps it.
-    _uffd: Uffd,
-    /// Kept open for the VM's life: closing it is how a VMM says it is gone.
-    _stream: UnixStream,
+    /// Kept for the VM's life, as Firecracker keeps it (none for the `File` backend).
+    _uffd: Option<Uffd>,
+    /// Kept open for the VM's life: closing it is how a VMM says it is gone (none for the
+    /// `File` backend, which has no pager).
+    _stream: Option<UnixStream>,
 }
 
 /// Creates the uffd the way Firecracker does. `user_mode_only(false)` lets kernel-mode accesses
@@ -173,6 +174,68 @@ fn check_region(index: usize, spec: &GuestRegionSpec, file_len: u64) -> Result<(
     }
 }
 
+/// Opens the memory file, checks every region against it and maps it read-only (with
+/// `overlays` laid over it): what the guest's pages must hold.
+fn open_memory_file(
+    memory_file: &Path,
+    regions: &[GuestRegionSpec],
+    overlays: &[(u64, Vec<u8>)],
+) -> Result<(File, FileImage), VmError> {
+    if regions.is_empty() {
+        return Err(VmError::NoRegions);
+    }
+    let file = File::open(memory_file)
+        .map_err(|cause| VmError::OpenMemoryFile { path: memory_file.to_owned(), cause })?;
+    let map_err = |cause| VmError::MapMemoryFile { path: memory_file.to_owned(), cause };
+    let file_len = file.metadata().map_err(map_err)?.len();
+    for (index, spec) in regions.iter().enumerate() {
+        check_region(index, spec, file_len)?;
+    }
+    let image = FileImage::map_with_overlays(&file, overlays).map_err(map_err)?;
+    Ok((file, image))
+}
+
+/// Maps every region (checked already) with `map`, numbering their pages globally; the
+/// regions and the guest's page count.
+fn map_regions(
+    regions: &[GuestRegionSpec],
+    mut map: impl FnMut(&GuestRegionSpec, NonZeroUsize) -> Result<Mapping, nix::errno::Errno>,
+) -> Result<(Vec<GuestRegion>, u64), VmError> {
+    let mut mapped = Vec::with_capacity(regions.len());
+    let mut first_page = 0;
+    for (index, spec) in regions.iter().enumerate() {
+        // These fit in usize: the region lies inside the memory file, which is mapped.
+        let (Ok(size), Ok(file_offset), Ok(page_size)) = (
+            usize::try_from(spec.size),
+            usize::try_from(spec.offset),
+            usize::try_from(spec.page_size),
+        ) else {
+            return Err(VmError::InvalidRegion { index, reason: "too large".into() });
+        };
+        let len = NonZeroUsize::new(size)
+            .ok_or(VmError::InvalidRegion { index, reason: "size is zero".into() })?;
+        let map =
+            map(spec, len).map_err(|cause| VmError::Mmap { index, size: spec.size, cause })?;
+        let pages = spec.size / spec.page_size;
+        mapped.push(GuestRegion { map, spec: *spec, page_size, file_offset, first_page, pages });
+        first_page += pages;
+    }
+    Ok((mapped, first_page))
+}
+
+/// The regions as a VMM describes them (with their host addresses).
+fn described(mapped: &[GuestRegion]) -> Vec<Region> {
+    mapped
+        .iter()
+        .map(|r| Region {
+            base: r.map.addr(),
+            size: r.spec.size,
+            offset: r.spec.offset,
+            page_size: r.spec.page_size,
+        })
+        .collect()
+}
+
 impl Vm {
     /// Restores a VM from `memory_file` whose memory a pager listening on `socket` serves.
     /// Returns once the handshake is sent: the pager may not have read it yet, and the first
@@ -207,48 +270,11 @@ impl Vm {
         overlays: &[(u64, Vec<u8>)],
         padding: usize,
     ) -> Result<Vm, VmError> {
-        if regions.is_empty() {
-            return Err(VmError::NoRegions);
-        }
-        let file = File::open(memory_file)
-            .map_err(|cause| VmError::OpenMemoryFile { path: memory_file.to_owned(), cause })?;
-        let map_err = |cause| VmError::MapMemoryFile { path: memory_file.to_owned(), cause };
-        let file_len = file.metadata().map_err(map_err)?.len();
-        for (index, spec) in regions.iter().enumerate() {
-            check_region(index, spec, file_len)?;
-        }
-        let image = FileImage::map_with_overlays(&file, overlays).map_err(map_err)?;
+        let (_, image) = open_memory_file(memory_file, regions, overlays)?;
 
         // 1. Map guest memory.
-        let mut mapped = Vec::with_capacity(regions.len());
-        let mut first_page = 0;
-        for (index, spec) in regions.iter().enumerate() {
-            // These fit in usize: the region lies inside the memory file, which is mapped.
-            let (Ok(size), Ok(file_offset), Ok(page_size)) = (
-                usize::try_from(spec.size),
-                usize::try_from(spec.offset),
-                usize::try_from(spec.page_size),
-            ) else {
-                return Err(VmError::InvalidRegion { index, reason: "too large".into() });
-            };
-            let len = NonZeroUsize::new(size)
-                .ok_or(VmError::InvalidRegion { index, reason: "size is zero".into() })?;
-            let map = Mapping::anonymous(len, spec.page_size).map_err(|cause| VmError::Mmap {
-                index,
-                size: spec.size,
-                cause,
-            })?;
-            let pages = spec.size / spec.page_size;
-            mapped.push(GuestRegion {
-                map,
-                spec: *spec,
-                page_size,
-                file_offset,
-                first_page,
-                pages,
-            });
-            first_page += pages;
-        }
+        let (mapped, first_page) =
+            map_regions(regions, |spec, len| Mapping::anonymous(len, spec.page_size))?;
         let total_pages = usize::try_from(first_page)
             .map_err(|_| VmError::InvalidRegion { index: 0, reason: "too many pages".into() })?;
 
@@ -262,15 +288,7 @@ impl Vm {
         // 3. Connect and send the handshake: the JSON array plus the uffd, in one sendmsg.
         let stream = UnixStream::connect(socket)
             .map_err(|cause| VmError::Connect { path: socket.to_owned(), cause })?;
-        let described: Vec<Region> = mapped
-            .iter()
-            .map(|r| Region {
-                base: r.map.addr(),
-                size: r.spec.size,
-                offset: r.spec.offset,
-                page_size: r.spec.page_size,
-            })
-            .collect();
+        let described = described(&mapped);
         let mappings: Vec<_> = described.iter().map(Region::to_mapping).collect();
         if padding == 0 {
             firecracker::send_handshake(stream.as_fd(), &mappings, uffd.as_fd())
@@ -294,7 +312,33 @@ impl Vm {
             states: PageStates::new(total_pages),
             pages: first_page,
         };
-        Ok(Vm { guest: Arc::new(guest), regions: described, _uffd: uffd, _stream: stream })
+        Ok(Vm {
+            guest: Arc::new(guest),
+            regions: described,
+            _uffd: Some(uffd),
+            _stream: Some(stream),
+        })
+    }
+
+    /// A VM whose guest memory is the memory file itself, mapped `MAP_PRIVATE` region by
+    /// region: Firecracker's `File` memory backend, which needs no pager (a first touch is the
+    /// kernel's minor fault on the page cache). The same workloads and checks run on it as on
+    /// a restored VM, so it is the ceiling a pager is measured against with the same reader;
+    /// balloon inflation is refused (a discarded page would read the file again). 4 KiB pages
+    /// only, as Firecracker's `File` backend.
+    pub fn map_file(memory_file: &Path, regions: &[GuestRegionSpec]) -> Result<Vm, VmError> {
+        let (file, image) = open_memory_file(memory_file, regions, &[])?;
+        if let Some(index) = regions.iter().position(|r| r.page_size != PAGE_4K) {
+            let reason = "the File backend maps 4 KiB pages only".into();
+            return Err(VmError::InvalidRegion { index, reason });
+        }
+        let (mapped, pages) =
+            map_regions(regions, |spec, len| Mapping::file_private(&file, spec.offset, len))?;
+        let total_pages = usize::try_from(pages)
+            .map_err(|_| VmError::InvalidRegion { index: 0, reason: "too many pages".into() })?;
+        let described = described(&mapped);
+        let guest = Guest { regions: mapped, image, states: PageStates::new(total_pages), pages };
+        Ok(Vm { guest: Arc::new(guest), regions: described, _uffd: None, _stream: None })
     }
 
     /// The regions as sent in the handshake (with their host addresses).

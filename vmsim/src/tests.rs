@@ -414,3 +414,37 @@ fn a_standby_that_finds_a_corrupt_page_reports_it_and_still_writes_what_the_gues
     drop(vm);
     pager.join().unwrap();
 }
+
+#[test]
+fn a_file_backed_vm_reads_the_file_keeps_its_writes_private_and_refuses_the_balloon() {
+    let s = setup(4 << 20, 7);
+    let before = std::fs::read(&s.memfile).unwrap();
+    let regions = [region(2 << 20, 0, PAGE_4K), region(1 << 20, 3 << 20, PAGE_4K)];
+    let mut vm = Vm::map_file(&s.memfile, &regions).unwrap();
+    assert_eq!(vm.pages(), 768);
+    assert_eq!(vm.uffd_registered_vmas().unwrap(), 0, "no pager: nothing is registered");
+    let reports = [
+        vm.read_random(Amount::Fraction(1.0), 3),
+        vm.write_range(700, 40, 5).unwrap(),
+        vm.read_sequential(),
+    ];
+    for r in &reports {
+        assert_clean(r);
+    }
+    assert_eq!(reports[0].pages_verified, 768);
+    assert_eq!(vm.page_state(700), Some(PageState::Written(5)));
+    let err = vm.balloon(1, 0, 64 << 10).unwrap_err();
+    assert!(matches!(err, WorkloadError::BalloonOnFile { region: 1 }), "{err}");
+    assert_clean(&vm.verify_all());
+    drop(vm);
+    assert!(
+        std::fs::read(&s.memfile).unwrap() == before,
+        "the private mapping's writes stay private"
+    );
+
+    let huge = [region(PAGE_2M, 0, PAGE_2M)];
+    let err = Vm::map_file(&s.memfile, &huge).unwrap_err();
+    assert!(matches!(err, VmError::InvalidRegion { index: 0, .. }), "{err}");
+    let past = [region(8 << 20, 0, PAGE_4K)];
+    assert!(matches!(Vm::map_file(&s.memfile, &past), Err(VmError::PastEndOfFile { .. })));
+}

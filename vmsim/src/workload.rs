@@ -28,6 +28,8 @@ pub enum WorkloadError {
     NoSuchRegion { region: usize, regions: usize },
     #[error("balloon range {offset:#x}+{len:#x} of region {region} is empty, not aligned to its {page_size}-byte pages, or past its end ({size:#x} bytes)")]
     BalloonRange { region: usize, offset: u64, len: u64, page_size: u64, size: u64 },
+    #[error("region {region} is mapped from the memory file (the File backend): a discarded page would read the file again, not zeros")]
+    BalloonOnFile { region: usize },
     #[error("madvise(MADV_DONTNEED) failed: {0}")]
     Madvise(Errno),
     #[error("spawning the reader thread failed: {0}")]
@@ -188,6 +190,9 @@ impl Vm {
         let guest = &*self.guest;
         let regions = guest.regions.len();
         let r = guest.regions.get(region).ok_or(WorkloadError::NoSuchRegion { region, regions })?;
+        if r.map.file_backed() {
+            return Err(WorkloadError::BalloonOnFile { region });
+        }
         let (ps, size) = (r.spec.page_size, r.spec.size);
         let bad = WorkloadError::BalloonRange { region, offset, len, page_size: ps, size };
         let in_range = offset.checked_add(len).is_some_and(|end| end <= size);

@@ -283,6 +283,7 @@ fn latest(f: &Figures, g: Group) -> String {
             "ws_prefetch_ms",
             "ws_prefetch_fresh_ms",
             "ws_file_ms",
+            "ws_file_bare_ms",
             "ws_differs_ms",
             "ws_on_demand_faults",
             "ws_prefetch_faults",

@@ -17,7 +17,6 @@
 //! handlers are not part of the project: their directory comes from `--peers-dir` or
 //! `UFFD_BENCH_PEERS`, and without it the peer contenders are skipped (and the report says so).
 
-#[allow(unsafe_code)]
 pub mod file_backend;
 pub mod report;
 pub mod vmproc;
@@ -211,7 +210,7 @@ pub async fn rep(
             let (path, n) = (dense.to_path_buf(), plan.touches);
             let r =
                 tokio::task::spawn_blocking(move || file_backend::random(&path, n, seed)).await??;
-            (r.p50_us, r.p99_us)
+            (r.stall_p50_us, r.stall_p99_us)
         } else {
             let id = format!("peer-random-{rep}");
             let served = serve(project, plan, dir, c, &id, dense).await?;
@@ -230,7 +229,7 @@ pub async fn rep(
         let g = if c == Contender::File {
             let path = dense.to_path_buf();
             let r = tokio::task::spawn_blocking(move || file_backend::sequential(&path)).await??;
-            gbps(r.bytes, r.elapsed_s)
+            gbps(r.bytes_read, r.elapsed_ms / 1000.0)
         } else {
             let id = format!("peer-touch-{rep}");
             let served = serve(project, plan, dir, c, &id, dense).await?;
@@ -248,7 +247,7 @@ pub async fn rep(
             let (wall, runs) =
                 tokio::task::spawn_blocking(move || file_backend::many(&path, n, t, seed))
                     .await??;
-            (wall, runs.iter().map(|r| r.p99_us).collect::<Vec<_>>())
+            (wall, runs.iter().map(|r| r.stall_p99_us).collect::<Vec<_>>())
         } else {
             many(project, plan, dir, c, small, rep, seed).await?
         };
