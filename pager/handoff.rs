@@ -75,7 +75,7 @@ fn handle(conn: &UnixStream, pager: &Pager) {
 /// lost its own): the worker that owns the session makes them.
 fn give_back(conn: &UnixStream, pager: &Pager, id: &str) {
     let found =
-        pager.registry.lock().get(id).filter(|e| e.shared.is_live()).map(|e| (e.worker, e.token));
+        pager.registry.lock().get(id).filter(|e| e.shared.is_live()).map(|e| (e.worker(), e.token));
     let answer = match found {
         None => Err(format!("no session {id} is served here")),
         Some((worker, token)) => {
@@ -161,10 +161,14 @@ fn adopt(request: HandoffRequest, fds: SessionFds, pager: &Pager) -> Result<(), 
     session.start_recording(request.record_working_set.as_deref(), request.adopt, pager.record);
     session.start_prefetch(prefetch);
     let token = pager.registry.next_token();
-    let worker = pager.registry.least_loaded_worker(pager.workers.len());
+    // Following the vCPUs, a session starts beside its VMM (its main thread, the one that sent
+    // the handshake); the follower moves it once its vCPU is seen elsewhere.
+    let worker = crate::follow::worker_beside(request.vmm_pid, &pager.worker_cpus)
+        .unwrap_or_else(|| pager.registry.least_loaded_worker(pager.workers.len()));
+    shared.set_worker(worker);
     pager.registry.lock().insert(
         request.session_id.clone(),
-        Entry { shared: Arc::clone(&shared), worker, token, completion: None },
+        Entry { shared: Arc::clone(&shared), token, completion: None },
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let sent = pager.workers[worker].send(Command::Add {

@@ -13,6 +13,7 @@ mod copy_threads;
 mod fault_inject;
 #[allow(unsafe_code)]
 mod file_extents;
+mod follow;
 #[allow(unsafe_code)]
 mod guarded_read;
 #[allow(unsafe_code)]
@@ -84,9 +85,16 @@ struct Cli {
     /// Version label to serve as (lets one build run as several versions).
     #[arg(long, default_value = BUILD_VERSION)]
     version_label: String,
-    /// Threads serving faults (fixed: it does not grow with sessions).
-    #[arg(long, default_value_t = 2)]
-    fault_threads: usize,
+    /// Threads serving faults (fixed: it does not grow with sessions). Default 2; with
+    /// `--follow-vcpus`, one per CPU this process may use (the two exclude each other).
+    #[arg(long)]
+    fault_threads: Option<usize>,
+    /// Pin one fault worker to each CPU this process may use, and serve each session by the
+    /// worker on the CPU its vCPU runs on (sampled every 100 ms from /proc; a session moves
+    /// once its vCPU is seen on another worker's CPU twice in a row). A fault's wake-ups then
+    /// stay on one CPU (see README, "Following the vCPUs").
+    #[arg(long, env = "UFFD_PAGER_FOLLOW_VCPUS")]
+    follow_vcpus: bool,
     /// Bytes a completion populates between two checks for faults while faults come in (it
     /// grows to 8 MiB while none do): the longest a fault waits behind a completion.
     #[arg(long, default_value_t = 256 << 10)]
@@ -138,6 +146,8 @@ pub struct Pager {
     pub registry: Registry,
     pub memory_files: MemoryFiles,
     pub workers: Vec<WorkerHandle>,
+    /// With `--follow-vcpus`, the CPU each worker is pinned to (empty: they run anywhere).
+    pub worker_cpus: Vec<usize>,
     pub zero: Arc<ZeroSource>,
     /// 4 KiB pages of the block served around a random fault under contention (1: none).
     pub fault_around_pages: u64,
@@ -156,7 +166,19 @@ fn main() -> anyhow::Result<()> {
     uffdpager::logging::init(cli.log_format);
     let grpc_socket = cli.grpc_socket.clone().context("--grpc-socket is required")?;
     let handoff_socket = cli.handoff_socket.clone().context("--handoff-socket is required")?;
-    anyhow::ensure!(cli.fault_threads > 0, "--fault-threads must be at least 1");
+    // With --follow-vcpus, worker i is pinned to worker_cpus[i].
+    let worker_cpus = if cli.follow_vcpus {
+        anyhow::ensure!(
+            cli.fault_threads.is_none(),
+            "--fault-threads and --follow-vcpus exclude each other: following puts one fault worker on each CPU"
+        );
+        follow::allowed_cpus().context("reading this process's CPU affinity")?
+    } else {
+        Vec::new()
+    };
+    let fault_threads =
+        if worker_cpus.is_empty() { cli.fault_threads.unwrap_or(2) } else { worker_cpus.len() };
+    anyhow::ensure!(fault_threads > 0, "--fault-threads must be at least 1");
     anyhow::ensure!(cli.complete_step_bytes >= 4096, "--complete-step-bytes must be at least 4096");
     anyhow::ensure!(
         cli.fault_around_kib.is_power_of_two() && (4..=2048).contains(&cli.fault_around_kib),
@@ -168,7 +190,8 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get().saturating_sub(1)).min(4)
     });
     let copies = CopyThreads::spawn(copy_threads).context("starting copy threads")?;
-    let workers = (0..cli.fault_threads)
+    let peers = crate::worker::Peers::default();
+    let workers = (0..fault_threads)
         .map(|i| {
             WorkerHandle::spawn(
                 i,
@@ -176,10 +199,13 @@ fn main() -> anyhow::Result<()> {
                 cli.complete_step_bytes,
                 Duration::from_micros(cli.fault_spin_us),
                 copies.clone(),
+                worker_cpus.get(i).copied(),
+                Arc::clone(&peers),
             )
         })
         .collect::<Result<Vec<_>, _>>()
         .context("starting fault workers")?;
+    let _ = peers.set(workers.iter().map(WorkerHandle::peer).collect());
     // Copy threads stop once every worker (each holds a handle) has stopped.
     drop(copies);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
@@ -193,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         ))
         .context("starting the zero scan thread")?,
         workers,
+        worker_cpus: worker_cpus.clone(),
         zero: Arc::new(ZeroSource::new(2 << 20).context("mapping the zero source")?),
         fault_around_pages: cli.fault_around_kib / 4,
         record: RecordSettings {
@@ -201,6 +228,11 @@ fn main() -> anyhow::Result<()> {
         },
         shutdown,
     });
+
+    if !worker_cpus.is_empty() {
+        follow::spawn(Arc::clone(&pager), worker_cpus.clone())
+            .context("starting the thread that follows the vCPUs")?;
+    }
 
     let listener = uffdpager::handoff::bind_listener(&handoff_socket)
         .with_context(|| format!("binding handoff socket {}", handoff_socket.display()))?;
@@ -244,7 +276,8 @@ fn main() -> anyhow::Result<()> {
         let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         info!(version = %version, pid = std::process::id(), grpc = %grpc_socket.display(),
-            handoff = %handoff_socket.display(), fault_threads = pager.workers.len(), copy_threads, "pager serving");
+            handoff = %handoff_socket.display(), fault_threads = pager.workers.len(), copy_threads,
+            follow_vcpus = !pager.worker_cpus.is_empty(), "pager serving");
         let stop = async move {
             let why = tokio::select! {
                 _ = sigterm.recv() => "SIGTERM",

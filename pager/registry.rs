@@ -34,6 +34,9 @@ pub struct SessionShared {
     overlay_bytes: AtomicU64,
     graduated_at_ms: AtomicU64,
     error: Mutex<String>,
+    /// The fault worker serving it: where its commands go (it changes when the session
+    /// follows its vCPU to another worker, see `crate::follow`).
+    worker: AtomicUsize,
     /// The session's working-set recording and prefetch (see `crate::working_set`).
     pub working_set: WorkingSetFigures,
 }
@@ -64,8 +67,19 @@ impl SessionShared {
             overlay_bytes: AtomicU64::new(0),
             graduated_at_ms: AtomicU64::new(0),
             error: Mutex::new(String::new()),
+            worker: AtomicUsize::new(0),
             working_set: WorkingSetFigures::default(),
         }
+    }
+
+    /// The fault worker serving the session.
+    pub fn worker(&self) -> usize {
+        self.worker.load(Ordering::Acquire)
+    }
+
+    /// Records that `worker` serves the session from now on (once it has the session).
+    pub fn set_worker(&self, worker: usize) {
+        self.worker.store(worker, Ordering::Release);
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -102,6 +116,11 @@ impl SessionShared {
     }
 
     /// The session's overlays: how many, and their bytes in all.
+    /// Faults served, as last published.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
     pub fn set_overlays(&self, count: u32, bytes: u64) {
         self.overlay_count.store(count, Ordering::Relaxed);
         self.overlay_bytes.store(bytes, Ordering::Relaxed);
@@ -149,6 +168,7 @@ impl SessionShared {
             overlay_count: self.overlay_count.load(Ordering::Relaxed),
             overlay_bytes: self.overlay_bytes.load(Ordering::Relaxed),
             overlay_faults: self.overlay_faults.load(Ordering::Relaxed),
+            fault_worker: u32::try_from(self.worker()).unwrap_or(u32::MAX),
             ..Default::default()
         };
         self.working_set.fill(&mut s);
@@ -171,9 +191,15 @@ pub struct CompletionWatch {
 #[derive(Debug)]
 pub struct Entry {
     pub shared: Arc<SessionShared>,
-    pub worker: usize,
     pub token: u64,
     pub completion: Option<CompletionWatch>,
+}
+
+impl Entry {
+    /// The fault worker serving the session: where its commands go.
+    pub fn worker(&self) -> usize {
+        self.shared.worker()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -200,7 +226,9 @@ impl Registry {
     pub fn least_loaded_worker(&self, workers: usize) -> usize {
         let mut load = vec![0usize; workers];
         for e in self.lock().values().filter(|e| e.shared.is_live()) {
-            load[e.worker] += 1;
+            if let Some(l) = load.get_mut(e.worker()) {
+                *l += 1;
+            }
         }
         (0..workers).min_by_key(|&w| load[w]).unwrap_or(0)
     }

@@ -84,6 +84,11 @@ impl pager_server::Pager for PagerService {
             session_count: u32::try_from(p.registry.live_count()).unwrap_or(u32::MAX),
             fault_threads: u32::try_from(p.workers.len()).unwrap_or(u32::MAX),
             handoff_socket: p.handoff_socket.display().to_string(),
+            fault_worker_cpus: p
+                .worker_cpus
+                .iter()
+                .map(|&c| u32::try_from(c).unwrap_or(u32::MAX))
+                .collect(),
         }))
     }
 
@@ -152,7 +157,7 @@ impl pager_server::Pager for PagerService {
                         .change(Change::BeginCompletion)
                         .map_err(|e| Status::failed_precondition(format!("session {id}: {e}")))?;
                     let completion = Completion::new(joined, cancel, tx);
-                    if let Err(e) = self.pager.workers[entry.worker].send(Command::Complete {
+                    if let Err(e) = self.pager.workers[entry.worker()].send(Command::Complete {
                         token: entry.token,
                         completion: Box::new(completion),
                     }) {
@@ -201,7 +206,7 @@ impl pager_server::Pager for PagerService {
                     entry.shared.phase().to_proto().as_str_name()
                 )));
             }
-            self.pager.workers[entry.worker]
+            self.pager.workers[entry.worker()]
                 .send(Command::Drop {
                     token: entry.token,
                     reason: "ended by EndSession(force)".into(),

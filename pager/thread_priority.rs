@@ -1,6 +1,7 @@
 //! Scheduling classes for the pager's helper threads, so that they take CPU time from neither a
-//! vCPU nor fault serving. Each call applies to the calling thread and is best effort: refused,
-//! the thread runs at normal priority, and says so in the log.
+//! vCPU nor fault serving, and the CPU of a fault worker that follows its vCPUs. Each call
+//! applies to the calling thread and is best effort: refused, the thread runs at normal
+//! priority (or anywhere), and says so in the log.
 
 use tracing::warn;
 
@@ -91,4 +92,17 @@ fn set_policy(policy: libc::c_int, name: &str) {
 
 fn thread() -> Option<String> {
     std::thread::current().name().map(str::to_owned)
+}
+
+/// Pins the calling thread (fault worker `index`, `--follow-vcpus`) to `cpu`; refused, it runs
+/// anywhere and says so.
+pub fn pin_to_cpu(cpu: usize, index: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+    match pinned {
+        Ok(()) => tracing::info!(worker = index, cpu, "fault worker pinned"),
+        Err(e) => warn!(worker = index, cpu, error = %e, "pinning the fault worker refused"),
+    }
 }

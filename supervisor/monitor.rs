@@ -28,6 +28,7 @@ pub fn merge_live(r: &mut Record, live: &Session) {
     s.zero_bytes = live.zero_bytes;
     s.faults = live.faults;
     s.overlay_faults = live.overlay_faults;
+    s.fault_worker = live.fault_worker;
     crate::working_set::merge_live(s, live);
     if !live.error.is_empty() {
         s.error = live.error.clone();

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,8 +28,28 @@ pub enum Command {
     Drop { token: u64, reason: String },
     /// Duplicates of a session's descriptors, for a restarted supervisor.
     GiveBack { token: u64, reply: Sender<Result<(HandoffRequest, SessionFds), String>> },
+    /// Hand a session to worker `to`, whose CPU its vCPU runs on (see `crate::follow`), once
+    /// it has nothing in progress here.
+    Move { token: u64, to: usize },
+    /// A session another worker handed over: serve it from here on.
+    Moved { token: u64, session: Box<Session> },
     /// Release every session and exit the thread.
     Shutdown,
+}
+
+impl Command {
+    /// The session a command is about, if one.
+    pub(super) fn token(&self) -> Option<u64> {
+        match self {
+            Command::Add { token, .. }
+            | Command::Complete { token, .. }
+            | Command::Drop { token, .. }
+            | Command::GiveBack { token, .. }
+            | Command::Move { token, .. }
+            | Command::Moved { token, .. } => Some(*token),
+            Command::Shutdown => None,
+        }
+    }
 }
 
 /// The gRPC side's handle on one worker thread.
@@ -41,15 +61,40 @@ pub struct WorkerHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// One worker's way to reach another: to hand it a session, or a command for a session it
+/// handed over.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    tx: Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl Peer {
+    /// Sends `command`; it comes back if the worker has stopped.
+    pub fn send(&self, command: Command) -> Result<(), Command> {
+        self.tx.send(command).map_err(|e| e.0)?;
+        // A full eventfd counter still wakes the worker; nothing else can fail here.
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+}
+
+/// Every worker's [`Peer`], known once all are started.
+pub type Peers = Arc<OnceLock<Vec<Peer>>>;
+
 impl WorkerHandle {
     /// Starts a worker thread. `budget` is the completion step in bytes; `copies`, if any, take
     /// claims of completions while their VM is quiet.
+    /// `cpu`, if given, is the one CPU the worker runs on (`--follow-vcpus`); `peers` reach the
+    /// other workers.
     pub fn spawn(
         index: usize,
         version: String,
         budget: u64,
         spin: Duration,
         copies: Option<CopyThreads>,
+        cpu: Option<usize>,
+        peers: Peers,
     ) -> std::io::Result<Self> {
         let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -62,7 +107,13 @@ impl WorkerHandle {
         let beats = Arc::clone(&heartbeat);
         let thread =
             std::thread::Builder::new().name(format!("fault-{index}")).spawn(move || {
+                if let Some(cpu) = cpu {
+                    crate::thread_priority::pin_to_cpu(cpu, index);
+                }
                 Worker {
+                    index,
+                    peers,
+                    moved: HashMap::new(),
                     epoll,
                     wake: worker_wake,
                     rx,
@@ -85,6 +136,11 @@ impl WorkerHandle {
                 .run()
             })?;
         Ok(Self { tx, wake, heartbeat, thread: Some(thread) })
+    }
+
+    /// How another worker reaches this one.
+    pub fn peer(&self) -> Peer {
+        Peer { tx: self.tx.clone(), wake: Arc::clone(&self.wake) }
     }
 
     /// The worker's count of loop turns, for the watchdog.

@@ -10,6 +10,7 @@
 mod background;
 mod completions;
 mod handle;
+mod moves;
 
 use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
@@ -32,7 +33,7 @@ use crate::registry::SessionShared;
 use crate::session::{Session, SessionError};
 use crate::thread_priority::WorkerNice;
 
-pub use handle::{Command, WorkerHandle};
+pub use handle::{Command, Peers, WorkerHandle};
 
 /// The epoll token of the worker's eventfd (a session's tokens are `token << 1` and `| 1`).
 const WAKE: u64 = u64::MAX;
@@ -40,6 +41,13 @@ const WAKE: u64 = u64::MAX;
 const MAX_STEP_BYTES: u64 = 8 << 20;
 
 struct Worker {
+    /// This worker's index among the pager's workers.
+    index: usize,
+    /// The other workers, to hand a session to one (see `moves`).
+    peers: Peers,
+    /// Sessions handed to another worker, and when: commands for them still arriving here are
+    /// passed on (see `moves`).
+    moved: HashMap<u64, (usize, Instant)>,
     epoll: Epoll,
     wake: Arc<EventFd>,
     rx: Receiver<Command>,
@@ -155,6 +163,7 @@ impl Worker {
     /// Applies queued commands; false on Shutdown.
     fn take_commands(&mut self) -> bool {
         while let Ok(cmd) = self.rx.try_recv() {
+            let Some(cmd) = self.pass_on_if_moved(cmd) else { continue };
             match cmd {
                 Command::Add { token, session, adopt, reply } => {
                     let _ = reply.send(self.add(token, *session, adopt));
@@ -178,13 +187,37 @@ impl Worker {
                     };
                     let _ = reply.send(answer);
                 }
-                Command::Shutdown => return false,
+                Command::Move { token, to } => self.move_session(token, to),
+                Command::Moved { token, session } => self.take_moved(token, *session),
+                Command::Shutdown => {
+                    // Sessions handed here still in the channel are released with the rest.
+                    while let Ok(cmd) = self.rx.try_recv() {
+                        if let Command::Moved { token, session } = cmd {
+                            self.take_moved(token, *session);
+                        }
+                    }
+                    return false;
+                }
             }
         }
         true
     }
 
     fn add(&mut self, token: u64, mut session: Session, adopt: bool) -> Result<(), String> {
+        self.watch(token, &session)?;
+        if adopt {
+            session.learn_present_from_pagemap();
+            if let Err(e) = session.wake_all() {
+                warn!(session = %session.id(), version = %self.version, error = %e, "waking adopted session");
+            }
+        }
+        info!(session = %session.id(), version = %self.version, adopt, regions = session.regions.len(), "serving session");
+        self.serve(token, session);
+        Ok(())
+    }
+
+    /// Puts a session's uffd and VMM descriptor in this worker's epoll set.
+    fn watch(&self, token: u64, session: &Session) -> Result<(), String> {
         self.epoll
             .add(&session.uffd, EpollEvent::new(EpollFlags::EPOLLIN, token << 1))
             .map_err(|e| format!("adding the uffd to epoll: {e}"))?;
@@ -197,13 +230,12 @@ impl Worker {
             let _ = self.epoll.delete(&session.uffd);
             return Err(format!("adding the VMM stream to epoll: {e}"));
         }
-        if adopt {
-            session.learn_present_from_pagemap();
-            if let Err(e) = session.wake_all() {
-                warn!(session = %session.id(), version = %self.version, error = %e, "waking adopted session");
-            }
-        }
-        info!(session = %session.id(), version = %self.version, adopt, regions = session.regions.len(), "serving session");
+        Ok(())
+    }
+
+    /// Serves a session whose descriptors are watched: its prefetch and recording deadline
+    /// join this worker's, and the faults queued meanwhile are served.
+    fn serve(&mut self, token: u64, session: Session) {
         if session.prefetching() {
             self.prefetches.push(token);
         }
@@ -213,7 +245,6 @@ impl Worker {
         self.sessions.insert(token, session);
         // Faults may have queued before the uffd joined the epoll set.
         self.on_uffd(token);
-        Ok(())
     }
 
     fn on_uffd(&mut self, token: u64) {
