@@ -51,11 +51,15 @@ fn sample_thread(pid: u32, tid: u32) -> Option<ThreadSample> {
     Some(ThreadSample { tid, cpu, run_ns })
 }
 
-/// Every thread of process `pid` as it stands now (threads that vanish while read are left
-/// out).
+/// The most threads of one VMM read in a scan: a VMM with more (a hostile one) costs the
+/// follower no more than this, and is followed by its first ones.
+const MAX_THREADS_READ: usize = 256;
+
+/// The threads of process `pid` as they stand now, at most [`MAX_THREADS_READ`] (threads that
+/// vanish while read are left out).
 fn sample_all(pid: u32) -> std::io::Result<Vec<ThreadSample>> {
     let mut threads = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))?.take(MAX_THREADS_READ) {
         let tid = entry.ok().and_then(|e| e.file_name().to_str().and_then(|t| t.parse().ok()));
         if let Some(t) = tid.and_then(|tid| sample_thread(pid, tid)) {
             threads.push(t);
