@@ -102,7 +102,7 @@ pub struct Settings {
     /// A TOML file listing the pager versions to start, instead of --pager-binary:
     /// `[[versions]]` tables with `binary_path`, optional `version`, `active = true` on one,
     /// and the pager's tuning (`fault_threads`, `copy_threads`, `complete_step_bytes`,
-    /// `fault_spin_us`, `fault_around_kib`, `memory_file_linger_secs`).
+    /// `fault_spin_us`, `fault_around_kib`, `memory_file_linger_secs`, `follow_vcpus`).
     #[arg(long, value_name = "FILE")]
     pub versions_config: Option<PathBuf>,
 
@@ -465,6 +465,7 @@ mod tests {
             "fault_spin_us",
             "fault_around_kib",
             "memory_file_linger_secs",
+            "follow_vcpus",
         ] {
             assert!(text.contains(&format!("{key} =")), "[[versions]] key {key} undocumented");
         }

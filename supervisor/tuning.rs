@@ -24,6 +24,9 @@ pub struct PagerTuning {
     pub record_working_set_secs: Option<u64>,
     /// `--record-working-set-max-runs`: most runs of pages a working-set recording holds.
     pub record_working_set_max_runs: Option<u64>,
+    /// `--follow-vcpus` (when true): a fault worker pinned to each CPU, each session served by
+    /// the one on its vCPU's CPU.
+    pub follow_vcpus: Option<bool>,
 }
 
 impl PagerTuning {
@@ -44,6 +47,9 @@ impl PagerTuning {
         push("--memory-file-linger-secs", self.memory_file_linger_secs);
         push("--record-working-set-secs", self.record_working_set_secs);
         push("--record-working-set-max-runs", self.record_working_set_max_runs);
+        if self.follow_vcpus == Some(true) {
+            args.push("--follow-vcpus".to_string());
+        }
         args
     }
 }
@@ -62,5 +68,9 @@ mod tests {
         assert_eq!(t.args(), ["--record-working-set-secs", "5"]);
         let t = PagerTuning { fault_around_kib: Some(4), ..Default::default() };
         assert_eq!(t.args(), ["--fault-around-kib", "4"]);
+        let t = PagerTuning { follow_vcpus: Some(true), ..Default::default() };
+        assert_eq!(t.args(), ["--follow-vcpus"]);
+        let t = PagerTuning { follow_vcpus: Some(false), ..Default::default() };
+        assert!(t.args().is_empty(), "false is the pager's default: no flag");
     }
 }

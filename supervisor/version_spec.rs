@@ -99,6 +99,8 @@ pub struct VersionsFileEntry {
     pub record_working_set_secs: Option<u64>,
     /// `uffd-pager --record-working-set-max-runs`.
     pub record_working_set_max_runs: Option<u64>,
+    /// `uffd-pager --follow-vcpus`.
+    pub follow_vcpus: Option<bool>,
 }
 
 impl VersionsFileEntry {
@@ -116,6 +118,7 @@ impl VersionsFileEntry {
                 memory_file_linger_secs: self.memory_file_linger_secs,
                 record_working_set_secs: self.record_working_set_secs,
                 record_working_set_max_runs: self.record_working_set_max_runs,
+                follow_vcpus: self.follow_vcpus,
             },
         }
     }
