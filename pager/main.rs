@@ -90,7 +90,7 @@ struct Cli {
     #[arg(long)]
     fault_threads: Option<usize>,
     /// Pin one fault worker to each CPU this process may use, and serve each session by the
-    /// worker on the CPU its vCPU runs on (sampled every 100 ms from /proc; a session moves
+    /// worker on the CPU its vCPU runs on (sampled every 25 ms from /proc; a session moves
     /// once its vCPU is seen on another worker's CPU twice in a row). A fault's wake-ups then
     /// stay on one CPU (see README, "Following the vCPUs").
     #[arg(long, env = "UFFD_PAGER_FOLLOW_VCPUS")]

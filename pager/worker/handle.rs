@@ -85,6 +85,7 @@ pub type Peers = Arc<OnceLock<Vec<Peer>>>;
 impl WorkerHandle {
     /// Starts a worker thread. `budget` is the completion step in bytes; `copies`, if any, take
     /// claims of completions while their VM is quiet.
+    ///
     /// `cpu`, if given, is the one CPU the worker runs on (`--follow-vcpus`); `peers` reach the
     /// other workers.
     pub fn spawn(
