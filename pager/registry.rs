@@ -115,12 +115,12 @@ impl SessionShared {
         self.overlay_faults.store(overlay_faults, Ordering::Relaxed);
     }
 
-    /// The session's overlays: how many, and their bytes in all.
     /// Faults served, as last published.
     pub fn faults(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)
     }
 
+    /// The session's overlays: how many, and their bytes in all.
     pub fn set_overlays(&self, count: u32, bytes: u64) {
         self.overlay_count.store(count, Ordering::Relaxed);
         self.overlay_bytes.store(bytes, Ordering::Relaxed);

@@ -12,7 +12,7 @@
 
 pub mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,7 +105,8 @@ fn step(pager: &Pager, worker_cpus: &[usize], followed: &mut HashMap<u64, Follow
         .filter(|e| e.shared.is_live())
         .map(|e| (e.token, Arc::clone(&e.shared)))
         .collect();
-    followed.retain(|token, _| sessions.iter().any(|(t, _)| t == token));
+    let live: HashSet<u64> = sessions.iter().map(|(t, _)| *t).collect();
+    followed.retain(|token, _| live.contains(token));
     for (token, shared) in sessions {
         let f = followed.entry(token).or_default();
         let faults = shared.faults();

@@ -55,8 +55,8 @@ impl Command {
 /// The gRPC side's handle on one worker thread.
 #[derive(Debug)]
 pub struct WorkerHandle {
-    tx: Sender<Command>,
-    wake: Arc<EventFd>,
+    /// Its command channel and eventfd.
+    peer: Peer,
     heartbeat: Arc<Heartbeat>,
     thread: Option<JoinHandle<()>>,
 }
@@ -136,12 +136,12 @@ impl WorkerHandle {
                 }
                 .run()
             })?;
-        Ok(Self { tx, wake, heartbeat, thread: Some(thread) })
+        Ok(Self { peer: Peer { tx, wake }, heartbeat, thread: Some(thread) })
     }
 
     /// How another worker reaches this one.
     pub fn peer(&self) -> Peer {
-        Peer { tx: self.tx.clone(), wake: Arc::clone(&self.wake) }
+        self.peer.clone()
     }
 
     /// The worker's count of loop turns, for the watchdog.
@@ -151,12 +151,12 @@ impl WorkerHandle {
 
     /// Wakes the worker so that it turns once (the watchdog's poke; harmless if it is busy).
     pub fn poke(&self) {
-        let _ = self.wake.write(1);
+        let _ = self.peer.wake.write(1);
     }
 
     pub fn send(&self, command: Command) -> Result<(), String> {
-        self.tx.send(command).map_err(|_| "fault worker has stopped".to_string())?;
-        self.wake.write(1).map_err(|e| format!("waking fault worker: {e}"))?;
+        self.peer.tx.send(command).map_err(|_| "fault worker has stopped".to_string())?;
+        self.peer.wake.write(1).map_err(|e| format!("waking fault worker: {e}"))?;
         Ok(())
     }
 

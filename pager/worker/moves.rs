@@ -83,7 +83,6 @@ impl Worker {
             publish_end(&shared, Release::Failed);
         } else {
             self.serve(token, session);
-            shared.set_worker(self.index);
         }
     }
 }

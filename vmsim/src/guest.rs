@@ -101,6 +101,14 @@ pub(crate) struct PageRef<'a> {
 }
 
 impl Guest {
+    /// Guest memory of `pages` pages in `regions`, every page expected to hold the snapshot's
+    /// bytes of `image`.
+    fn new(regions: Vec<GuestRegion>, image: FileImage, pages: u64) -> Result<Guest, VmError> {
+        let count = usize::try_from(pages)
+            .map_err(|_| VmError::InvalidRegion { index: 0, reason: "too many pages".into() })?;
+        Ok(Guest { regions, image, states: PageStates::new(count), pages })
+    }
+
     /// The page with global index `global` (pages count region by region, in the order given).
     pub(crate) fn page(&self, global: u64) -> Option<PageRef<'_>> {
         let index = self.regions.partition_point(|r| r.first_page + r.pages <= global);
@@ -273,14 +281,13 @@ impl Vm {
         let (_, image) = open_memory_file(memory_file, regions, overlays)?;
 
         // 1. Map guest memory.
-        let (mapped, first_page) =
+        let (mapped, pages) =
             map_regions(regions, |spec, len| Mapping::anonymous(len, spec.page_size))?;
-        let total_pages = usize::try_from(first_page)
-            .map_err(|_| VmError::InvalidRegion { index: 0, reason: "too many pages".into() })?;
+        let guest = Guest::new(mapped, image, pages)?;
 
         // 2. Create the uffd and register every region for MISSING faults.
         let uffd = create_uffd()?;
-        for (index, r) in mapped.iter().enumerate() {
+        for (index, r) in guest.regions.iter().enumerate() {
             uffd.register(r.map.as_ptr(), r.map.len())
                 .map_err(|cause| VmError::Register { index, cause })?;
         }
@@ -288,7 +295,7 @@ impl Vm {
         // 3. Connect and send the handshake: the JSON array plus the uffd, in one sendmsg.
         let stream = UnixStream::connect(socket)
             .map_err(|cause| VmError::Connect { path: socket.to_owned(), cause })?;
-        let described = described(&mapped);
+        let described = described(&guest.regions);
         let mappings: Vec<_> = described.iter().map(Region::to_mapping).collect();
         if padding == 0 {
             firecracker::send_handshake(stream.as_fd(), &mappings, uffd.as_fd())
@@ -302,16 +309,9 @@ impl Vm {
         tracing::info!(
             socket = %socket.display(),
             regions = described.len(),
-            pages = total_pages,
+            pages = guest.pages,
             "restored: handshake sent"
         );
-
-        let guest = Guest {
-            regions: mapped,
-            image,
-            states: PageStates::new(total_pages),
-            pages: first_page,
-        };
         Ok(Vm {
             guest: Arc::new(guest),
             regions: described,
@@ -334,10 +334,8 @@ impl Vm {
         }
         let (mapped, pages) =
             map_regions(regions, |spec, len| Mapping::file_private(&file, spec.offset, len))?;
-        let total_pages = usize::try_from(pages)
-            .map_err(|_| VmError::InvalidRegion { index: 0, reason: "too many pages".into() })?;
-        let described = described(&mapped);
-        let guest = Guest { regions: mapped, image, states: PageStates::new(total_pages), pages };
+        let guest = Guest::new(mapped, image, pages)?;
+        let described = described(&guest.regions);
         Ok(Vm { guest: Arc::new(guest), regions: described, _uffd: None, _stream: None })
     }
 

@@ -136,8 +136,8 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping `anonymous` or `file_private` created, unmapped only here;
-        // `&self.words()` borrows cannot outlive `self`.
+        // SAFETY: `ptr`/`len` are exactly the mapping `anonymous` or `file_private` created,
+        // unmapped only here; `&self.words()` borrows cannot outlive `self`.
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             tracing::warn!(%e, "munmap of guest memory failed");
         }
